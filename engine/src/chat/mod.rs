@@ -1,0 +1,1 @@
+//! DeepSeek-V3.2 chat encoding and completion parsing.

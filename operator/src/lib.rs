@@ -1,0 +1,1 @@
+//! deepseek-operator: reconciles `DeepSeekDeployment` resources into expert-parallel engine groups.
