@@ -5,3 +5,4 @@
 //! token loop), `chat` (DeepSeek-V3.2 prompt encoding and completion parsing).
 
 pub mod chat;
+pub mod tokenizer;

@@ -1,0 +1,1 @@
+//! Tokenization: HF tokenizer.json, DeepSeek special tokens, incremental detokenization.
