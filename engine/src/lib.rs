@@ -1,8 +1,13 @@
 //! deepseek-engine: an inference runtime for the DeepSeek-V3.2 architecture.
 //!
-//! Layout: `model` (config, weights, the layer graph), `backend` (the f32 CPU reference
-//! kernels), `kv` (paged latent + indexer key cache), `generate` (sampling and the
-//! token loop), `chat` (DeepSeek-V3.2 prompt encoding and completion parsing).
+//! Layout: `model` (config, checkpoint loading, the layer graph and its forward pass),
+//! `backend` (the f32 CPU reference kernels and cache storage), `kv` (paged block bookkeeping),
+//! `generate` (sampling and the token loop), `chat` (DeepSeek-V3.2 prompt encoding and
+//! completion parsing), `tokenizer` (HF tokenizer.json, special tokens, streaming decode).
 
+pub mod backend;
 pub mod chat;
+pub mod generate;
+pub mod kv;
+pub mod model;
 pub mod tokenizer;

@@ -1,0 +1,428 @@
+//! Token generation on top of the forward pass: sampling (greedy, temperature, top-k, top-p,
+//! seeded), stop tokens, and a batched token loop that owns its KV blocks. The serving
+//! scheduler drives `Model::forward` directly; this module is what `generate` and tests use.
+
+use thiserror::Error;
+
+use crate::backend::cpu::CpuKvCache;
+use crate::kv::{BlockAllocator, BlockTable, DEFAULT_BLOCK_SIZE, KvError, KvGeometry};
+use crate::model::{ForwardError, LogitsWanted, Model, SeqChunk};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Nucleus mass kept, in (0, 1]; 1 disables.
+    pub top_p: f32,
+    /// Keep only the k most likely tokens; 0 disables.
+    pub top_k: usize,
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+        }
+    }
+}
+
+#[derive(Debug, Error, PartialEq)]
+pub enum SamplingError {
+    #[error("temperature must be a finite number >= 0, got {0}")]
+    Temperature(f32),
+    #[error("top_p must be in (0, 1], got {0}")]
+    TopP(f32),
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(SamplingError::Temperature(self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(SamplingError::TopP(self.top_p));
+        }
+        Ok(())
+    }
+}
+
+/// SplitMix64: small, fast, and reproducible across platforms for seeded sampling.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn from_entropy() -> Self {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Rng(t ^ (std::process::id() as u64).rotate_left(32))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Index of the largest value; ties go to the lower index.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in logits.iter().enumerate() {
+        if *v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Log-softmax of the logits (for logprobs).
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = m + logits.iter().map(|v| (v - m).exp()).sum::<f32>().ln();
+    logits.iter().map(|v| v - lse).collect()
+}
+
+/// Draws one token from `logits` under `params`.
+pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
+    if params.temperature == 0.0 || logits.len() <= 1 {
+        return argmax(logits);
+    }
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    order.sort_unstable_by(|a, b| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    });
+    if params.top_k > 0 {
+        order.truncate(params.top_k);
+    }
+    let m = logits[order[0] as usize];
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|&i| (((logits[i as usize] - m) / params.temperature) as f64).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if params.top_p < 1.0 {
+        let mut cum = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            cum += p;
+            if cum >= params.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        order.truncate(keep);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
+    let mut u = rng.next_f64();
+    for (i, p) in probs.iter().enumerate() {
+        if u < *p {
+            return order[i];
+        }
+        u -= p;
+    }
+    order[probs.len() - 1]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token was generated (it is included in the output).
+    Stop,
+    /// `max_tokens` was reached.
+    Length,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop_token_ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+}
+
+#[derive(Debug, Error)]
+pub enum GenerateError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error(
+        "prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's {limit} positions"
+    )]
+    TooLong {
+        prompt: usize,
+        max_tokens: usize,
+        limit: usize,
+    },
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+}
+
+/// Generates for several requests at once: one batched prefill, then one batched decode step
+/// per token until every sequence has finished.
+pub fn generate_batch(
+    model: &Model,
+    requests: &[GenerateRequest],
+) -> Result<Vec<Generation>, GenerateError> {
+    let limit = model.config.max_position_embeddings;
+    for r in requests {
+        if r.prompt.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        if r.prompt.len() + r.max_tokens > limit {
+            return Err(GenerateError::TooLong {
+                prompt: r.prompt.len(),
+                max_tokens: r.max_tokens,
+                limit,
+            });
+        }
+        r.sampling.validate()?;
+    }
+    let total: usize = requests
+        .iter()
+        .map(|r| (r.prompt.len() + r.max_tokens).div_ceil(DEFAULT_BLOCK_SIZE))
+        .sum();
+    let geometry = KvGeometry {
+        num_blocks: total.max(1),
+        block_size: DEFAULT_BLOCK_SIZE,
+    };
+    let mut alloc = BlockAllocator::new(geometry);
+    let mut cache = CpuKvCache::new(&model.config, geometry);
+    let mut tables: Vec<BlockTable> = vec![BlockTable::default(); requests.len()];
+    for (r, t) in requests.iter().zip(tables.iter_mut()) {
+        alloc.reserve(t, r.prompt.len() + r.max_tokens)?;
+    }
+    let mut rngs: Vec<Rng> = requests
+        .iter()
+        .map(|r| {
+            r.sampling
+                .seed
+                .map(Rng::new)
+                .unwrap_or_else(Rng::from_entropy)
+        })
+        .collect();
+    let mut out: Vec<Generation> = requests
+        .iter()
+        .map(|_| Generation {
+            token_ids: Vec::new(),
+            finish_reason: FinishReason::Length,
+        })
+        .collect();
+    let mut done: Vec<bool> = requests.iter().map(|r| r.max_tokens == 0).collect();
+
+    // Pending input per sequence: the prompt first, then each sampled token.
+    let mut pending: Vec<Vec<u32>> = requests.iter().map(|r| r.prompt.clone()).collect();
+    let mut positions: Vec<usize> = vec![0; requests.len()];
+    while done.iter().any(|d| !d) {
+        let active: Vec<usize> = (0..requests.len()).filter(|i| !done[*i]).collect();
+        let chunks: Vec<SeqChunk> = active
+            .iter()
+            .map(|&i| SeqChunk {
+                tokens: &pending[i],
+                start_pos: positions[i],
+                blocks: &tables[i],
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let logits = model.forward(&mut cache, &chunks)?;
+        for (k, &i) in active.iter().enumerate() {
+            positions[i] += pending[i].len();
+            let tok = sample(&logits[k], &requests[i].sampling, &mut rngs[i]);
+            out[i].token_ids.push(tok);
+            if requests[i].stop_token_ids.contains(&tok) {
+                out[i].finish_reason = FinishReason::Stop;
+                done[i] = true;
+            } else if out[i].token_ids.len() >= requests[i].max_tokens {
+                done[i] = true;
+            }
+            pending[i] = vec![tok];
+        }
+    }
+    for t in tables.iter_mut() {
+        alloc.release(t);
+    }
+    Ok(out)
+}
+
+/// Logits of every prompt position (or the last only), in one prefill.
+pub fn score(
+    model: &Model,
+    prompt: &[u32],
+    last_only: bool,
+) -> Result<Vec<Vec<f32>>, GenerateError> {
+    if prompt.is_empty() {
+        return Err(GenerateError::EmptyPrompt);
+    }
+    let limit = model.config.max_position_embeddings;
+    if prompt.len() > limit {
+        return Err(GenerateError::TooLong {
+            prompt: prompt.len(),
+            max_tokens: 0,
+            limit,
+        });
+    }
+    let geometry = KvGeometry {
+        num_blocks: prompt.len().div_ceil(DEFAULT_BLOCK_SIZE),
+        block_size: DEFAULT_BLOCK_SIZE,
+    };
+    let mut alloc = BlockAllocator::new(geometry);
+    let mut cache = CpuKvCache::new(&model.config, geometry);
+    let mut table = BlockTable::default();
+    alloc.reserve(&mut table, prompt.len())?;
+    let wanted = if last_only {
+        LogitsWanted::Last
+    } else {
+        LogitsWanted::All
+    };
+    let flat = model
+        .forward(
+            &mut cache,
+            &[SeqChunk {
+                tokens: prompt,
+                start_pos: 0,
+                blocks: &table,
+                logits: wanted,
+            }],
+        )?
+        .remove(0);
+    let v = model.config.vocab_size;
+    Ok(flat.chunks_exact(v).map(<[f32]>::to_vec).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_argmax_and_the_first_of_ties() {
+        let mut rng = Rng::new(1);
+        assert_eq!(
+            sample(&[0.1, 3.0, 3.0, -1.0], &SamplingParams::default(), &mut rng),
+            1
+        );
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_whatever_the_temperature() {
+        let p = SamplingParams {
+            temperature: 5.0,
+            top_k: 1,
+            ..Default::default()
+        };
+        let mut rng = Rng::new(7);
+        for _ in 0..50 {
+            assert_eq!(sample(&[0.0, 0.5, 0.2], &p, &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn top_p_drops_the_unlikely_tail() {
+        // probabilities ~ [0.64, 0.24, 0.09, 0.03]; top_p 0.8 keeps the first two only.
+        let logits = [3.0, 2.0, 1.0, 0.0];
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.8,
+            ..Default::default()
+        };
+        let mut rng = Rng::new(3);
+        for _ in 0..200 {
+            assert!(sample(&logits, &p, &mut rng) <= 1);
+        }
+    }
+
+    #[test]
+    fn the_same_seed_samples_the_same_tokens() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.7).sin()).collect();
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: Some(42),
+            ..Default::default()
+        };
+        let draw = |seed| {
+            let mut rng = Rng::new(seed);
+            (0..20)
+                .map(|_| sample(&logits, &p, &mut rng))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(42), draw(42));
+        assert_ne!(draw(42), draw(43));
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        let logits = [0.0f32, (3.0f32).ln()]; // p = [0.25, 0.75]
+        let p = SamplingParams {
+            temperature: 1.0,
+            ..Default::default()
+        };
+        let mut rng = Rng::new(11);
+        let ones = (0..4000)
+            .filter(|_| sample(&logits, &p, &mut rng) == 1)
+            .count();
+        assert!((2850..3150).contains(&ones), "{ones}");
+    }
+
+    #[test]
+    fn invalid_sampling_parameters_are_refused() {
+        assert!(
+            SamplingParams {
+                temperature: -1.0,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            SamplingParams {
+                top_p: 0.0,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            SamplingParams {
+                temperature: f32::NAN,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn log_softmax_normalises() {
+        let l = log_softmax(&[1.0, 2.0, 3.0]);
+        let s: f32 = l.iter().map(|v| v.exp()).sum();
+        assert!((s - 1.0).abs() < 1e-6);
+    }
+}
