@@ -264,13 +264,24 @@ fn bench(model: &Model, prompt_len: usize, decode_steps: usize, contexts: &[usiz
             next = vec![generate::argmax(&out[0])];
         }
         let per_token_ms = 1e3 * t.elapsed().as_secs_f64() / decode_steps.max(1) as f64;
-        decode.push(json!({ "context": ctx, "ms_per_token": per_token_ms, "tokens_per_s": 1e3 / per_token_ms }));
+        let gflops = c.flops_per_token(ctx + decode_steps / 2) / per_token_ms / 1e6;
+        decode.push(json!({
+            "context": ctx,
+            "ms_per_token": per_token_ms,
+            "tokens_per_s": 1e3 / per_token_ms,
+            "gflop_per_s": gflops,
+        }));
     }
     println!(
         "{}",
         json!({
             "threads": rayon::current_num_threads(),
-            "prefill": { "tokens": prompt_len, "seconds": prefill_s, "tokens_per_s": prompt_len as f64 / prefill_s },
+            "prefill": {
+                "tokens": prompt_len,
+                "seconds": prefill_s,
+                "tokens_per_s": prompt_len as f64 / prefill_s,
+                "gflop_per_s": (0..prompt_len).map(|p| c.flops_per_token(p)).sum::<f64>() / prefill_s / 1e9,
+            },
             "decode": decode,
         })
     );

@@ -323,7 +323,7 @@ impl ModelConfig {
                 return Err(invalid(format!("{name} must be positive")));
             }
         }
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             return Err(invalid(format!(
                 "qk_rope_head_dim ({}) must be even",
                 self.qk_rope_head_dim
@@ -351,7 +351,7 @@ impl ModelConfig {
                     "MoE layers need n_routed_experts, num_experts_per_tok and moe_intermediate_size > 0",
                 ));
             }
-            if self.n_group == 0 || self.n_routed_experts % self.n_group != 0 {
+            if self.n_group == 0 || !self.n_routed_experts.is_multiple_of(self.n_group) {
                 return Err(invalid(format!(
                     "n_routed_experts ({}) must be divisible by n_group ({})",
                     self.n_routed_experts, self.n_group
@@ -399,6 +399,34 @@ impl ModelConfig {
     /// Per-token width of the MLA latent cache: compressed KV then the shared rope key.
     pub fn latent_dim(&self) -> usize {
         self.kv_lora_rank + self.qk_rope_head_dim
+    }
+
+    /// Multiply-add FLOPs (2 per MAC) of one token at position `context`, counting only the
+    /// weights a token activates (routed top-k plus shared experts) and attention over the
+    /// `min(index_topk, context + 1)` selected keys plus the indexer's scan of every key.
+    pub fn flops_per_token(&self, context: usize) -> f64 {
+        let (h, heads) = (self.hidden_size as f64, self.num_attention_heads as f64);
+        let (ql, kvr, rd) = (self.q_lora_rank as f64, self.kv_lora_rank as f64, self.qk_rope_head_dim as f64);
+        let (nope, vd) = (self.qk_nope_head_dim as f64, self.v_head_dim as f64);
+        let (ih, id) = (self.index_n_heads as f64, self.index_head_dim as f64);
+        let keys = (context + 1) as f64;
+        let selected = keys.min(self.index_topk as f64);
+        let projections = h * ql + ql * heads * (nope + rd) + h * (kvr + rd) + heads * vd * h;
+        let indexer = ql * ih * id + h * id + h * ih + keys * ih * id;
+        let absorbed = heads * nope * kvr + heads * vd * kvr + selected * heads * (2.0 * kvr + rd);
+        let mut macs = 0.0;
+        for kind in &self.mlp_layer_types {
+            macs += projections + indexer + absorbed;
+            macs += match kind {
+                MlpKind::Dense => 3.0 * h * self.intermediate_size as f64,
+                MlpKind::Moe => {
+                    let m = self.moe_intermediate_size as f64;
+                    h * self.n_routed_experts as f64
+                        + 3.0 * h * m * (self.num_experts_per_tok + self.n_shared_experts) as f64
+                }
+            };
+        }
+        2.0 * (macs + h * self.vocab_size as f64)
     }
 
     pub fn has_moe(&self) -> bool {
