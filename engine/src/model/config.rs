@@ -406,7 +406,11 @@ impl ModelConfig {
     /// `min(index_topk, context + 1)` selected keys plus the indexer's scan of every key.
     pub fn flops_per_token(&self, context: usize) -> f64 {
         let (h, heads) = (self.hidden_size as f64, self.num_attention_heads as f64);
-        let (ql, kvr, rd) = (self.q_lora_rank as f64, self.kv_lora_rank as f64, self.qk_rope_head_dim as f64);
+        let (ql, kvr, rd) = (
+            self.q_lora_rank as f64,
+            self.kv_lora_rank as f64,
+            self.qk_rope_head_dim as f64,
+        );
         let (nope, vd) = (self.qk_nope_head_dim as f64, self.v_head_dim as f64);
         let (ih, id) = (self.index_n_heads as f64, self.index_head_dim as f64);
         let keys = (context + 1) as f64;
