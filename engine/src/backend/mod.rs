@@ -1,3 +1,46 @@
-//! Compute backends. `cpu` is the f32 reference every other backend is checked against.
+//! Compute backends. `cpu` is the f32 reference every other backend is checked against; `cuda`
+//! runs the same function on NVIDIA GPUs. The scheduler drives either through [`Executor`].
 
 pub mod cpu;
+pub mod cuda;
+
+use std::sync::Arc;
+
+use crate::kv::KvGeometry;
+use crate::model::{ForwardError, Model, SeqChunk};
+
+/// A model bound to a device and its KV-cache storage: the one thing the engine loop needs.
+pub trait Executor: Send {
+    /// One step over a batch of chunks; per chunk, the requested logits flattened `[rows, vocab]`.
+    fn forward(&mut self, batch: &[SeqChunk]) -> Result<Vec<Vec<f32>>, ForwardError>;
+    /// The paged cache this executor was built with.
+    fn kv_geometry(&self) -> KvGeometry;
+    /// Human-readable device name for logs and `/v1/models`.
+    fn device_name(&self) -> String;
+}
+
+/// The CPU reference model with its host-memory cache.
+#[derive(Debug)]
+pub struct CpuExecutor {
+    pub model: Arc<Model>,
+    pub cache: cpu::CpuKvCache,
+}
+
+impl CpuExecutor {
+    pub fn new(model: Arc<Model>, geometry: KvGeometry) -> Self {
+        let cache = cpu::CpuKvCache::new(&model.config, geometry);
+        CpuExecutor { model, cache }
+    }
+}
+
+impl Executor for CpuExecutor {
+    fn forward(&mut self, batch: &[SeqChunk]) -> Result<Vec<Vec<f32>>, ForwardError> {
+        self.model.forward(&mut self.cache, batch)
+    }
+    fn kv_geometry(&self) -> KvGeometry {
+        self.cache.geometry
+    }
+    fn device_name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+}

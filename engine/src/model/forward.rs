@@ -43,6 +43,8 @@ pub enum ForwardError {
     PositionTooLarge { pos: usize, max: usize },
     #[error(transparent)]
     Kv(#[from] KvError),
+    #[error("backend failure: {0}")]
+    Backend(String),
 }
 
 /// Per-token bookkeeping for one step.

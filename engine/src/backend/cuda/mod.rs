@@ -1,0 +1,1 @@
+//! The CUDA backend (cudarc; kernels compiled by NVRTC at start).
