@@ -1,0 +1,591 @@
+//! The controller: watches `DeepSeekDeployment`s and what they own, and reconciles them. All of
+//! the operator's I/O with the API server happens here.
+//!
+//! One reconcile: validate the spec (a refusal becomes a `Degraded` condition and a Warning
+//! Event); render the desired objects; list what exists; [`plan::plan`] the group actions;
+//! server-side apply what differs (under [`FIELD_MANAGER`]); delete surplus groups, highest
+//! index first; delete the pods of failed or outdated groups so their StatefulSets bring them
+//! back whole; write the status only if it changed. Reconciling a converged deployment again
+//! writes nothing. Structure after kube-rs's controller-rs sample: `Context`, `reconcile`,
+//! `error_policy`, errors counted by [`Error::metric_label`].
+
+pub mod leader;
+pub mod observed;
+pub mod plan;
+pub mod status;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::{Instrument, field, info, info_span, warn};
+
+use crate::api::validate::{self, Violation};
+use crate::api::{CONDITION_DEGRADED, DeepSeekDeployment, DeepSeekDeploymentStatus};
+use crate::metrics::Metrics;
+use crate::render::{self, Desired, hash};
+use crate::{Error, Result};
+use observed::Observed;
+use plan::Plan;
+
+/// The field manager of every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "deepseek-operator";
+
+/// How long a converged deployment waits before it is checked again without any watch event.
+const RESYNC: Duration = Duration::from_secs(300);
+/// How soon a deployment that is still moving is checked again without any watch event.
+const PROGRESS_RECHECK: Duration = Duration::from_secs(30);
+
+/// What `reconcile` and `error_policy` need from outside.
+pub struct Context {
+    /// Client for the API server; the operator's only route to it.
+    pub client: Client,
+    /// Publishes Kubernetes Events about `DeepSeekDeployment`s.
+    pub recorder: Recorder,
+    /// Reconcile counters and timings.
+    pub metrics: Arc<Metrics>,
+    /// Consecutive failures per object, for exponential requeue backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context whose Events are reported as `deepseek-operator` from `instance`.
+    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
+        let reporter = Reporter {
+            controller: render::MANAGED_BY.into(),
+            instance,
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn failure_count(&self, key: &str, failed: bool) -> u32 {
+        let mut map = self.failures.lock().expect("failure map lock");
+        if failed {
+            let n = map.entry(key.to_string()).or_insert(0);
+            *n += 1;
+            *n
+        } else {
+            map.remove(key);
+            0
+        }
+    }
+
+    async fn publish(
+        &self,
+        dsd: &DeepSeekDeployment,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &dsd.object_ref(&())).await {
+            warn!(error = %e, reason, "could not publish an Event");
+        }
+    }
+}
+
+/// Requeue delay after the `n`th consecutive failure: 5 s doubling up to 5 minutes.
+pub fn backoff(n: u32) -> Duration {
+    let secs = 5u64.saturating_mul(1u64 << n.saturating_sub(1).min(6));
+    Duration::from_secs(secs.min(300))
+}
+
+fn key(dsd: &DeepSeekDeployment) -> String {
+    format!("{}/{}", dsd.namespace().unwrap_or_default(), dsd.name_any())
+}
+
+/// Reconciles one `DeepSeekDeployment`. On failure the error is recorded in the status
+/// (`Degraded`, reason `ReconcileError`) before it is returned to the controller.
+pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Result<Action> {
+    let span = info_span!(
+        "reconcile",
+        namespace = %dsd.namespace().unwrap_or_default(),
+        name = %dsd.name_any(),
+        generation = dsd.metadata.generation.unwrap_or_default(),
+        groups = field::Empty,
+    );
+    async move {
+        let _timer = ctx.metrics.reconcile_started();
+        match apply(&dsd, &ctx, Timestamp::now()).await {
+            Ok(action) => {
+                ctx.failure_count(&key(&dsd), false);
+                Ok(action)
+            }
+            Err(e) => {
+                warn!(error = %e, "reconcile failed");
+                if let Err(write) = record_error(&dsd, &ctx, &e).await {
+                    warn!(error = %write, "could not record the error in the status");
+                }
+                Err(e)
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Counts the failure and requeues with exponential backoff.
+pub fn error_policy(dsd: Arc<DeepSeekDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_failed(error);
+    let n = ctx.failure_count(&key(&dsd), true);
+    let delay = backoff(n);
+    warn!(name = %dsd.name_any(), error = %error, attempt = n, delay_s = delay.as_secs(), "requeueing after error");
+    Action::requeue(delay)
+}
+
+async fn record_error(dsd: &DeepSeekDeployment, ctx: &Context, e: &Error) -> Result<()> {
+    let previous = dsd.status.as_ref();
+    let message = e.to_string();
+    let already = status::find(previous, CONDITION_DEGRADED)
+        .is_some_and(|c| c.reason == "ReconcileError" && c.message == message);
+    if already {
+        return Ok(());
+    }
+    let st = status::with_error(
+        previous,
+        &message,
+        dsd.metadata.generation,
+        Timestamp::now(),
+    );
+    write_status(dsd, ctx, &st).await?;
+    ctx.publish(dsd, EventType::Warning, "ReconcileError", message)
+        .await;
+    Ok(())
+}
+
+async fn write_status(
+    dsd: &DeepSeekDeployment,
+    ctx: &Context,
+    st: &DeepSeekDeploymentStatus,
+) -> Result<()> {
+    let ns = dsd
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<DeepSeekDeployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let body = serde_json::json!({
+        "apiVersion": DeepSeekDeployment::api_version(&()),
+        "kind": DeepSeekDeployment::kind(&()),
+        "status": st,
+    });
+    api.patch_status(
+        &dsd.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Everything the operator made for one deployment, as listed from the API server.
+struct Existing {
+    statefulsets: Vec<StatefulSet>,
+    services: Vec<Service>,
+    pdbs: Vec<PodDisruptionBudget>,
+    config_maps: Vec<ConfigMap>,
+    pods: Vec<Pod>,
+}
+
+async fn list_existing(client: &Client, ns: &str, name: &str) -> Result<Existing> {
+    let owned = ListParams::default().labels(&render::owned_selector(name));
+    let pods = ListParams::default().labels(&render::engine_pods_selector(name));
+    Ok(Existing {
+        statefulsets: Api::namespaced(client.clone(), ns)
+            .list(&owned)
+            .await?
+            .items,
+        services: Api::namespaced(client.clone(), ns)
+            .list(&owned)
+            .await?
+            .items,
+        pdbs: Api::namespaced(client.clone(), ns)
+            .list(&owned)
+            .await?
+            .items,
+        config_maps: Api::namespaced(client.clone(), ns)
+            .list(&owned)
+            .await?
+            .items,
+        pods: Api::namespaced(client.clone(), ns).list(&pods).await?.items,
+    })
+}
+
+async fn apply(dsd: &DeepSeekDeployment, ctx: &Context, now: Timestamp) -> Result<Action> {
+    let ns = dsd
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let name = dsd.name_any();
+    let client = &ctx.client;
+
+    // 1. The spec: a refusal is reported, not retried.
+    if let Err(violations) = validate::validate(&name, &dsd.spec) {
+        let existing = list_existing(client, &ns, &name).await?;
+        let observed = Observed::from_objects(&existing.statefulsets, &existing.pods);
+        return refuse(dsd, ctx, &violations, &observed, now).await;
+    }
+
+    // 2. Desired and observed state, then the plan.
+    let desired = render::desired(dsd)?;
+    let existing = list_existing(client, &ns, &name).await?;
+    let observed = Observed::from_objects(&existing.statefulsets, &existing.pods);
+    let plan = plan::plan(
+        &dsd.spec,
+        &desired.revision,
+        desired.pods_per_group,
+        &observed,
+    );
+    tracing::Span::current().record("groups", dsd.spec.replicas);
+
+    // 3. Apply what differs.
+    apply_all(client, &ns, &desired, &existing).await?;
+
+    // 4. Group actions.
+    execute(dsd, ctx, &ns, &plan, &existing).await?;
+
+    // 5. Status.
+    let inputs = status::Inputs {
+        name: &name,
+        generation: dsd.metadata.generation,
+        revision: Some(&desired.revision),
+        pods_per_group: desired.pods_per_group,
+        invalid_spec: None,
+        error: None,
+    };
+    let st = status::compute(
+        &dsd.spec,
+        &inputs,
+        &observed,
+        &plan,
+        dsd.status.as_ref(),
+        now,
+    );
+    if dsd.status.as_ref() != Some(&st) {
+        write_status(dsd, ctx, &st).await?;
+    }
+    let converged = plan.is_empty()
+        && st.ready_replicas == dsd.spec.replicas
+        && st.updated_replicas == dsd.spec.replicas;
+    Ok(Action::requeue(if converged {
+        RESYNC
+    } else {
+        PROGRESS_RECHECK
+    }))
+}
+
+async fn refuse(
+    dsd: &DeepSeekDeployment,
+    ctx: &Context,
+    violations: &[Violation],
+    observed: &Observed,
+    now: Timestamp,
+) -> Result<Action> {
+    let message = validate::summarize(violations);
+    warn!(%message, "spec refused");
+    let pods_per_group = dsd
+        .status
+        .as_ref()
+        .map(|s| s.pods_per_group)
+        .unwrap_or_default();
+    let revision = dsd.status.as_ref().and_then(|s| s.update_revision.clone());
+    let inputs = status::Inputs {
+        name: &dsd.name_any(),
+        generation: dsd.metadata.generation,
+        revision: revision.as_deref(),
+        pods_per_group,
+        invalid_spec: Some(&message),
+        error: None,
+    };
+    let st = status::compute(
+        &dsd.spec,
+        &inputs,
+        observed,
+        &Plan::default(),
+        dsd.status.as_ref(),
+        now,
+    );
+    let already = status::find(dsd.status.as_ref(), CONDITION_DEGRADED)
+        .is_some_and(|c| c.reason == "InvalidSpec" && c.message == message);
+    if dsd.status.as_ref() != Some(&st) {
+        write_status(dsd, ctx, &st).await?;
+    }
+    if !already {
+        ctx.publish(dsd, EventType::Warning, "InvalidSpec", message)
+            .await;
+    }
+    // A fixed spec arrives as a watch event; no need to retry sooner.
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Applies `desired` unless `existing` already carries the same applied hash and every
+/// field of `desired` (so a change made by someone else to a field we own is put back).
+async fn apply_one<K>(api: &Api<K>, desired: &K, existing: &[K]) -> Result<bool>
+where
+    K: Resource + Serialize + DeserializeOwned + Clone + std::fmt::Debug,
+{
+    let name = desired
+        .meta()
+        .name
+        .clone()
+        .ok_or(Error::MissingField("metadata.name"))?;
+    if let Some(current) = existing
+        .iter()
+        .find(|o| o.meta().name.as_deref() == Some(&name))
+        && hash::applied_hash(current).is_some()
+        && hash::applied_hash(current) == hash::applied_hash(desired)
+        && is_subset(
+            &serde_json::to_value(desired)?,
+            &serde_json::to_value(current)?,
+        )
+    {
+        return Ok(false);
+    }
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(desired),
+    )
+    .await?;
+    Ok(true)
+}
+
+/// True if every field of `want` is present with the same value in `have` (lists must have the
+/// same length and match item by item).
+pub fn is_subset(want: &serde_json::Value, have: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (want, have) {
+        (Value::Object(w), Value::Object(h)) => w
+            .iter()
+            .all(|(k, v)| h.get(k).is_some_and(|hv| is_subset(v, hv))),
+        (Value::Array(w), Value::Array(h)) => {
+            w.len() == h.len() && w.iter().zip(h).all(|(a, b)| is_subset(a, b))
+        }
+        (w, h) => w == h,
+    }
+}
+
+async fn apply_all(
+    client: &Client,
+    ns: &str,
+    desired: &Desired,
+    existing: &Existing,
+) -> Result<()> {
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
+    let stss: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
+    apply_one(&cms, &desired.config_map, &existing.config_maps).await?;
+    for g in &desired.groups {
+        apply_one(&svcs, &g.service, &existing.services).await?;
+        apply_one(&stss, &g.statefulset, &existing.statefulsets).await?;
+        apply_one(&pdbs, &g.pdb, &existing.pdbs).await?;
+    }
+    apply_one(&svcs, &desired.service, &existing.services).await?;
+    Ok(())
+}
+
+fn ignore_not_found<T>(r: std::result::Result<T, kube::Error>) -> Result<()> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn execute(
+    dsd: &DeepSeekDeployment,
+    ctx: &Context,
+    ns: &str,
+    plan: &Plan,
+    existing: &Existing,
+) -> Result<()> {
+    let client = &ctx.client;
+    let name = dsd.name_any();
+    let stss: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let has = |names: Vec<Option<String>>, n: &str| names.iter().any(|x| x.as_deref() == Some(n));
+
+    for &index in &plan.delete {
+        let group = render::group_name(&name, index);
+        info!(group = %group, "deleting group above spec.replicas");
+        ignore_not_found(stss.delete(&group, &DeleteParams::background()).await)?;
+        if has(
+            existing
+                .services
+                .iter()
+                .map(|o| o.metadata.name.clone())
+                .collect(),
+            &group,
+        ) {
+            ignore_not_found(svcs.delete(&group, &DeleteParams::background()).await)?;
+        }
+        if has(
+            existing
+                .pdbs
+                .iter()
+                .map(|o| o.metadata.name.clone())
+                .collect(),
+            &group,
+        ) {
+            ignore_not_found(pdbs.delete(&group, &DeleteParams::background()).await)?;
+        }
+        ctx.publish(
+            dsd,
+            EventType::Normal,
+            "GroupDeleted",
+            format!(
+                "deleted group {index} ({group}): spec.replicas is {}",
+                dsd.spec.replicas
+            ),
+        )
+        .await;
+    }
+    for &index in &plan.create {
+        let group = render::group_name(&name, index);
+        ctx.publish(
+            dsd,
+            EventType::Normal,
+            "GroupCreated",
+            format!("created group {index} ({group})"),
+        )
+        .await;
+    }
+    let delete_pods = |index: i32| {
+        let selector = format!(
+            "{},{}={index}",
+            render::engine_pods_selector(&name),
+            render::GROUP_LABEL
+        );
+        let pods = pods.clone();
+        async move {
+            pods.delete_collection(
+                &DeleteParams::background(),
+                &ListParams::default().labels(&selector),
+            )
+            .await
+            .map(|_| ())
+        }
+    };
+    for (index, reason) in &plan.recreate {
+        warn!(group = index, %reason, "recreating group");
+        delete_pods(*index).await?;
+        ctx.publish(
+            dsd,
+            EventType::Warning,
+            "GroupRecreated",
+            format!("recreating group {index}: {reason}"),
+        )
+        .await;
+    }
+    for &index in &plan.roll {
+        info!(
+            group = index,
+            "restarting group on the current pod template"
+        );
+        delete_pods(index).await?;
+        ctx.publish(
+            dsd,
+            EventType::Normal,
+            "GroupUpdating",
+            format!("restarting group {index} on the current pod template"),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// Fails with a hint when the CRD is not installed.
+pub async fn check_crd(client: &Client) -> Result<(), String> {
+    let api: Api<DeepSeekDeployment> = Api::all(client.clone());
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Err(
+            "the DeepSeekDeployment CRD is not installed; install it with:\n  deepseek-operator crd | kubectl apply -f -".into(),
+        ),
+        Err(e) => Err(format!("cannot list DeepSeekDeployments: {e}")),
+    }
+}
+
+/// Runs the controller until `shutdown` completes. `namespace` limits the watch to one
+/// namespace.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<&str>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let owned = watcher::Config::default().labels(&format!(
+        "{}={}",
+        render::MANAGED_BY_LABEL,
+        render::MANAGED_BY
+    ));
+    let pods =
+        watcher::Config::default().labels(&format!("{}={}", render::NAME_LABEL, render::APP_NAME));
+    Controller::new(
+        api::<DeepSeekDeployment>(&client, namespace),
+        watcher::Config::default().any_semantic(),
+    )
+    .owns(api::<StatefulSet>(&client, namespace), owned.clone())
+    .owns(api::<Service>(&client, namespace), owned.clone())
+    .owns(
+        api::<PodDisruptionBudget>(&client, namespace),
+        owned.clone(),
+    )
+    .owns(api::<ConfigMap>(&client, namespace), owned)
+    .watches(api::<Pod>(&client, namespace), pods, |pod: Pod| {
+        let name = pod.labels().get(render::INSTANCE_LABEL)?.clone();
+        let ns = pod.namespace()?;
+        Some(ObjectRef::<DeepSeekDeployment>::new(&name).within(&ns))
+    })
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|res| async move {
+        match res {
+            Ok((obj, _)) => {
+                tracing::debug!(name = %obj.name, namespace = ?obj.namespace, "reconciled")
+            }
+            Err(e) => tracing::debug!(error = %e, "reconcile loop error"),
+        }
+    })
+    .await;
+}
