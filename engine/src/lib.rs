@@ -10,4 +10,5 @@ pub mod chat;
 pub mod generate;
 pub mod kv;
 pub mod model;
+pub mod sched;
 pub mod tokenizer;

@@ -9,6 +9,9 @@
 
 use thiserror::Error;
 
+mod prefix;
+pub use prefix::PrefixCachingPool;
+
 pub const DEFAULT_BLOCK_SIZE: usize = 64;
 
 #[derive(Debug, Error, PartialEq, Eq)]
