@@ -13,3 +13,8 @@ pub mod validate;
 
 pub use spec::*;
 pub use status::*;
+
+#[cfg(test)]
+mod schema_check;
+#[cfg(test)]
+mod tests;

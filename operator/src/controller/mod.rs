@@ -456,26 +456,20 @@ async fn execute(
         ) {
             ignore_not_found(pdbs.delete(&group, &DeleteParams::background()).await)?;
         }
-        ctx.publish(
-            dsd,
-            EventType::Normal,
-            "GroupDeleted",
-            format!(
-                "deleted group {index} ({group}): spec.replicas is {}",
-                dsd.spec.replicas
-            ),
-        )
-        .await;
     }
-    for &index in &plan.create {
-        let group = render::group_name(&name, index);
-        ctx.publish(
-            dsd,
-            EventType::Normal,
-            "GroupCreated",
-            format!("created group {index} ({group})"),
-        )
-        .await;
+    // One Event per kind of action: the recorder folds Events with the same reason into a series.
+    if !plan.delete.is_empty() {
+        let note = format!(
+            "deleted groups {:?}: spec.replicas is {}",
+            plan.delete, dsd.spec.replicas
+        );
+        ctx.publish(dsd, EventType::Normal, "GroupsDeleted", note)
+            .await;
+    }
+    if !plan.create.is_empty() {
+        let note = format!("created groups {:?}", plan.create);
+        ctx.publish(dsd, EventType::Normal, "GroupsCreated", note)
+            .await;
     }
     let delete_pods = |index: i32| {
         let selector = format!(
