@@ -105,3 +105,169 @@ pub fn plan(
     }
     p
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::DeepSeekDeployment;
+    use crate::controller::observed::{ObservedGroup, ObservedPod};
+
+    const REV: &str = "new";
+
+    fn pod(group: i32, rank: i32, rev: &str, ready: bool) -> ObservedPod {
+        ObservedPod {
+            name: format!("tiny-g{group}-{rank}"),
+            rank: Some(rank),
+            revision: Some(rev.into()),
+            phase: "Running".into(),
+            ready,
+            ..ObservedPod::default()
+        }
+    }
+
+    /// Groups with 2 pods each: (index, revision, ready).
+    fn observed(groups: &[(i32, &str, bool)]) -> Observed {
+        let mut o = Observed::default();
+        for &(i, rev, ready) in groups {
+            o.groups.insert(
+                i,
+                ObservedGroup {
+                    index: i,
+                    statefulset: true,
+                    pods: vec![pod(i, 0, rev, ready), pod(i, 1, rev, ready)],
+                },
+            );
+        }
+        o
+    }
+
+    fn spec(replicas: i32, max_unavailable: i32) -> DeepSeekDeploymentSpec {
+        let mut s = DeepSeekDeployment::test().spec;
+        s.replicas = replicas;
+        s.rollout.max_unavailable = max_unavailable;
+        s
+    }
+
+    #[test]
+    fn missing_groups_are_created() {
+        let p = plan(&spec(3, 1), REV, 2, &observed(&[(0, REV, true)]));
+        assert_eq!(p.create, [1, 2]);
+        assert!(p.delete.is_empty() && p.roll.is_empty() && p.recreate.is_empty());
+    }
+
+    #[test]
+    fn surplus_groups_are_deleted_highest_index_first() {
+        let p = plan(
+            &spec(1, 1),
+            REV,
+            2,
+            &observed(&[
+                (0, REV, true),
+                (1, REV, true),
+                (2, REV, true),
+                (4, REV, false),
+            ]),
+        );
+        assert_eq!(p.delete, [4, 2, 1]);
+    }
+
+    #[test]
+    fn a_group_whose_statefulset_is_already_gone_is_not_deleted_again() {
+        let mut o = observed(&[(0, REV, true), (1, REV, true)]);
+        o.groups.get_mut(&1).unwrap().statefulset = false;
+        assert!(plan(&spec(1, 1), REV, 2, &o).delete.is_empty());
+    }
+
+    #[test]
+    fn a_converged_deployment_needs_no_action() {
+        let p = plan(
+            &spec(2, 1),
+            REV,
+            2,
+            &observed(&[(0, REV, true), (1, REV, true)]),
+        );
+        assert!(p.is_empty());
+        assert!(p.waiting.is_empty());
+    }
+
+    #[test]
+    fn outdated_ready_groups_roll_within_max_unavailable_lowest_first() {
+        let o = observed(&[(0, "old", true), (1, "old", true), (2, "old", true)]);
+        let p = plan(&spec(3, 1), REV, 2, &o);
+        assert_eq!((p.roll.clone(), p.waiting.clone()), (vec![0], vec![1, 2]));
+        let p = plan(&spec(3, 2), REV, 2, &o);
+        assert_eq!((p.roll.clone(), p.waiting.clone()), (vec![0, 1], vec![2]));
+    }
+
+    #[test]
+    fn no_ready_group_rolls_while_another_group_is_unavailable() {
+        let o = observed(&[(0, REV, false), (1, "old", true)]);
+        let p = plan(&spec(2, 1), REV, 2, &o);
+        assert!(p.roll.is_empty());
+        assert_eq!(p.waiting, [1]);
+    }
+
+    #[test]
+    fn an_outdated_group_that_is_down_anyway_rolls_at_once() {
+        let o = observed(&[(0, "old", false), (1, "old", true)]);
+        let p = plan(&spec(2, 1), REV, 2, &o);
+        assert_eq!(p.roll, [0]);
+        assert_eq!(p.waiting, [1]);
+    }
+
+    #[test]
+    fn a_group_with_terminating_pods_is_left_to_finish() {
+        let mut o = observed(&[(0, "old", true)]);
+        o.groups.get_mut(&0).unwrap().pods[0].deleting = true;
+        let p = plan(&spec(1, 1), REV, 2, &o);
+        assert!(p.roll.is_empty() && p.recreate.is_empty());
+    }
+
+    #[test]
+    fn a_restarted_or_failed_pod_recreates_its_group_under_the_default_policy() {
+        let mut o = observed(&[(0, REV, true), (1, REV, true)]);
+        o.groups.get_mut(&1).unwrap().pods[1].restarts = 2;
+        let p = plan(&spec(2, 1), REV, 2, &o);
+        assert_eq!(
+            p.recreate,
+            [(1, "pod tiny-g1-1 restarted 2 time(s)".to_string())]
+        );
+        let mut o = observed(&[(0, REV, true)]);
+        o.groups.get_mut(&0).unwrap().pods[0].phase = "Failed".into();
+        o.groups.get_mut(&0).unwrap().pods[0].reason = Some("Evicted".into());
+        assert_eq!(
+            plan(&spec(1, 1), REV, 2, &o).recreate,
+            [(0, "pod tiny-g0-0 failed (Evicted)".to_string())]
+        );
+    }
+
+    #[test]
+    fn recreate_after_start_waits_while_a_pod_is_pending() {
+        let mut s = spec(1, 1);
+        s.group_failure_policy = GroupFailurePolicy::RecreateGroupAfterStart;
+        let mut o = observed(&[(0, REV, false)]);
+        o.groups.get_mut(&0).unwrap().pods[0].restarts = 1;
+        o.groups.get_mut(&0).unwrap().pods[1].phase = "Pending".into();
+        assert!(plan(&s, REV, 2, &o).recreate.is_empty());
+        o.groups.get_mut(&0).unwrap().pods[1].phase = "Running".into();
+        assert_eq!(plan(&s, REV, 2, &o).recreate.len(), 1);
+    }
+
+    #[test]
+    fn policy_none_never_recreates() {
+        let mut s = spec(1, 1);
+        s.group_failure_policy = GroupFailurePolicy::None;
+        let mut o = observed(&[(0, REV, true)]);
+        o.groups.get_mut(&0).unwrap().pods[0].restarts = 5;
+        assert!(plan(&s, REV, 2, &o).recreate.is_empty());
+    }
+
+    #[test]
+    fn a_recreated_group_counts_as_unavailable_for_the_rollout() {
+        let mut o = observed(&[(0, REV, true), (1, "old", true)]);
+        o.groups.get_mut(&0).unwrap().pods[0].restarts = 1;
+        let p = plan(&spec(2, 1), REV, 2, &o);
+        assert_eq!(p.recreate.len(), 1);
+        assert!(p.roll.is_empty());
+    }
+}

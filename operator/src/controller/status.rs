@@ -291,3 +291,239 @@ pub fn find<'a>(
 ) -> Option<&'a Condition> {
     status?.conditions.iter().find(|c| c.type_ == type_)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::DeepSeekDeployment;
+    use crate::controller::observed::{ObservedGroup, ObservedPod};
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    fn group(i: i32, ready: bool) -> ObservedGroup {
+        let pod = |r: i32| ObservedPod {
+            name: format!("tiny-g{i}-{r}"),
+            rank: Some(r),
+            revision: Some("rev".into()),
+            phase: "Running".into(),
+            ready,
+            ..ObservedPod::default()
+        };
+        ObservedGroup {
+            index: i,
+            statefulset: true,
+            pods: vec![pod(0), pod(1)],
+        }
+    }
+
+    fn inputs() -> Inputs<'static> {
+        Inputs {
+            name: "tiny",
+            generation: Some(3),
+            revision: Some("rev"),
+            pods_per_group: 2,
+            invalid_spec: None,
+            error: None,
+        }
+    }
+
+    fn get<'a>(s: &'a DeepSeekDeploymentStatus, type_: &str) -> &'a Condition {
+        find(Some(s), type_).unwrap()
+    }
+
+    fn spec(replicas: i32) -> DeepSeekDeploymentSpec {
+        DeepSeekDeployment::test().with_replicas(replicas).spec
+    }
+
+    #[test]
+    fn available_needs_replicas_minus_max_unavailable_ready_groups() {
+        let mut o = Observed::default();
+        o.groups.insert(0, group(0, true));
+        o.groups.insert(1, group(1, false));
+        o.groups.insert(2, group(2, true));
+        let s = compute(&spec(3), &inputs(), &o, &Plan::default(), None, t(0));
+        assert_eq!(
+            (s.replicas, s.ready_replicas, s.updated_replicas),
+            (3, 2, 3)
+        );
+        assert_eq!(get(&s, CONDITION_AVAILABLE).status, "True");
+        assert_eq!(get(&s, CONDITION_PROGRESSING).reason, "GroupsStarting");
+        o.groups.insert(2, group(2, false));
+        let s = compute(&spec(3), &inputs(), &o, &Plan::default(), None, t(0));
+        assert_eq!(
+            get(&s, CONDITION_AVAILABLE).reason,
+            "MinimumGroupsUnavailable"
+        );
+        assert_eq!(
+            get(&s, CONDITION_AVAILABLE).message,
+            "1 of 3 groups ready (at least 2 needed)"
+        );
+    }
+
+    #[test]
+    fn scaled_to_zero_is_not_available_but_converged() {
+        let s = compute(
+            &spec(0),
+            &inputs(),
+            &Observed::default(),
+            &Plan::default(),
+            None,
+            t(0),
+        );
+        assert_eq!(get(&s, CONDITION_AVAILABLE).reason, "ScaledToZero");
+        assert_eq!(get(&s, CONDITION_PROGRESSING).reason, "Converged");
+        assert!(s.groups.is_empty());
+    }
+
+    #[test]
+    fn transition_times_move_only_when_a_condition_flips() {
+        let mut o = Observed::default();
+        o.groups.insert(0, group(0, false));
+        let first = compute(&spec(1), &inputs(), &o, &Plan::default(), None, t(0));
+        let again = compute(
+            &spec(1),
+            &inputs(),
+            &o,
+            &Plan::default(),
+            Some(&first),
+            t(60),
+        );
+        assert_eq!(
+            first, again,
+            "same inputs, same status, whatever the clock says"
+        );
+        o.groups.insert(0, group(0, true));
+        let ready = compute(
+            &spec(1),
+            &inputs(),
+            &o,
+            &Plan::default(),
+            Some(&again),
+            t(120),
+        );
+        assert_eq!(
+            get(&ready, CONDITION_AVAILABLE).last_transition_time,
+            Time(t(120))
+        );
+        assert_eq!(
+            get(&ready, CONDITION_DEGRADED).last_transition_time,
+            Time(t(0))
+        );
+    }
+
+    #[test]
+    fn an_invalid_spec_is_degraded_and_not_progressing() {
+        let mut i = inputs();
+        i.invalid_spec = Some("spec.replicas: must be between 0 and 1000 (is -1)");
+        let s = compute(
+            &spec(1),
+            &i,
+            &Observed::default(),
+            &Plan::default(),
+            None,
+            t(0),
+        );
+        let d = get(&s, CONDITION_DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "InvalidSpec")
+        );
+        assert_eq!(
+            d.message,
+            "spec.replicas: must be between 0 and 1000 (is -1)"
+        );
+        assert_eq!(get(&s, CONDITION_PROGRESSING).status, "False");
+        assert_eq!(d.observed_generation, Some(3));
+    }
+
+    #[test]
+    fn group_states_follow_the_plan_and_the_pods() {
+        let mut o = Observed::default();
+        o.groups.insert(0, group(0, true));
+        o.groups.insert(1, group(1, true));
+        let mut old = group(2, true);
+        old.pods
+            .iter_mut()
+            .for_each(|p| p.revision = Some("old".into()));
+        o.groups.insert(2, old);
+        let plan = Plan {
+            recreate: vec![(1, "pod tiny-g1-0 restarted 1 time(s)".into())],
+            waiting: vec![2],
+            ..Plan::default()
+        };
+        let s = compute(&spec(4), &inputs(), &o, &plan, None, t(0));
+        let states: Vec<GroupState> = s.groups.iter().map(|g| g.state).collect();
+        assert_eq!(
+            states,
+            [
+                GroupState::Ready,
+                GroupState::Recreating,
+                GroupState::Ready,
+                GroupState::Pending
+            ]
+        );
+        assert_eq!(
+            s.groups[2].message.as_deref(),
+            Some("serving an older pod template; waiting for its turn to update")
+        );
+        assert_eq!(get(&s, CONDITION_DEGRADED).reason, "GroupRecreated");
+        assert_eq!(s.updated_replicas, 1);
+        assert_eq!(
+            s.selector.as_deref(),
+            Some(
+                "app.kubernetes.io/instance=tiny,app.kubernetes.io/component=engine,apps.kubernetes.io/pod-index=0"
+            )
+        );
+    }
+
+    #[test]
+    fn autoscaler_readings_are_carried_over() {
+        let prev = DeepSeekDeploymentStatus {
+            kv_cache_utilization_percent: Some(42),
+            queue_depth: Some(7),
+            ..Default::default()
+        };
+        let s = compute(
+            &spec(0),
+            &inputs(),
+            &Observed::default(),
+            &Plan::default(),
+            Some(&prev),
+            t(0),
+        );
+        assert_eq!(
+            (s.kv_cache_utilization_percent, s.queue_depth),
+            (Some(42), Some(7))
+        );
+    }
+
+    #[test]
+    fn a_reconcile_error_replaces_only_the_degraded_condition() {
+        let ok = compute(
+            &spec(0),
+            &inputs(),
+            &Observed::default(),
+            &Plan::default(),
+            None,
+            t(0),
+        );
+        let err = with_error(
+            Some(&ok),
+            "Kubernetes API call failed: boom",
+            Some(3),
+            t(10),
+        );
+        assert_eq!(err.conditions.len(), 3);
+        let d = get(&err, CONDITION_DEGRADED);
+        assert_eq!(
+            (d.reason.as_str(), d.last_transition_time.clone()),
+            ("ReconcileError", Time(t(10)))
+        );
+        assert_eq!(
+            get(&err, CONDITION_AVAILABLE),
+            get(&ok, CONDITION_AVAILABLE)
+        );
+    }
+}

@@ -56,3 +56,13 @@ pub fn applied_hash<K: Resource>(obj: &K) -> Option<&str> {
         .get(APPLIED_HASH_ANNOTATION)
         .map(String::as_str)
 }
+
+/// The applied hash recorded in object metadata, if any.
+pub fn applied_hash_of(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<&str> {
+    meta.annotations
+        .as_ref()?
+        .get(APPLIED_HASH_ANNOTATION)
+        .map(String::as_str)
+}
