@@ -360,7 +360,8 @@ fn enums_and_missing_fields_are_refused_by_the_schema() {
 #[test]
 fn checks_beyond_the_schema_name_the_field_and_the_limit() {
     let base: DeepSeekDeployment = serde_json::from_value(minimal()).unwrap();
-    let cases: Vec<(Box<dyn Fn(&mut DeepSeekDeploymentSpec)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut DeepSeekDeploymentSpec)>;
+    let cases: Vec<(Edit, &str)> = vec![
         (
             Box::new(|s| s.engine.extra_args = vec!["--max-model-len=9".into()]),
             "spec.engine.extraArgs[0]: --max-model-len is set by the operator",

@@ -451,7 +451,7 @@ pub fn validate(name: &str, spec: &DeepSeekDeploymentSpec) -> Result<(), Vec<Vio
             }
         }
     }
-    for (k, _) in &spec.pod_labels {
+    for k in spec.pod_labels.keys() {
         if is_reserved_key(k) {
             bad(
                 "spec.podLabels",

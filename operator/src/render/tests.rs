@@ -155,16 +155,14 @@ fn gpus_are_requested_and_limited_per_pod_and_not_at_all_on_cpu() {
         .resources
         .unwrap();
     assert!(
-        cpu.limits
+        !cpu.limits
             .unwrap_or_default()
-            .get("nvidia.com/gpu")
-            .is_none()
+            .contains_key("nvidia.com/gpu")
     );
     assert!(
-        cpu.requests
+        !cpu.requests
             .unwrap_or_default()
-            .get("nvidia.com/gpu")
-            .is_none()
+            .contains_key("nvidia.com/gpu")
     );
 }
 
