@@ -187,13 +187,11 @@ pub enum GenerateError {
     Forward(#[from] ForwardError),
 }
 
-/// Generates for several requests at once: one batched prefill, then one batched decode step
-/// per token until every sequence has finished.
-pub fn generate_batch(
-    model: &Model,
+/// Validates requests and returns the KV geometry that holds all of them at once.
+pub fn plan_geometry(
+    limit: usize,
     requests: &[GenerateRequest],
-) -> Result<Vec<Generation>, GenerateError> {
-    let limit = model.config.max_position_embeddings;
+) -> Result<KvGeometry, GenerateError> {
     for r in requests {
         if r.prompt.is_empty() {
             return Err(GenerateError::EmptyPrompt);
@@ -211,12 +209,35 @@ pub fn generate_batch(
         .iter()
         .map(|r| (r.prompt.len() + r.max_tokens).div_ceil(DEFAULT_BLOCK_SIZE))
         .sum();
-    let geometry = KvGeometry {
+    Ok(KvGeometry {
         num_blocks: total.max(1),
         block_size: DEFAULT_BLOCK_SIZE,
-    };
-    let mut alloc = BlockAllocator::new(geometry);
+    })
+}
+
+/// Generates for several requests at once on the CPU reference backend.
+pub fn generate_batch(
+    model: &Model,
+    requests: &[GenerateRequest],
+) -> Result<Vec<Generation>, GenerateError> {
+    let geometry = plan_geometry(model.config.max_position_embeddings, requests)?;
     let mut cache = CpuKvCache::new(&model.config, geometry);
+    generate_with(
+        &mut |batch: &[SeqChunk]| model.forward(&mut cache, batch),
+        geometry,
+        requests,
+    )
+}
+
+/// Generates with any step function (a backend executor): one batched prefill, then one
+/// batched decode step per token until every sequence has finished. `geometry` must be at
+/// least what [`plan_geometry`] returns for these requests.
+pub fn generate_with(
+    step: &mut dyn FnMut(&[SeqChunk]) -> Result<Vec<Vec<f32>>, ForwardError>,
+    geometry: KvGeometry,
+    requests: &[GenerateRequest],
+) -> Result<Vec<Generation>, GenerateError> {
+    let mut alloc = BlockAllocator::new(geometry);
     let mut tables: Vec<BlockTable> = vec![BlockTable::default(); requests.len()];
     for (r, t) in requests.iter().zip(tables.iter_mut()) {
         alloc.reserve(t, r.prompt.len() + r.max_tokens)?;
@@ -253,7 +274,7 @@ pub fn generate_batch(
                 logits: LogitsWanted::Last,
             })
             .collect();
-        let logits = model.forward(&mut cache, &chunks)?;
+        let logits = step(&chunks)?;
         for (k, &i) in active.iter().enumerate() {
             positions[i] += pending[i].len();
             let tok = sample(&logits[k], &requests[i].sampling, &mut rngs[i]);
@@ -267,22 +288,30 @@ pub fn generate_batch(
             pending[i] = vec![tok];
         }
     }
-    for t in tables.iter_mut() {
-        alloc.release(t);
-    }
     Ok(out)
 }
 
-/// Logits of every prompt position (or the last only), in one prefill.
+/// Logits of every prompt position (or the last only), in one prefill, on the CPU backend.
 pub fn score(
     model: &Model,
     prompt: &[u32],
     last_only: bool,
 ) -> Result<Vec<Vec<f32>>, GenerateError> {
+    let geometry = score_geometry(model.config.max_position_embeddings, prompt)?;
+    let mut cache = CpuKvCache::new(&model.config, geometry);
+    score_with(
+        &mut |batch: &[SeqChunk]| model.forward(&mut cache, batch),
+        geometry,
+        prompt,
+        last_only,
+        model.config.vocab_size,
+    )
+}
+
+pub fn score_geometry(limit: usize, prompt: &[u32]) -> Result<KvGeometry, GenerateError> {
     if prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
     }
-    let limit = model.config.max_position_embeddings;
     if prompt.len() > limit {
         return Err(GenerateError::TooLong {
             prompt: prompt.len(),
@@ -290,12 +319,20 @@ pub fn score(
             limit,
         });
     }
-    let geometry = KvGeometry {
+    Ok(KvGeometry {
         num_blocks: prompt.len().div_ceil(DEFAULT_BLOCK_SIZE),
         block_size: DEFAULT_BLOCK_SIZE,
-    };
+    })
+}
+
+pub fn score_with(
+    step: &mut dyn FnMut(&[SeqChunk]) -> Result<Vec<Vec<f32>>, ForwardError>,
+    geometry: KvGeometry,
+    prompt: &[u32],
+    last_only: bool,
+    vocab: usize,
+) -> Result<Vec<Vec<f32>>, GenerateError> {
     let mut alloc = BlockAllocator::new(geometry);
-    let mut cache = CpuKvCache::new(&model.config, geometry);
     let mut table = BlockTable::default();
     alloc.reserve(&mut table, prompt.len())?;
     let wanted = if last_only {
@@ -303,19 +340,14 @@ pub fn score(
     } else {
         LogitsWanted::All
     };
-    let flat = model
-        .forward(
-            &mut cache,
-            &[SeqChunk {
-                tokens: prompt,
-                start_pos: 0,
-                blocks: &table,
-                logits: wanted,
-            }],
-        )?
-        .remove(0);
-    let v = model.config.vocab_size;
-    Ok(flat.chunks_exact(v).map(<[f32]>::to_vec).collect())
+    let flat = step(&[SeqChunk {
+        tokens: prompt,
+        start_pos: 0,
+        blocks: &table,
+        logits: wanted,
+    }])?
+    .remove(0);
+    Ok(flat.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
 }
 
 #[cfg(test)]

@@ -7,8 +7,11 @@
 
 pub mod backend;
 pub mod chat;
+pub mod dist;
 pub mod generate;
 pub mod kv;
+pub mod metrics;
 pub mod model;
+pub mod runtime;
 pub mod sched;
 pub mod tokenizer;

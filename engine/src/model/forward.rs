@@ -15,6 +15,7 @@ use crate::backend::cpu::{
     CpuKvCache, dot, layer_norm, rms_norm, rope_half_split, rope_interleaved, sigmoid, silu,
     softmax, top_k_indices,
 };
+use crate::dist::{DistError, Reader, Transport, Writer};
 use crate::kv::{BlockTable, KvError};
 
 /// Which logits a chunk wants back.
@@ -45,6 +46,8 @@ pub enum ForwardError {
     Kv(#[from] KvError),
     #[error("backend failure: {0}")]
     Backend(String),
+    #[error("expert-parallel group: {0}")]
+    Dist(#[from] DistError),
 }
 
 /// Per-token bookkeeping for one step.
@@ -59,6 +62,18 @@ impl Model {
         &self,
         cache: &mut CpuKvCache,
         batch: &[SeqChunk],
+    ) -> Result<Vec<Vec<f32>>, ForwardError> {
+        self.forward_with(cache, batch, None)
+    }
+
+    /// One step on one rank of an expert-parallel group: MoE layers exchange tokens with the
+    /// other ranks through `comm` (every rank must call this for every step, even with an
+    /// empty batch). With `None`, all experts must be local.
+    pub fn forward_with(
+        &self,
+        cache: &mut CpuKvCache,
+        batch: &[SeqChunk],
+        mut comm: Option<&mut dyn Transport>,
     ) -> Result<Vec<Vec<f32>>, ForwardError> {
         let cfg = &self.config;
         let h = cfg.hidden_size;
@@ -117,7 +132,10 @@ impl Model {
             );
             let ffn = match &layer.mlp {
                 FeedForward::Dense(mlp) => mlp_forward(mlp, &xn, n),
-                FeedForward::Moe(moe) => self.moe_forward(moe, &xn, n),
+                FeedForward::Moe(moe) => match comm.as_deref_mut() {
+                    Some(t) if t.world_size() > 1 => self.moe_forward_ep(moe, &xn, n, t)?,
+                    _ => self.moe_forward(moe, &xn, n)?,
+                },
             };
             for (a, b) in x.iter_mut().zip(&ffn) {
                 *a += b;
@@ -282,7 +300,7 @@ impl Model {
         a.o_proj.forward(&o, n)
     }
 
-    fn moe_forward(&self, moe: &Moe, xn: &[f32], n: usize) -> Vec<f32> {
+    fn moe_forward(&self, moe: &Moe, xn: &[f32], n: usize) -> Result<Vec<f32>, ForwardError> {
         let c = &self.config;
         let h = c.hidden_size;
         let logits = moe.gate.forward(xn, n);
@@ -298,7 +316,7 @@ impl Model {
                 assigned[e].push((t, w));
             }
         }
-        let expert_out: Vec<Option<Vec<f32>>> = assigned
+        let expert_out: Vec<Option<Result<Vec<f32>, usize>>> = assigned
             .par_iter()
             .enumerate()
             .map(|(e, toks)| {
@@ -309,9 +327,23 @@ impl Model {
                     .iter()
                     .flat_map(|(t, _)| xn[t * h..(t + 1) * h].iter().copied())
                     .collect();
-                Some(mlp_forward(&moe.experts[e], &xs, toks.len()))
+                Some(
+                    moe.experts[e]
+                        .as_ref()
+                        .map(|m| mlp_forward(m, &xs, toks.len()))
+                        .ok_or(e),
+                )
             })
             .collect();
+        let expert_out: Vec<Option<Vec<f32>>> = expert_out
+            .into_iter()
+            .map(|o| o.transpose())
+            .collect::<Result<_, usize>>()
+            .map_err(|e| {
+                ForwardError::Backend(format!(
+                    "expert {e} is not on this rank and no group is attached"
+                ))
+            })?;
         let mut y = vec![0f32; n * h];
         for (toks, out) in assigned.iter().zip(expert_out) {
             let Some(out) = out else { continue };
@@ -329,7 +361,109 @@ impl Model {
                 *acc += v;
             }
         }
-        y
+        Ok(y)
+    }
+
+    /// Expert-parallel MoE: route locally, send each (token, expert) row to the expert's owner,
+    /// run the local experts on what arrives, send results back and combine with the weights.
+    fn moe_forward_ep(
+        &self,
+        moe: &Moe,
+        xn: &[f32],
+        n: usize,
+        comm: &mut dyn Transport,
+    ) -> Result<Vec<f32>, ForwardError> {
+        let c = &self.config;
+        let (h, e_total, world) = (c.hidden_size, c.n_routed_experts, comm.world_size());
+        let logits = moe.gate.forward(xn, n);
+        // rows[r] = (token, expert, weight) sent to rank r, in send order.
+        let mut rows: Vec<Vec<(usize, usize, f32)>> = vec![Vec::new(); world];
+        for t in 0..n {
+            let (experts, weights) = route(&logits[t * e_total..(t + 1) * e_total], moe, c);
+            for (e, w) in experts.into_iter().zip(weights) {
+                rows[self.shard.owner(e, e_total)].push((t, e, w));
+            }
+        }
+        let dispatch: Vec<Vec<u8>> = rows
+            .iter()
+            .map(|rs| {
+                let mut w = Writer::default();
+                w.u32(rs.len() as u32);
+                for (t, e, _) in rs {
+                    w.u32(*e as u32).f32s(&xn[t * h..(t + 1) * h]);
+                }
+                w.finish()
+            })
+            .collect();
+        let received = comm.all_to_all(dispatch)?;
+
+        // Compute every received row with the local experts, grouped by expert.
+        let mut replies = Vec::with_capacity(world);
+        for (src, bytes) in received.iter().enumerate() {
+            let mut r = Reader::new(bytes, src);
+            let count = if bytes.is_empty() {
+                0
+            } else {
+                r.u32()? as usize
+            };
+            let mut by_expert: Vec<Vec<(usize, Vec<f32>)>> = vec![Vec::new(); e_total];
+            for i in 0..count {
+                let e = r.u32()? as usize;
+                let x = r.f32s()?;
+                if e >= e_total || x.len() != h {
+                    return Err(ForwardError::Backend(format!(
+                        "rank {src} sent a malformed row for expert {e}"
+                    )));
+                }
+                by_expert[e].push((i, x));
+            }
+            let mut out = vec![0f32; count * h];
+            for (e, items) in by_expert.iter().enumerate() {
+                if items.is_empty() {
+                    continue;
+                }
+                let mlp = moe.experts[e].as_ref().ok_or_else(|| {
+                    ForwardError::Backend(format!(
+                        "rank {src} sent expert {e}, which this rank does not hold"
+                    ))
+                })?;
+                let xs: Vec<f32> = items.iter().flat_map(|(_, x)| x.iter().copied()).collect();
+                let ys = mlp_forward(mlp, &xs, items.len());
+                for (k, (i, _)) in items.iter().enumerate() {
+                    out[i * h..(i + 1) * h].copy_from_slice(&ys[k * h..(k + 1) * h]);
+                }
+            }
+            let mut w = Writer::default();
+            w.f32s(&out);
+            replies.push(w.finish());
+        }
+        let results = comm.all_to_all(replies)?;
+
+        let mut y = vec![0f32; n * h];
+        for (dest, bytes) in results.iter().enumerate() {
+            let out = Reader::new(bytes, dest).f32s()?;
+            if out.len() != rows[dest].len() * h {
+                return Err(ForwardError::Backend(format!(
+                    "rank {dest} returned {} values for {} rows",
+                    out.len(),
+                    rows[dest].len()
+                )));
+            }
+            for (k, (t, _, wgt)) in rows[dest].iter().enumerate() {
+                for (acc, v) in y[t * h..(t + 1) * h]
+                    .iter_mut()
+                    .zip(&out[k * h..(k + 1) * h])
+                {
+                    *acc += wgt * v;
+                }
+            }
+        }
+        if let Some(shared) = &moe.shared_experts {
+            for (acc, v) in y.iter_mut().zip(mlp_forward(shared, xn, n)) {
+                *acc += v;
+            }
+        }
+        Ok(y)
     }
 }
 

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use crate::backend::cpu::Linear;
+use crate::dist::ExpertShard;
 pub use config::{MlpKind, ModelConfig};
 pub use forward::{ForwardError, LogitsWanted, SeqChunk};
 use rope::RopeTable;
@@ -83,7 +84,8 @@ pub struct Mlp {
 pub struct Moe {
     pub gate: Linear,
     pub e_score_correction_bias: Vec<f32>,
-    pub experts: Vec<Mlp>,
+    /// Indexed by expert id; `None` for experts another expert-parallel rank holds.
+    pub experts: Vec<Option<Mlp>>,
     pub shared_experts: Option<Mlp>,
 }
 
@@ -110,6 +112,8 @@ pub struct Model {
     pub lm_head: Linear,
     pub rope: RopeTable,
     pub softmax_scale: f32,
+    /// Which routed experts this process holds.
+    pub shard: ExpertShard,
 }
 
 struct Loader<'a> {
@@ -140,6 +144,11 @@ impl Loader<'_> {
 impl Model {
     /// Loads `config.json` and the safetensors checkpoint in `dir`.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        Self::load_sharded(dir, ExpertShard::WHOLE)
+    }
+
+    /// Loads only this rank's routed experts (plus everything replicated).
+    pub fn load_sharded(dir: &Path, shard: ExpertShard) -> Result<Self, ModelError> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let block = config
             .quantization
@@ -147,7 +156,7 @@ impl Model {
             .map(|q| q.block)
             .unwrap_or([128, 128]);
         let ckpt = Checkpoint::open(dir, block)?;
-        let model = Self::from_source(config, &ckpt)?;
+        let model = Self::from_source_sharded(config, &ckpt, shard)?;
         let mtp_prefix = format!("model.layers.{}.", model.config.num_hidden_layers);
         let (mtp, other): (Vec<String>, Vec<String>) = ckpt
             .unconsumed()
@@ -162,7 +171,10 @@ impl Model {
         }
         let other: Vec<_> = other
             .into_iter()
-            .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+            .filter(|n| {
+                !n.ends_with("rotary_emb.inv_freq")
+                    && !(shard.world > 1 && n.contains(".mlp.experts."))
+            })
             .collect();
         if !other.is_empty() {
             tracing::warn!(count = other.len(), first = %other[0], "checkpoint holds tensors the model does not use");
@@ -172,6 +184,21 @@ impl Model {
 
     /// Builds the model from any tensor source, validating every tensor's shape.
     pub fn from_source(config: ModelConfig, src: &dyn TensorSource) -> Result<Self, ModelError> {
+        Self::from_source_sharded(config, src, ExpertShard::WHOLE)
+    }
+
+    /// Like [`Model::from_source`], reading only the routed experts `shard` owns.
+    pub fn from_source_sharded(
+        config: ModelConfig,
+        src: &dyn TensorSource,
+        shard: ExpertShard,
+    ) -> Result<Self, ModelError> {
+        if shard.world > 1 && !config.n_routed_experts.is_multiple_of(shard.world) {
+            return Err(ModelError::InvalidConfig(format!(
+                "n_routed_experts ({}) cannot be split over {} expert-parallel ranks",
+                config.n_routed_experts, shard.world
+            )));
+        }
         let l = Loader { src };
         let c = &config;
         let h = c.hidden_size;
@@ -231,7 +258,14 @@ impl Model {
                         c.n_routed_experts,
                     )?,
                     experts: (0..c.n_routed_experts)
-                        .map(|e| l.mlp(&format!("{p}.mlp.experts.{e}"), h, c.moe_intermediate_size))
+                        .map(|e| {
+                            if shard.owns(e, c.n_routed_experts) {
+                                l.mlp(&format!("{p}.mlp.experts.{e}"), h, c.moe_intermediate_size)
+                                    .map(Some)
+                            } else {
+                                Ok(None)
+                            }
+                        })
                         .collect::<Result<_, _>>()?,
                     shared_experts: if c.n_shared_experts > 0 {
                         Some(l.mlp(
@@ -261,6 +295,15 @@ impl Model {
         let norm = l.vec("model.norm.weight", h)?;
         let rope = RopeTable::new(c);
         let softmax_scale = c.softmax_scale();
+        if shard.world > 1 {
+            let per = shard.per_rank(c.n_routed_experts);
+            tracing::info!(
+                rank = shard.rank,
+                world = shard.world,
+                experts = format!("{}..{}", shard.rank * per, (shard.rank + 1) * per),
+                "holding this rank's routed experts; attention, dense layers and shared experts are replicated"
+            );
+        }
         Ok(Model {
             embed_tokens,
             layers,
@@ -268,6 +311,7 @@ impl Model {
             lm_head,
             rope,
             softmax_scale,
+            shard,
             config,
         })
     }

@@ -1,0 +1,254 @@
+//! An expert-parallel group as one [`Executor`]. Rank 0 (the leader) runs the scheduler; each
+//! step it hands every rank the chunks of the sequences that rank serves (data-parallel
+//! attention; a sequence stays on the rank its first KV block maps to, so prefix-cache hits
+//! land where the data is), runs its own share, and gathers the logits. Worker ranks run
+//! [`run_worker`]: receive a step, run it (MoE layers exchange tokens with every rank), reply.
+
+use std::sync::Arc;
+
+use super::Executor;
+use super::cpu::CpuKvCache;
+use crate::dist::{DistError, Reader, Transport, Writer};
+use crate::kv::{BlockTable, KvGeometry};
+use crate::model::{ForwardError, LogitsWanted, Model, SeqChunk};
+
+const STEP: u32 = 1;
+const SHUTDOWN: u32 = 2;
+
+pub struct ExpertParallelExecutor {
+    model: Arc<Model>,
+    cache: CpuKvCache,
+    transport: Box<dyn Transport>,
+    /// Threads of in-process worker ranks, joined on drop.
+    workers: Vec<std::thread::JoinHandle<Result<(), ForwardError>>>,
+}
+
+impl std::fmt::Debug for ExpertParallelExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExpertParallelExecutor")
+            .field("world", &self.transport.world_size())
+            .finish()
+    }
+}
+
+impl ExpertParallelExecutor {
+    /// The leader side; `transport` must be rank 0 of the group.
+    pub fn new(model: Arc<Model>, geometry: KvGeometry, transport: Box<dyn Transport>) -> Self {
+        let cache = CpuKvCache::new(&model.config, geometry);
+        ExpertParallelExecutor {
+            model,
+            cache,
+            transport,
+            workers: Vec::new(),
+        }
+    }
+
+    /// A whole group in this process: `models[r]` is rank r's shard; ranks 1.. run on threads.
+    pub fn in_process(models: Vec<Arc<Model>>, geometry: KvGeometry) -> Result<Self, ForwardError> {
+        let world = models.len();
+        let mut endpoints = crate::dist::in_process_group(world).into_iter();
+        let mut models = models.into_iter();
+        let (Some(leader_t), Some(leader_m)) = (endpoints.next(), models.next()) else {
+            return Err(ForwardError::Backend(
+                "an expert-parallel group needs at least one rank".into(),
+            ));
+        };
+        let workers = endpoints
+            .zip(models)
+            .map(|(t, m)| {
+                std::thread::Builder::new()
+                    .name(format!("ep-rank-{}", t.rank()))
+                    .spawn(move || {
+                        let mut t = t;
+                        run_worker(&m, geometry, &mut t)
+                    })
+                    .map_err(|e| {
+                        ForwardError::Backend(format!("could not start a rank thread: {e}"))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut ex = ExpertParallelExecutor::new(leader_m, geometry, Box::new(leader_t));
+        ex.workers = workers;
+        Ok(ex)
+    }
+
+    fn rank_of(&self, chunk: &SeqChunk) -> usize {
+        chunk
+            .blocks
+            .blocks
+            .first()
+            .map_or(0, |b| *b as usize % self.transport.world_size())
+    }
+}
+
+fn encode_chunks(chunks: &[(usize, &SeqChunk)]) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.u32(STEP).u32(chunks.len() as u32);
+    for (index, c) in chunks {
+        let wanted = match c.logits {
+            LogitsWanted::None => 0,
+            LogitsWanted::Last => 1,
+            LogitsWanted::All => 2,
+        };
+        w.u32(*index as u32)
+            .u32s(c.tokens)
+            .u64(c.start_pos as u64)
+            .u32s(&c.blocks.blocks)
+            .u32(c.blocks.block_size as u32)
+            .u32(wanted);
+    }
+    w.finish()
+}
+
+struct OwnedChunk {
+    index: usize,
+    tokens: Vec<u32>,
+    start_pos: usize,
+    table: BlockTable,
+    logits: LogitsWanted,
+}
+
+fn decode_chunks(bytes: &[u8]) -> Result<Option<Vec<OwnedChunk>>, DistError> {
+    let mut r = Reader::new(bytes, 0);
+    match r.u32()? {
+        SHUTDOWN => return Ok(None),
+        STEP => {}
+        k => {
+            return Err(DistError::Protocol {
+                rank: 0,
+                reason: format!("unknown message kind {k}"),
+            });
+        }
+    }
+    let n = r.u32()? as usize;
+    let mut out = Vec::with_capacity(n.min(4096));
+    for _ in 0..n {
+        let index = r.u32()? as usize;
+        let tokens = r.u32s()?;
+        let start_pos = r.u64()? as usize;
+        let blocks = r.u32s()?;
+        let block_size = r.u32()? as usize;
+        let logits = match r.u32()? {
+            0 => LogitsWanted::None,
+            1 => LogitsWanted::Last,
+            _ => LogitsWanted::All,
+        };
+        out.push(OwnedChunk {
+            index,
+            tokens,
+            start_pos,
+            table: BlockTable { blocks, block_size },
+            logits,
+        });
+    }
+    Ok(Some(out))
+}
+
+fn run_local(
+    model: &Model,
+    cache: &mut CpuKvCache,
+    chunks: &[OwnedChunk],
+    t: &mut dyn Transport,
+) -> Result<Vec<Vec<f32>>, ForwardError> {
+    let views: Vec<SeqChunk> = chunks
+        .iter()
+        .map(|c| SeqChunk {
+            tokens: &c.tokens,
+            start_pos: c.start_pos,
+            blocks: &c.table,
+            logits: c.logits,
+        })
+        .collect();
+    model.forward_with(cache, &views, Some(t))
+}
+
+/// A worker rank's loop: returns `Ok` when the leader shuts the group down.
+pub fn run_worker(
+    model: &Model,
+    geometry: KvGeometry,
+    t: &mut dyn Transport,
+) -> Result<(), ForwardError> {
+    let mut cache = CpuKvCache::new(&model.config, geometry);
+    let world = t.world_size();
+    loop {
+        let got = t.all_to_all(vec![Vec::new(); world])?;
+        let Some(chunks) = decode_chunks(&got[0])? else {
+            tracing::info!(rank = t.rank(), "the leader closed the group");
+            return Ok(());
+        };
+        let logits = run_local(model, &mut cache, &chunks, t)?;
+        let mut w = Writer::default();
+        w.u32(chunks.len() as u32);
+        for (c, l) in chunks.iter().zip(&logits) {
+            w.u32(c.index as u32).f32s(l);
+        }
+        let mut parts = vec![Vec::new(); world];
+        parts[0] = w.finish();
+        t.all_to_all(parts)?;
+    }
+}
+
+impl Executor for ExpertParallelExecutor {
+    fn forward(&mut self, batch: &[SeqChunk]) -> Result<Vec<Vec<f32>>, ForwardError> {
+        let world = self.transport.world_size();
+        let mut per_rank: Vec<Vec<(usize, &SeqChunk)>> = vec![Vec::new(); world];
+        for (i, c) in batch.iter().enumerate() {
+            per_rank[self.rank_of(c)].push((i, c));
+        }
+        let mut parts: Vec<Vec<u8>> = per_rank.iter().map(|cs| encode_chunks(cs)).collect();
+        parts[0] = Vec::new();
+        self.transport.all_to_all(parts)?;
+
+        let own: Vec<SeqChunk> = per_rank[0].iter().map(|(_, c)| **c).collect();
+        let own_logits =
+            self.model
+                .forward_with(&mut self.cache, &own, Some(self.transport.as_mut()))?;
+        let mut out: Vec<Vec<f32>> = vec![Vec::new(); batch.len()];
+        for ((i, _), l) in per_rank[0].iter().zip(own_logits) {
+            out[*i] = l;
+        }
+        let replies = self.transport.all_to_all(vec![Vec::new(); world])?;
+        for (src, bytes) in replies.iter().enumerate().skip(1) {
+            let mut r = Reader::new(bytes, src);
+            let n = r.u32()? as usize;
+            for _ in 0..n {
+                let i = r.u32()? as usize;
+                let l = r.f32s()?;
+                let slot = out.get_mut(i).ok_or_else(|| {
+                    ForwardError::Backend(format!(
+                        "rank {src} answered for chunk {i}, which does not exist"
+                    ))
+                })?;
+                *slot = l;
+            }
+        }
+        Ok(out)
+    }
+
+    fn kv_geometry(&self) -> KvGeometry {
+        self.cache.geometry
+    }
+
+    fn device_name(&self) -> String {
+        format!(
+            "cpu, expert-parallel over {} ranks",
+            self.transport.world_size()
+        )
+    }
+}
+
+impl Drop for ExpertParallelExecutor {
+    fn drop(&mut self) {
+        let world = self.transport.world_size();
+        let mut w = Writer::default();
+        w.u32(SHUTDOWN);
+        let bytes = w.finish();
+        let parts = (0..world)
+            .map(|r| if r == 0 { Vec::new() } else { bytes.clone() })
+            .collect();
+        let _ = self.transport.all_to_all(parts);
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}

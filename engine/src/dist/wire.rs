@@ -1,0 +1,132 @@
+//! Little-endian framing for messages between ranks (step plans, hidden states, logits).
+
+use super::DistError;
+
+#[derive(Debug, Default)]
+pub struct Writer(pub Vec<u8>);
+
+impl Writer {
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn f32s(&mut self, v: &[f32]) -> &mut Self {
+        self.u64(v.len() as u64);
+        for x in v {
+            self.0.extend_from_slice(&x.to_le_bytes());
+        }
+        self
+    }
+    pub fn u32s(&mut self, v: &[u32]) -> &mut Self {
+        self.u64(v.len() as u64);
+        for x in v {
+            self.0.extend_from_slice(&x.to_le_bytes());
+        }
+        self
+    }
+    pub fn finish(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+/// Reads what a [`Writer`] wrote; every read checks bounds (a peer's bytes are input).
+#[derive(Debug)]
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    at: usize,
+    from: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8], from_rank: usize) -> Self {
+        Reader {
+            buf,
+            at: 0,
+            from: from_rank,
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DistError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|e| *e <= self.buf.len())
+            .ok_or_else(|| DistError::Protocol {
+                rank: self.from,
+                reason: format!("message truncated at byte {} (wanted {n} more)", self.at),
+            })?;
+        let s = &self.buf[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.at >= self.buf.len()
+    }
+
+    pub fn u32(&mut self) -> Result<u32, DistError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    pub fn u64(&mut self) -> Result<u64, DistError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+
+    fn len(&mut self, elem: usize) -> Result<usize, DistError> {
+        let n = self.u64()? as usize;
+        if n.saturating_mul(elem) > self.buf.len() - self.at {
+            return Err(DistError::Protocol {
+                rank: self.from,
+                reason: format!("length {n} exceeds the message"),
+            });
+        }
+        Ok(n)
+    }
+
+    pub fn f32s(&mut self) -> Result<Vec<f32>, DistError> {
+        let n = self.len(4)?;
+        Ok(self
+            .take(n * 4)?
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+
+    pub fn u32s(&mut self) -> Result<Vec<u32>, DistError> {
+        let n = self.len(4)?;
+        Ok(self
+            .take(n * 4)?
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_round_trip_and_truncation_is_an_error() {
+        let mut w = Writer::default();
+        w.u32(7).f32s(&[1.5, -2.0]).u32s(&[3, 4, 5]);
+        let bytes = w.finish();
+        let mut r = Reader::new(&bytes, 2);
+        assert_eq!(r.u32().unwrap(), 7);
+        assert_eq!(r.f32s().unwrap(), vec![1.5, -2.0]);
+        assert_eq!(r.u32s().unwrap(), vec![3, 4, 5]);
+        assert!(r.is_empty());
+        let mut short = Reader::new(&bytes[..bytes.len() - 2], 2);
+        short.u32().unwrap();
+        short.f32s().unwrap();
+        assert!(short.u32s().unwrap_err().to_string().contains("rank 2"));
+    }
+}

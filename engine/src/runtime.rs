@@ -1,0 +1,474 @@
+//! The engine loop: one OS thread owns the executor (model + device + KV storage) and the
+//! scheduler. The async HTTP side talks to it only through channels: a `Submit` carries the
+//! request and the sender its tokens stream back on; dropping the receiving [`SeqStream`]
+//! (a client disconnect) cancels the sequence and frees its blocks.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Instant;
+
+use tokio::sync::{mpsc as tmpsc, oneshot};
+
+use crate::backend::Executor;
+use crate::generate::{FinishReason, Rng, SamplingParams, log_softmax, sample};
+use crate::metrics::Metrics;
+use crate::model::{LogitsWanted, SeqChunk};
+use crate::sched::{AdmissionError, Scheduler, SeqId, SeqSpec};
+
+/// What the HTTP side asks for one sequence.
+#[derive(Debug, Clone)]
+pub struct SubmitRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop_token_ids: Vec<u32>,
+    /// Return the sampled token's logprob and this many alternatives.
+    pub logprobs: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEvent {
+    pub token: u32,
+    pub logprob: Option<f32>,
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishInfo {
+    pub reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub cached_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SeqEvent {
+    Token(TokenEvent),
+    Finished(FinishInfo),
+    /// The engine failed this sequence (e.g. a backend error or a lost rank).
+    Failed(String),
+}
+
+enum Command {
+    Submit {
+        id: SeqId,
+        req: SubmitRequest,
+        events: tmpsc::UnboundedSender<SeqEvent>,
+        admitted: oneshot::Sender<Result<(), AdmissionError>>,
+    },
+    Cancel(SeqId),
+}
+
+/// Cheap to clone; shared by all HTTP handlers.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+    next_id: Arc<AtomicU64>,
+    ready: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for EngineHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHandle")
+            .field("ready", &self.is_ready())
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SubmitError {
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
+    #[error("the engine is not running")]
+    EngineDown,
+}
+
+/// A running sequence's token stream. Dropping it before the end cancels the sequence.
+#[derive(Debug)]
+pub struct SeqStream {
+    pub id: SeqId,
+    pub events: tmpsc::UnboundedReceiver<SeqEvent>,
+    cancel: Option<mpsc::Sender<Command>>,
+}
+
+impl SeqStream {
+    /// The next event; `None` once the stream is over.
+    pub async fn next(&mut self) -> Option<SeqEvent> {
+        let ev = self.events.recv().await;
+        if matches!(
+            ev,
+            Some(SeqEvent::Finished(_)) | Some(SeqEvent::Failed(_)) | None
+        ) {
+            self.cancel = None;
+        }
+        ev
+    }
+
+    /// Stops the sequence now (e.g. a stop string matched).
+    pub fn cancel(&mut self) {
+        if let Some(tx) = self.cancel.take() {
+            let _ = tx.send(Command::Cancel(self.id));
+        }
+    }
+}
+
+impl Drop for SeqStream {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+impl EngineHandle {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub async fn submit(&self, req: SubmitRequest) -> Result<SeqStream, SubmitError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (events_tx, events) = tmpsc::unbounded_channel();
+        let (admitted_tx, admitted) = oneshot::channel();
+        self.tx
+            .send(Command::Submit {
+                id,
+                req,
+                events: events_tx,
+                admitted: admitted_tx,
+            })
+            .map_err(|_| SubmitError::EngineDown)?;
+        admitted.await.map_err(|_| SubmitError::EngineDown)??;
+        Ok(SeqStream {
+            id,
+            events,
+            cancel: Some(self.tx.clone()),
+        })
+    }
+}
+
+struct Live {
+    events: tmpsc::UnboundedSender<SeqEvent>,
+    sampling: SamplingParams,
+    logprobs: Option<usize>,
+    rng: Rng,
+    prompt_len: usize,
+    arrival: Instant,
+    last_token: Option<Instant>,
+    generated: usize,
+}
+
+/// Starts the engine thread. The executor is moved onto it; `index_topk` is used only for the
+/// sparsity metric.
+pub fn spawn(
+    executor: Box<dyn Executor>,
+    scheduler: Scheduler,
+    metrics: Metrics,
+    index_topk: usize,
+) -> EngineHandle {
+    let (tx, rx) = mpsc::channel();
+    let ready = Arc::new(AtomicBool::new(true));
+    let g = executor.kv_geometry();
+    metrics.set_cache_config(g.block_size, g.num_blocks);
+    metrics.ready.set(1);
+    let thread_ready = ready.clone();
+    let spawned = std::thread::Builder::new()
+        .name("engine-loop".into())
+        .spawn(move || {
+            let mut lp = Loop {
+                executor,
+                sched: scheduler,
+                metrics,
+                live: HashMap::new(),
+                index_topk,
+            };
+            lp.run(rx);
+            thread_ready.store(false, Ordering::Release);
+            lp.metrics.ready.set(0);
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "could not start the engine thread");
+        ready.store(false, Ordering::Release);
+    }
+    EngineHandle {
+        tx,
+        next_id: Arc::new(AtomicU64::new(1)),
+        ready,
+    }
+}
+
+struct Loop {
+    executor: Box<dyn Executor>,
+    sched: Scheduler,
+    metrics: Metrics,
+    live: HashMap<SeqId, Live>,
+    index_topk: usize,
+}
+
+impl Loop {
+    fn run(&mut self, rx: mpsc::Receiver<Command>) {
+        loop {
+            if !self.sched.has_work() {
+                match rx.recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                self.handle(cmd);
+            }
+            self.step();
+            self.update_gauges();
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit {
+                id,
+                req,
+                events,
+                admitted,
+            } => {
+                let spec = SeqSpec {
+                    prompt: req.prompt.clone(),
+                    max_tokens: req.max_tokens,
+                    stop_token_ids: req.stop_token_ids,
+                };
+                match self.sched.add(id, spec) {
+                    Ok(()) => {
+                        tracing::debug!(
+                            seq = id,
+                            prompt_tokens = req.prompt.len(),
+                            max_tokens = req.max_tokens,
+                            "admitted"
+                        );
+                        let rng = req
+                            .sampling
+                            .seed
+                            .map(Rng::new)
+                            .unwrap_or_else(Rng::from_entropy);
+                        self.live.insert(
+                            id,
+                            Live {
+                                events,
+                                sampling: req.sampling,
+                                logprobs: req.logprobs,
+                                rng,
+                                prompt_len: req.prompt.len(),
+                                arrival: Instant::now(),
+                                last_token: None,
+                                generated: 0,
+                            },
+                        );
+                        let _ = admitted.send(Ok(()));
+                    }
+                    Err(e) => {
+                        let reason = match e {
+                            AdmissionError::QueueFull { .. } => "queue_full",
+                            _ => "invalid",
+                        };
+                        self.metrics
+                            .requests_rejected
+                            .with_label_values(&[reason])
+                            .inc();
+                        let _ = admitted.send(Err(e));
+                    }
+                }
+                self.update_gauges();
+            }
+            Command::Cancel(id) => {
+                if self.sched.abort(id) {
+                    tracing::debug!(seq = id, "cancelled");
+                    self.metrics
+                        .request_success
+                        .with_label_values(&["abort"])
+                        .inc();
+                }
+                self.live.remove(&id);
+            }
+        }
+    }
+
+    fn step(&mut self) {
+        let plan = self.sched.schedule();
+        if plan.chunks.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let mut selected = 0u64;
+        let mut resident = 0u64;
+        let chunks: Vec<SeqChunk> = plan
+            .chunks
+            .iter()
+            .filter_map(|c| {
+                let tokens = self.sched.tokens(c.id)?;
+                for p in c.start..c.start + c.len {
+                    selected += (p + 1).min(self.index_topk) as u64;
+                    resident += (p + 1) as u64;
+                }
+                Some(SeqChunk {
+                    tokens: &tokens[c.start..c.start + c.len],
+                    start_pos: c.start,
+                    blocks: self.sched.block_table(c.id)?,
+                    logits: if c.sample {
+                        LogitsWanted::Last
+                    } else {
+                        LogitsWanted::None
+                    },
+                })
+            })
+            .collect();
+        let prefill_tokens: usize = plan
+            .chunks
+            .iter()
+            .filter(|c| c.len > 1 || c.start < self.prompt_len(c.id))
+            .map(|c| c.len)
+            .sum();
+        let result = self.executor.forward(&chunks);
+        drop(chunks);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "engine step failed; failing its sequences");
+                for c in &plan.chunks {
+                    if let Some(live) = self.live.remove(&c.id) {
+                        let _ = live.events.send(SeqEvent::Failed(e.to_string()));
+                    }
+                    self.sched.abort(c.id);
+                }
+                return;
+            }
+        };
+        let kind = if prefill_tokens > 0 {
+            "prefill"
+        } else {
+            "decode"
+        };
+        self.metrics
+            .step_duration
+            .with_label_values(&[kind])
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.indexer_selected_tokens.inc_by(selected);
+        self.metrics.attention_resident_tokens.inc_by(resident);
+        for id in &plan.preempted {
+            tracing::debug!(seq = id, "preempted (will recompute)");
+        }
+
+        let now = Instant::now();
+        let mut sampled = Vec::new();
+        let mut gone = Vec::new();
+        for (c, l) in plan.chunks.iter().zip(&logits) {
+            if !c.sample {
+                continue;
+            }
+            let Some(live) = self.live.get_mut(&c.id) else {
+                continue;
+            };
+            let token = sample(l, &live.sampling, &mut live.rng);
+            let (logprob, top_logprobs) = match live.logprobs {
+                None => (None, Vec::new()),
+                Some(k) => {
+                    let lp = log_softmax(l);
+                    let mut order: Vec<u32> = (0..lp.len() as u32).collect();
+                    order.sort_unstable_by(|a, b| {
+                        lp[*b as usize].total_cmp(&lp[*a as usize]).then(a.cmp(b))
+                    });
+                    (
+                        Some(lp[token as usize]),
+                        order
+                            .into_iter()
+                            .take(k)
+                            .map(|t| (t, lp[t as usize]))
+                            .collect(),
+                    )
+                }
+            };
+            match live.last_token {
+                None => self
+                    .metrics
+                    .time_to_first_token
+                    .observe(now.duration_since(live.arrival).as_secs_f64()),
+                Some(t) => self
+                    .metrics
+                    .time_per_output_token
+                    .observe(now.duration_since(t).as_secs_f64()),
+            }
+            live.last_token = Some(now);
+            live.generated += 1;
+            self.metrics.generation_tokens.inc();
+            if live
+                .events
+                .send(SeqEvent::Token(TokenEvent {
+                    token,
+                    logprob,
+                    top_logprobs,
+                }))
+                .is_err()
+            {
+                gone.push(c.id);
+            }
+            sampled.push((c.id, token));
+        }
+        for c in &plan.chunks {
+            let prompt_len = self.prompt_len(c.id);
+            let new_prompt = (c.start + c.len)
+                .min(prompt_len)
+                .saturating_sub(c.start.min(prompt_len));
+            self.metrics.prompt_tokens.inc_by(new_prompt as u64);
+        }
+        for (id, reason) in self.sched.complete_step(&plan, &sampled) {
+            if let Some(live) = self.live.remove(&id) {
+                let info = FinishInfo {
+                    reason,
+                    prompt_tokens: live.prompt_len,
+                    completion_tokens: live.generated,
+                    cached_tokens: 0,
+                };
+                let label = match reason {
+                    FinishReason::Stop => "stop",
+                    FinishReason::Length => "length",
+                };
+                self.metrics
+                    .request_success
+                    .with_label_values(&[label])
+                    .inc();
+                self.metrics
+                    .e2e_request_latency
+                    .observe(now.duration_since(live.arrival).as_secs_f64());
+                let _ = live.events.send(SeqEvent::Finished(info));
+            }
+        }
+        for id in gone {
+            // The client went away: stop computing for it and give its blocks back.
+            if self.sched.abort(id) {
+                self.metrics
+                    .request_success
+                    .with_label_values(&["abort"])
+                    .inc();
+            }
+            self.live.remove(&id);
+        }
+    }
+
+    fn prompt_len(&self, id: SeqId) -> usize {
+        self.live.get(&id).map_or(0, |l| l.prompt_len)
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.metrics;
+        m.num_requests_running.set(self.sched.num_running() as i64);
+        m.num_requests_waiting.set(self.sched.num_waiting() as i64);
+        m.kv_cache_usage_perc.set(self.sched.kv_usage());
+        m.projected_kv_usage.set(self.sched.projected_kv_usage());
+        let s = &self.sched.stats;
+        m.num_preemptions
+            .inc_by(s.preemptions.saturating_sub(m.num_preemptions.get()));
+        m.prefix_cache_queries.inc_by(
+            s.prefix_query_tokens
+                .saturating_sub(m.prefix_cache_queries.get()),
+        );
+        m.prefix_cache_hits.inc_by(
+            s.prefix_hit_tokens
+                .saturating_sub(m.prefix_cache_hits.get()),
+        );
+    }
+}
