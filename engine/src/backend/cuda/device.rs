@@ -1,0 +1,280 @@
+//! One GPU: its context and stream, and the kernel families of `kernels/*.cu`.
+//!
+//! Each family is compiled by NVRTC for the device's architecture the first time one of its
+//! kernels is needed (Hopper gets `sm_90a`), loaded once, and kept in a table indexed by
+//! [`Family`]. The PTX is cached on disk under a name made of the family, the architecture and a
+//! hash of the source and options, so later processes skip NVRTC.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
+
+use super::{CudaError, unavailable_reason};
+
+const COMMON: &str = include_str!("kernels/common.cuh");
+
+/// A kernel family: one `.cu` file, one module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Linear,
+    Norm,
+    Rope,
+    KvCache,
+    Indexer,
+    Attention,
+    Moe,
+}
+
+impl Family {
+    pub const ALL: [Family; 7] = [
+        Family::Linear,
+        Family::Norm,
+        Family::Rope,
+        Family::KvCache,
+        Family::Indexer,
+        Family::Attention,
+        Family::Moe,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Linear => "linear",
+            Family::Norm => "norm",
+            Family::Rope => "rope",
+            Family::KvCache => "kv_cache",
+            Family::Indexer => "indexer",
+            Family::Attention => "attention",
+            Family::Moe => "moe",
+        }
+    }
+
+    fn source(self) -> &'static str {
+        match self {
+            Family::Linear => include_str!("kernels/linear.cu"),
+            Family::Norm => include_str!("kernels/norm.cu"),
+            Family::Rope => include_str!("kernels/rope.cu"),
+            Family::KvCache => include_str!("kernels/kv_cache.cu"),
+            Family::Indexer => include_str!("kernels/indexer.cu"),
+            Family::Attention => include_str!("kernels/attention.cu"),
+            Family::Moe => include_str!("kernels/moe.cu"),
+        }
+    }
+
+    /// The full translation unit NVRTC sees: the shared prelude, then the family.
+    pub fn full_source(self) -> String {
+        format!("{COMMON}\n{}", self.source())
+    }
+}
+
+/// 64-bit FNV-1a: a hash that stays the same across Rust releases (the disk cache key).
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.bytes().chain(std::iter::once(0)) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// NVRTC's `--gpu-architecture` for a compute capability; Hopper and Blackwell datacenter parts
+/// get their arch-specific (`a`) targets.
+pub fn arch_for(major: i32, minor: i32) -> String {
+    match (major, minor) {
+        (9, 0) => "sm_90a".into(),
+        (10, 0) => "sm_100a".into(),
+        (m, n) => format!("sm_{m}{n}"),
+    }
+}
+
+/// Where compiled PTX is kept: `$DEEPSEEK_ENGINE_KERNEL_CACHE`, else
+/// `$XDG_CACHE_HOME/deepseek-engine/kernels`, else `$HOME/.cache/deepseek-engine/kernels`, else
+/// the system temporary directory.
+pub fn kernel_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("DEEPSEEK_ENGINE_KERNEL_CACHE") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("deepseek-engine/kernels");
+    }
+    if let Some(d) = std::env::var_os("HOME") {
+        return PathBuf::from(d).join(".cache/deepseek-engine/kernels");
+    }
+    std::env::temp_dir().join("deepseek-engine-kernels")
+}
+
+const NVRTC_OPTIONS: [&str; 1] = ["--std=c++17"];
+
+/// PTX of `family` for `arch`, from the disk cache or NVRTC (then stored).
+pub fn compile(family: Family, arch: &str) -> Result<String, CudaError> {
+    let src = family.full_source();
+    let mut key_parts = vec![src.as_str(), arch];
+    key_parts.extend(NVRTC_OPTIONS);
+    let key = fnv1a(&key_parts);
+    let dir = kernel_cache_dir();
+    let path = dir.join(format!("{}-{arch}-{key:016x}.ptx", family.name()));
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        tracing::debug!(family = family.name(), path = %path.display(), "kernel PTX from the disk cache");
+        return Ok(text);
+    }
+    let started = std::time::Instant::now();
+    let opts = CompileOptions {
+        arch: Some(Box::leak(arch.to_string().into_boxed_str())),
+        options: NVRTC_OPTIONS.iter().map(|s| s.to_string()).collect(),
+        name: Some(format!("{}.cu", family.name())),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(&src, opts).map_err(|e| CudaError::Compile {
+        family: family.name(),
+        arch: arch.to_string(),
+        log: match e {
+            CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+            other => other.to_string(),
+        },
+    })?;
+    let text = ptx.to_src();
+    tracing::info!(
+        family = family.name(),
+        arch,
+        ms = started.elapsed().as_millis() as u64,
+        "compiled kernels with NVRTC"
+    );
+    // A failed cache write only costs a recompile next time.
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let tmp = dir.join(format!(
+            ".{}-{key:016x}.{}.tmp",
+            family.name(),
+            std::process::id()
+        ));
+        if std::fs::write(&tmp, &text).is_ok() && std::fs::rename(&tmp, &path).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Ok(text)
+}
+
+/// A GPU with its stream and lazily loaded kernel modules.
+#[derive(Debug)]
+pub struct Device {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub arch: String,
+    pub name: String,
+    modules: Mutex<[Option<Arc<CudaModule>>; Family::ALL.len()]>,
+}
+
+impl Device {
+    /// Opens device `ordinal`; a clear error (never a panic) when CUDA is missing.
+    pub fn new(ordinal: usize) -> Result<Self, CudaError> {
+        if let Some(reason) = unavailable_reason() {
+            return Err(CudaError::Unavailable(reason));
+        }
+        let count = CudaContext::device_count()? as usize;
+        if ordinal >= count {
+            return Err(CudaError::Unavailable(format!(
+                "device {ordinal} requested but only {count} present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        // One stream does all the work, so cudarc's cross-stream event tracking is not needed.
+        // SAFETY: no other stream of this context touches our allocations.
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) = ctx.compute_capability()?;
+        let stream = ctx.default_stream();
+        let name = ctx.name()?;
+        Ok(Device {
+            arch: arch_for(major, minor),
+            name,
+            ctx,
+            stream,
+            modules: Mutex::new(Default::default()),
+        })
+    }
+
+    /// The kernel `name` of `family`, compiling and loading the family on first use.
+    pub fn function(&self, family: Family, name: &str) -> Result<CudaFunction, CudaError> {
+        let idx = Family::ALL.iter().position(|f| *f == family).unwrap_or(0);
+        let module = {
+            let mut mods = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+            match &mods[idx] {
+                Some(m) => m.clone(),
+                None => {
+                    let ptx = compile(family, &self.arch)?;
+                    let m = self.ctx.load_module(Ptx::from_src(ptx))?;
+                    mods[idx] = Some(m.clone());
+                    m
+                }
+            }
+        };
+        Ok(module.load_function(name)?)
+    }
+
+    /// Compiles and loads every family now (start-up cost up front, errors early).
+    pub fn load_all(&self) -> Result<(), CudaError> {
+        for f in Family::ALL {
+            // Any kernel name works to force the load; a missing name is an error we want.
+            let probe = match f {
+                Family::Linear => "linear_f32",
+                Family::Norm => "rms_norm_f32",
+                Family::Rope => "rope_f32",
+                Family::KvCache => "kv_store_f32",
+                Family::Indexer => "topk_select",
+                Family::Attention => "sparse_mla_f32",
+                Family::Moe => "moe_route",
+            };
+            self.function(f, probe)?;
+        }
+        Ok(())
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize), CudaError> {
+        Ok(self.ctx.mem_get_info()?)
+    }
+
+    /// A zeroed device buffer of `len` elements (at least one, so empty steps need no special case).
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<CudaSlice<T>, CudaError> {
+        Ok(self.stream.alloc_zeros::<T>(len.max(1))?)
+    }
+
+    /// An uninitialised device buffer of `len` elements (at least one).
+    pub fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>, CudaError> {
+        // SAFETY: every caller writes the buffer with a kernel before reading it.
+        Ok(unsafe { self.stream.alloc::<T>(len.max(1)) }?)
+    }
+
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>, CudaError> {
+        if host.is_empty() {
+            return Ok(unsafe { self.stream.alloc::<T>(1) }?);
+        }
+        Ok(self.stream.clone_htod(host)?)
+    }
+
+    pub fn download<T: DeviceRepr + Default + Clone>(
+        &self,
+        dev: &CudaSlice<T>,
+        len: usize,
+    ) -> Result<Vec<T>, CudaError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let mut out = vec![T::default(); len];
+        self.stream.memcpy_dtoh(&dev.slice(..len), &mut out)?;
+        self.stream.synchronize()?;
+        Ok(out)
+    }
+
+    /// The raw address of element `offset` of `buf`, for kernel arguments. All work runs on
+    /// [`Device::stream`] in order, so no cross-stream synchronisation is involved.
+    pub fn ptr<T>(&self, buf: &CudaSlice<T>, offset: usize) -> u64 {
+        let (p, _sync) = buf.device_ptr(&self.stream);
+        p + (offset * std::mem::size_of::<T>()) as u64
+    }
+}

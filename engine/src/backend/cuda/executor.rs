@@ -1,0 +1,652 @@
+//! [`CudaExecutor`]: one forward step over a batch of [`SeqChunk`]s on the GPU, computing the
+//! function of `model::forward` (the CPU reference) op for op: embedding; per layer RMSNorm, MLA
+//! projections, the latent and indexer-key cache writes, interleaved RoPE on the MLA queries and
+//! half-split RoPE on the indexer's, lightning-indexer scores, top-k, absorbed sparse attention,
+//! o_proj, RMSNorm and the dense MLP or routed + shared experts; final norm and lm_head on the
+//! rows whose logits were asked for.
+//!
+//! Activations are f32; weights and the caches are f32 or bf16 ([`CudaOptions`]). MoE routing is
+//! computed on the device and copied back once per MoE layer to group tokens by expert; each
+//! expert then runs its three linears over its own tokens.
+
+use super::CudaError;
+use super::device::Device;
+use super::ops::{self, MlaDims, RouteParams};
+use super::plan::{self, MemoryPlan};
+use super::weights::{self, DType, DevBuf, DevFeedForward, DevLayer, DevMlp, DevModel, DevMoe};
+use crate::backend::Executor;
+use crate::kv::KvGeometry;
+use crate::model::{ForwardError, LogitsWanted, Model, ModelConfig, SeqChunk};
+
+/// Precision and sizing choices of the CUDA backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CudaOptions {
+    /// Storage of weight matrices.
+    pub weights: DType,
+    /// Storage of the latent and indexer-key caches.
+    pub cache: DType,
+    /// The most tokens one step may carry (sizes the workspace in the memory plan).
+    pub max_batch_tokens: usize,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            weights: DType::Bf16,
+            cache: DType::Bf16,
+            max_batch_tokens: 8192,
+        }
+    }
+}
+
+/// The model on one GPU with its paged caches.
+#[derive(Debug)]
+pub struct CudaExecutor {
+    dev: Device,
+    ordinal: usize,
+    cfg: ModelConfig,
+    w: DevModel,
+    geometry: KvGeometry,
+    /// Per layer: `num_slots × (kv_lora_rank + qk_rope_head_dim)`.
+    latent: Vec<DevBuf>,
+    /// Per layer: `num_slots × index_head_dim`.
+    index_k: Vec<DevBuf>,
+    attention_factor: f32,
+    softmax_scale: f32,
+    options: CudaOptions,
+    plan: MemoryPlan,
+}
+
+fn check_shapes(cfg: &ModelConfig) -> Result<(), CudaError> {
+    let rd = cfg.qk_rope_head_dim;
+    if !rd.is_multiple_of(2) || rd > cfg.index_head_dim {
+        return Err(CudaError::Unsupported(format!(
+            "qk_rope_head_dim {rd} must be even and at most index_head_dim {}",
+            cfg.index_head_dim
+        )));
+    }
+    if cfg.has_moe() && (cfg.n_routed_experts > ops::MAX_EXPERTS || cfg.n_group > ops::MAX_GROUPS) {
+        return Err(CudaError::Unsupported(format!(
+            "{} routed experts in {} groups (at most {} and {})",
+            cfg.n_routed_experts,
+            cfg.n_group,
+            ops::MAX_EXPERTS,
+            ops::MAX_GROUPS
+        )));
+    }
+    Ok(())
+}
+
+impl CudaExecutor {
+    /// Uploads `model` to device `device_ordinal` with bf16 weights and cache, after checking
+    /// that weights, workspace and `geometry`'s cache fit.
+    pub fn new(
+        model: &Model,
+        geometry: KvGeometry,
+        device_ordinal: usize,
+    ) -> Result<Self, CudaError> {
+        Self::with_options(model, geometry, device_ordinal, CudaOptions::default())
+    }
+
+    pub fn with_options(
+        model: &Model,
+        geometry: KvGeometry,
+        device_ordinal: usize,
+        options: CudaOptions,
+    ) -> Result<Self, CudaError> {
+        let cfg = model.config.clone();
+        check_shapes(&cfg)?;
+        let dev = Device::new(device_ordinal)?;
+        let (free, total) = dev.mem_info()?;
+        let plan = plan::plan(
+            &cfg,
+            weights::weight_bytes(model, options.weights),
+            options.cache,
+            free,
+            geometry.block_size,
+            options.max_batch_tokens,
+            Some(geometry.num_blocks),
+        )?;
+        const MIB: usize = 1 << 20;
+        tracing::info!(
+            device = %dev.name,
+            arch = %dev.arch,
+            total_mib = total / MIB,
+            free_mib = free / MIB,
+            weights_mib = plan.weight_bytes / MIB,
+            weights = ?options.weights,
+            workspace_mib = plan.workspace_bytes / MIB,
+            kv_mib = plan.kv_bytes() / MIB,
+            cache = ?options.cache,
+            kv_blocks = plan.num_blocks,
+            block_size = plan.block_size,
+            "CUDA memory plan"
+        );
+        dev.load_all()?;
+        let w = DevModel::upload(&dev, model, options.weights)?;
+        let slots = geometry.num_slots();
+        let mut latent = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut index_k = Vec::with_capacity(cfg.num_hidden_layers);
+        for _ in 0..cfg.num_hidden_layers {
+            latent.push(DevBuf::zeros(
+                &dev,
+                slots * cfg.latent_dim(),
+                options.cache,
+            )?);
+            index_k.push(DevBuf::zeros(
+                &dev,
+                slots * cfg.index_head_dim,
+                options.cache,
+            )?);
+        }
+        dev.stream.synchronize()?;
+        Ok(CudaExecutor {
+            dev,
+            ordinal: device_ordinal,
+            attention_factor: model.rope.attention_factor,
+            softmax_scale: model.softmax_scale,
+            cfg,
+            w,
+            geometry,
+            latent,
+            index_k,
+            options,
+            plan,
+        })
+    }
+
+    /// The plan for `model` on device `device_ordinal` with as many KV blocks of `block_size`
+    /// as fit; use its `num_blocks` for the [`KvGeometry`] passed to [`CudaExecutor::new`].
+    pub fn plan_for(
+        model: &Model,
+        device_ordinal: usize,
+        block_size: usize,
+        options: CudaOptions,
+    ) -> Result<MemoryPlan, CudaError> {
+        check_shapes(&model.config)?;
+        let dev = Device::new(device_ordinal)?;
+        let (free, _) = dev.mem_info()?;
+        plan::plan(
+            &model.config,
+            weights::weight_bytes(model, options.weights),
+            options.cache,
+            free,
+            block_size,
+            options.max_batch_tokens,
+            None,
+        )
+    }
+
+    pub fn memory_plan(&self) -> MemoryPlan {
+        self.plan
+    }
+
+    pub fn options(&self) -> CudaOptions {
+        self.options
+    }
+
+    fn forward_impl(&mut self, batch: &[SeqChunk]) -> Result<Vec<Vec<f32>>, ForwardError> {
+        let cfg = &self.cfg;
+        let h = cfg.hidden_size;
+        let num_slots = self.geometry.num_slots();
+        let mut ids = Vec::new();
+        let mut pos = Vec::new();
+        let mut tok_slot = Vec::new();
+        let mut slot_base = Vec::new();
+        let mut ctx_len = Vec::new();
+        let mut flat_slots: Vec<i32> = Vec::new();
+        for chunk in batch {
+            let end = chunk.start_pos + chunk.tokens.len();
+            if end > cfg.max_position_embeddings {
+                return Err(ForwardError::PositionTooLarge {
+                    pos: end - 1,
+                    max: cfg.max_position_embeddings,
+                });
+            }
+            let slots: Vec<usize> = (0..end)
+                .map(|p| chunk.blocks.slot(p))
+                .collect::<Result<_, _>>()?;
+            if let Some(bad) = slots.iter().find(|s| **s >= num_slots) {
+                return Err(ForwardError::Backend(format!(
+                    "slot {bad} is outside the cache's {num_slots} slots"
+                )));
+            }
+            let base = flat_slots.len();
+            flat_slots.extend(slots.iter().map(|s| *s as i32));
+            for (i, &t) in chunk.tokens.iter().enumerate() {
+                if t as usize >= cfg.vocab_size {
+                    return Err(ForwardError::TokenOutOfVocab {
+                        token: t,
+                        vocab: cfg.vocab_size,
+                    });
+                }
+                let p = chunk.start_pos + i;
+                ids.push(t as i32);
+                pos.push(p as i32);
+                tok_slot.push(slots[p] as i32);
+                slot_base.push(base as i32);
+                ctx_len.push(p as i32 + 1);
+            }
+        }
+        let n = ids.len();
+        if n == 0 {
+            return Ok(batch.iter().map(|_| Vec::new()).collect());
+        }
+        self.dev
+            .ctx
+            .bind_to_thread()
+            .map_err(CudaError::from)
+            .map_err(backend)?;
+        let max_ctx = ctx_len.iter().copied().max().unwrap_or(0) as usize;
+        let dev = &self.dev;
+        let step = Step {
+            n,
+            max_ctx,
+            pos: dev.upload(&pos).map_err(backend)?,
+            tok_slot: dev.upload(&tok_slot).map_err(backend)?,
+            slot_base: dev.upload(&slot_base).map_err(backend)?,
+            ctx_len: dev.upload(&ctx_len).map_err(backend)?,
+            slots: dev.upload(&flat_slots).map_err(backend)?,
+        };
+        let d_ids = dev.upload(&ids).map_err(backend)?;
+        let x = dev.alloc::<f32>(n * h).map_err(backend)?;
+        let px = dev.ptr(&x, 0);
+        ops::embedding(dev, px, &self.w.embed_tokens, dev.ptr(&d_ids, 0), n, h).map_err(backend)?;
+        let xn = dev.alloc::<f32>(n * h).map_err(backend)?;
+        let pxn = dev.ptr(&xn, 0);
+        for (li, layer) in self.w.layers.iter().enumerate() {
+            ops::rms_norm(
+                dev,
+                pxn,
+                px,
+                dev.ptr(&layer.input_layernorm, 0),
+                n,
+                h,
+                cfg.rms_norm_eps,
+            )
+            .map_err(backend)?;
+            let attn = self.attention(li, layer, pxn, &step).map_err(backend)?;
+            ops::add(dev, px, dev.ptr(&attn, 0), n * h).map_err(backend)?;
+            drop(attn);
+            ops::rms_norm(
+                dev,
+                pxn,
+                px,
+                dev.ptr(&layer.post_attention_layernorm, 0),
+                n,
+                h,
+                cfg.rms_norm_eps,
+            )
+            .map_err(backend)?;
+            let ffn = match &layer.mlp {
+                DevFeedForward::Dense(m) => self.mlp(m, pxn, n),
+                DevFeedForward::Moe(moe) => self.moe(moe, pxn, n),
+            }
+            .map_err(backend)?;
+            ops::add(dev, px, dev.ptr(&ffn, 0), n * h).map_err(backend)?;
+        }
+
+        // Final norm and lm_head on the requested rows only.
+        let mut rows: Vec<i32> = Vec::new();
+        let mut per_chunk = Vec::with_capacity(batch.len());
+        let mut row = 0usize;
+        for chunk in batch {
+            let len = chunk.tokens.len();
+            let r: Vec<usize> = match chunk.logits {
+                LogitsWanted::None => vec![],
+                LogitsWanted::Last if len > 0 => vec![row + len - 1],
+                LogitsWanted::Last => vec![],
+                LogitsWanted::All => (row..row + len).collect(),
+            };
+            per_chunk.push(r.len());
+            rows.extend(r.iter().map(|v| *v as i32));
+            row += len;
+        }
+        let v = cfg.vocab_size;
+        let logits = if rows.is_empty() {
+            Vec::new()
+        } else {
+            let m = rows.len();
+            let d_rows = dev.upload(&rows).map_err(backend)?;
+            let hs = dev.alloc::<f32>(m * h).map_err(backend)?;
+            let phs = dev.ptr(&hs, 0);
+            ops::gather_rows(dev, phs, px, dev.ptr(&d_rows, 0), m, h).map_err(backend)?;
+            ops::rms_norm(
+                dev,
+                phs,
+                phs,
+                dev.ptr(&self.w.norm, 0),
+                m,
+                h,
+                cfg.rms_norm_eps,
+            )
+            .map_err(backend)?;
+            let out = dev.alloc::<f32>(m * v).map_err(backend)?;
+            ops::linear(dev, dev.ptr(&out, 0), phs, &self.w.lm_head, m).map_err(backend)?;
+            dev.download(&out, m * v).map_err(backend)?
+        };
+        dev.stream
+            .synchronize()
+            .map_err(CudaError::from)
+            .map_err(backend)?;
+        let mut out = Vec::with_capacity(batch.len());
+        let mut at = 0;
+        for cnt in per_chunk {
+            out.push(logits[at * v..(at + cnt) * v].to_vec());
+            at += cnt;
+        }
+        Ok(out)
+    }
+
+    /// MLA with the lightning indexer for every token of the step; returns `[n, hidden]`.
+    fn attention(
+        &self,
+        li: usize,
+        layer: &DevLayer,
+        xn: u64,
+        s: &Step,
+    ) -> Result<cudarc::driver::CudaSlice<f32>, CudaError> {
+        let (dev, c, a) = (&self.dev, &self.cfg, &layer.self_attn);
+        let n = s.n;
+        let d = MlaDims {
+            heads: c.num_attention_heads,
+            nope: c.qk_nope_head_dim,
+            rd: c.qk_rope_head_dim,
+            vd: c.v_head_dim,
+            kvr: c.kv_lora_rank,
+        };
+        let qk = d.nope + d.rd;
+        let (ih, id) = (c.index_n_heads, c.index_head_dim);
+        let inv_freq = dev.ptr(&self.w.rope_inv_freq, 0);
+        let (pos, tok_slot) = (dev.ptr(&s.pos, 0), dev.ptr(&s.tok_slot, 0));
+
+        let ql = dev.alloc::<f32>(n * c.q_lora_rank)?;
+        let pql = dev.ptr(&ql, 0);
+        ops::linear(dev, pql, xn, &a.q_a_proj, n)?;
+        ops::rms_norm(
+            dev,
+            pql,
+            pql,
+            dev.ptr(&a.q_a_layernorm, 0),
+            n,
+            c.q_lora_rank,
+            c.rms_norm_eps,
+        )?;
+        let q = dev.alloc::<f32>(n * d.heads * qk)?;
+        ops::linear(dev, dev.ptr(&q, 0), pql, &a.q_b_proj, n)?;
+        let kv = dev.alloc::<f32>(n * c.latent_dim())?;
+        ops::linear(dev, dev.ptr(&kv, 0), xn, &a.kv_a_proj_with_mqa, n)?;
+        let iq = dev.alloc::<f32>(n * ih * id)?;
+        ops::linear(dev, dev.ptr(&iq, 0), pql, &a.indexer.wq_b, n)?;
+        let ik = dev.alloc::<f32>(n * id)?;
+        ops::linear(dev, dev.ptr(&ik, 0), xn, &a.indexer.wk, n)?;
+        let iw = dev.alloc::<f32>(n * ih)?;
+        ops::linear(dev, dev.ptr(&iw, 0), xn, &a.indexer.weights_proj, n)?;
+        // ReLU commutes with the positive scales, so both fold into the head weights.
+        let w_scale = (ih as f32).powf(-0.5) * (id as f32).powf(-0.5);
+        ops::scale(dev, dev.ptr(&iw, 0), w_scale, n * ih)?;
+
+        ops::kv_store(
+            dev,
+            &self.latent[li],
+            dev.ptr(&kv, 0),
+            dev.ptr(&a.kv_a_layernorm, 0),
+            tok_slot,
+            pos,
+            inv_freq,
+            self.attention_factor,
+            n,
+            d.kvr,
+            d.rd,
+            c.rms_norm_eps,
+        )?;
+        ops::index_key_store(
+            dev,
+            &self.index_k[li],
+            dev.ptr(&ik, 0),
+            dev.ptr(&a.indexer.k_norm_weight, 0),
+            dev.ptr(&a.indexer.k_norm_bias, 0),
+            tok_slot,
+            pos,
+            inv_freq,
+            self.attention_factor,
+            n,
+            id,
+            d.rd,
+            1e-6,
+        )?;
+        let half = d.rd / 2;
+        ops::rope(
+            dev,
+            dev.ptr(&q, 0),
+            pos,
+            inv_freq,
+            self.attention_factor,
+            n,
+            d.heads,
+            d.heads * qk,
+            qk,
+            d.nope,
+            half,
+            true,
+        )?;
+        ops::rope(
+            dev,
+            dev.ptr(&iq, 0),
+            pos,
+            inv_freq,
+            self.attention_factor,
+            n,
+            ih,
+            ih * id,
+            id,
+            0,
+            half,
+            false,
+        )?;
+
+        let scores = dev.alloc::<f32>(n * s.max_ctx)?;
+        let (slots, slot_base, ctx_len) = (
+            dev.ptr(&s.slots, 0),
+            dev.ptr(&s.slot_base, 0),
+            dev.ptr(&s.ctx_len, 0),
+        );
+        ops::indexer_scores(
+            dev,
+            dev.ptr(&scores, 0),
+            dev.ptr(&iq, 0),
+            dev.ptr(&iw, 0),
+            &self.index_k[li],
+            slots,
+            slot_base,
+            ctx_len,
+            n,
+            ih,
+            id,
+            s.max_ctx,
+        )?;
+        let k = c.index_topk.min(s.max_ctx).max(1);
+        let sel = dev.alloc::<i32>(n * k)?;
+        let count = dev.alloc::<i32>(n)?;
+        ops::topk_select(
+            dev,
+            dev.ptr(&sel, 0),
+            dev.ptr(&count, 0),
+            dev.ptr(&scores, 0),
+            ctx_len,
+            n,
+            s.max_ctx,
+            k,
+        )?;
+        drop(scores);
+
+        let q_lat = dev.alloc::<f32>(n * d.heads * d.kvr)?;
+        ops::absorb_q(dev, dev.ptr(&q_lat, 0), dev.ptr(&q, 0), &a.kv_b_proj, n, d)?;
+        let o_lat = dev.alloc::<f32>(n * d.heads * d.kvr)?;
+        ops::sparse_mla(
+            dev,
+            dev.ptr(&o_lat, 0),
+            dev.ptr(&q_lat, 0),
+            dev.ptr(&q, 0),
+            &self.latent[li],
+            dev.ptr(&sel, 0),
+            dev.ptr(&count, 0),
+            slots,
+            slot_base,
+            n,
+            d,
+            k,
+            self.softmax_scale,
+        )?;
+        let o = dev.alloc::<f32>(n * d.heads * d.vd)?;
+        ops::absorb_v(dev, dev.ptr(&o, 0), dev.ptr(&o_lat, 0), &a.kv_b_proj, n, d)?;
+        let out = dev.alloc::<f32>(n * c.hidden_size)?;
+        ops::linear(dev, dev.ptr(&out, 0), dev.ptr(&o, 0), &a.o_proj, n)?;
+        Ok(out)
+    }
+
+    /// `down(silu(gate(x)) ⊙ up(x))` over `n` rows at `x`, written to `y`.
+    fn mlp_into(&self, m: &DevMlp, x: u64, n: usize, y: u64) -> Result<(), CudaError> {
+        let dev = &self.dev;
+        let inter = m.gate_proj.out_dim;
+        let g = dev.alloc::<f32>(n * inter)?;
+        let u = dev.alloc::<f32>(n * inter)?;
+        ops::linear(dev, dev.ptr(&g, 0), x, &m.gate_proj, n)?;
+        ops::linear(dev, dev.ptr(&u, 0), x, &m.up_proj, n)?;
+        ops::silu_mul(
+            dev,
+            dev.ptr(&g, 0),
+            dev.ptr(&g, 0),
+            dev.ptr(&u, 0),
+            n * inter,
+        )?;
+        ops::linear(dev, y, dev.ptr(&g, 0), &m.down_proj, n)
+    }
+
+    fn mlp(
+        &self,
+        m: &DevMlp,
+        x: u64,
+        n: usize,
+    ) -> Result<cudarc::driver::CudaSlice<f32>, CudaError> {
+        let y = self.dev.alloc::<f32>(n * self.cfg.hidden_size)?;
+        self.mlp_into(m, x, n, self.dev.ptr(&y, 0))?;
+        Ok(y)
+    }
+
+    /// Routed experts (grouped by expert on the host) plus the shared experts.
+    fn moe(
+        &self,
+        moe: &DevMoe,
+        xn: u64,
+        n: usize,
+    ) -> Result<cudarc::driver::CudaSlice<f32>, CudaError> {
+        let (dev, c) = (&self.dev, &self.cfg);
+        let (h, e, k) = (c.hidden_size, c.n_routed_experts, c.num_experts_per_tok);
+        let logits = dev.alloc::<f32>(n * e)?;
+        ops::linear(dev, dev.ptr(&logits, 0), xn, &moe.gate, n)?;
+        let ids = dev.alloc::<i32>(n * k)?;
+        let wts = dev.alloc::<f32>(n * k)?;
+        let params = RouteParams {
+            n_experts: e,
+            n_group: c.n_group,
+            topk_group: c.topk_group,
+            top_k: k,
+            normalize: c.norm_topk_prob,
+            scaling: c.routed_scaling_factor,
+        };
+        ops::moe_route(
+            dev,
+            dev.ptr(&ids, 0),
+            dev.ptr(&wts, 0),
+            dev.ptr(&logits, 0),
+            dev.ptr(&moe.e_score_correction_bias, 0),
+            n,
+            params,
+        )?;
+        let host_ids = dev.download(&ids, n * k)?;
+        // Sorted rows: by expert, then token. perm[row] = token; row_of[t·k + i] = row.
+        let mut counts = vec![0usize; e];
+        for &x in &host_ids {
+            let x = x as usize;
+            if x >= e {
+                return Err(CudaError::Unsupported(format!(
+                    "router chose expert {x} of {e}"
+                )));
+            }
+            counts[x] += 1;
+        }
+        let mut offsets = vec![0usize; e + 1];
+        for x in 0..e {
+            offsets[x + 1] = offsets[x] + counts[x];
+        }
+        let mut fill = offsets.clone();
+        let mut perm = vec![0i32; n * k];
+        let mut row_of = vec![0i32; n * k];
+        for (r, &x) in host_ids.iter().enumerate() {
+            let x = x as usize;
+            perm[fill[x]] = (r / k) as i32;
+            row_of[r] = fill[x] as i32;
+            fill[x] += 1;
+        }
+        let d_perm = dev.upload(&perm)?;
+        let d_row_of = dev.upload(&row_of)?;
+        let xs = dev.alloc::<f32>(n * k * h)?;
+        ops::gather_rows(dev, dev.ptr(&xs, 0), xn, dev.ptr(&d_perm, 0), n * k, h)?;
+        let ys = dev.alloc::<f32>(n * k * h)?;
+        for (x, m) in moe.experts.iter().enumerate() {
+            let cnt = counts[x];
+            if cnt == 0 {
+                continue;
+            }
+            let off = offsets[x] * h;
+            self.mlp_into(m, dev.ptr(&xs, off), cnt, dev.ptr(&ys, off))?;
+        }
+        let y = dev.alloc::<f32>(n * h)?;
+        ops::moe_combine(
+            dev,
+            dev.ptr(&y, 0),
+            dev.ptr(&ys, 0),
+            dev.ptr(&d_row_of, 0),
+            dev.ptr(&wts, 0),
+            n,
+            k,
+            h,
+        )?;
+        if let Some(shared) = &moe.shared_experts {
+            let s = self.mlp(shared, xn, n)?;
+            ops::add(dev, dev.ptr(&y, 0), dev.ptr(&s, 0), n * h)?;
+        }
+        Ok(y)
+    }
+}
+
+/// Per-step index arrays on the device.
+struct Step {
+    n: usize,
+    max_ctx: usize,
+    pos: cudarc::driver::CudaSlice<i32>,
+    tok_slot: cudarc::driver::CudaSlice<i32>,
+    slot_base: cudarc::driver::CudaSlice<i32>,
+    ctx_len: cudarc::driver::CudaSlice<i32>,
+    slots: cudarc::driver::CudaSlice<i32>,
+}
+
+fn backend(e: CudaError) -> ForwardError {
+    ForwardError::Backend(e.to_string())
+}
+
+impl Executor for CudaExecutor {
+    fn forward(&mut self, batch: &[SeqChunk]) -> Result<Vec<Vec<f32>>, ForwardError> {
+        self.forward_impl(batch)
+    }
+    fn kv_geometry(&self) -> KvGeometry {
+        self.geometry
+    }
+    fn device_name(&self) -> String {
+        format!(
+            "cuda:{} ({}, {})",
+            self.ordinal, self.dev.name, self.dev.arch
+        )
+    }
+}

@@ -1,0 +1,108 @@
+// Sparse MLA in the absorbed (MQA) form, over the paged latent cache:
+// absorb_q_{f32,bf16}: q_lat[t, h, :] = Σ_d q_nope[t, h, d] · W_UK[h, d, :];
+// sparse_mla_{f32,bf16}: softmax over the selected keys of (q_lat·c_kv + q_pe·k_pe)·scale, then
+//   o_lat[t, h, :] = Σ_j p_j · c_kv_j; grid (tokens, heads); dynamic shared memory holds the
+//   576-wide query and one probability per selected key;
+// absorb_v_{f32,bf16}: out[t, h·vd + r] = W_UV[h, r, :] · o_lat[t, h, :].
+// kv_b_proj is [heads · (nope + vd), kvr]: per head nope rows of W_UK, then vd rows of W_UV.
+
+template <typename W>
+__device__ void absorb_q_impl(float* q_lat, const float* q, const W* wkvb, int heads, int nope,
+                              int vd, int qk, int kvr) {
+    int t = blockIdx.x, h = blockIdx.y;
+    const float* qh = q + ((long long)t * heads + h) * qk;
+    const W* wh = wkvb + (long long)h * (nope + vd) * kvr;
+    float* dst = q_lat + ((long long)t * heads + h) * kvr;
+    for (int c = threadIdx.x; c < kvr; c += blockDim.x) {
+        float acc = 0.f;
+        for (int d = 0; d < nope; d++) acc += qh[d] * to_f(wh[(long long)d * kvr + c]);
+        dst[c] = acc;
+    }
+}
+
+template <typename W>
+__device__ void absorb_v_impl(float* out, const float* o_lat, const W* wkvb, int heads, int nope,
+                              int vd, int kvr) {
+    int t = blockIdx.x, h = blockIdx.y;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const float* o = o_lat + ((long long)t * heads + h) * kvr;
+    for (int r = warp; r < vd; r += nw) {
+        const W* wr = wkvb + ((long long)h * (nope + vd) + nope + r) * kvr;
+        float acc = 0.f;
+        for (int c = lane; c < kvr; c += 32) acc += to_f(wr[c]) * o[c];
+        acc = warp_sum(acc);
+        if (lane == 0) out[((long long)t * heads + h) * vd + r] = acc;
+    }
+}
+
+template <typename C>
+__device__ void sparse_mla_impl(float* o_lat, const float* q_lat, const float* q, const C* lcache,
+                                const int* sel, const int* sel_count, const int* slots,
+                                const int* slot_base, int heads, int kvr, int rd, int qk, int nope,
+                                int k, float scale) {
+    extern __shared__ float smem[];
+    __shared__ float sh[32];
+    int t = blockIdx.x, h = blockIdx.y;
+    int width = kvr + rd;
+    float* qs = smem;            // [kvr + rd]
+    float* p = smem + width;     // [count]
+    const float* ql = q_lat + ((long long)t * heads + h) * kvr;
+    const float* qpe = q + ((long long)t * heads + h) * qk + nope;
+    for (int i = threadIdx.x; i < kvr; i += blockDim.x) qs[i] = ql[i];
+    for (int i = threadIdx.x; i < rd; i += blockDim.x) qs[kvr + i] = qpe[i];
+    __syncthreads();
+    int m = sel_count[t];
+    const int* st = sel + (long long)t * k;
+    const int* sl = slots + slot_base[t];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int j = warp; j < m; j += nw) {
+        const C* row = lcache + (long long)sl[st[j]] * width;
+        float a = 0.f, b = 0.f;
+        for (int i = lane; i < kvr; i += 32) a += qs[i] * to_f(row[i]);
+        for (int i = lane; i < rd; i += 32) b += qs[kvr + i] * to_f(row[kvr + i]);
+        a = warp_sum(a);
+        b = warp_sum(b);
+        if (lane == 0) p[j] = (a + b) * scale;
+    }
+    __syncthreads();
+    float mx = NEG_INF;
+    for (int j = threadIdx.x; j < m; j += blockDim.x) mx = fmaxf(mx, p[j]);
+    mx = block_max(mx, sh);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < m; j += blockDim.x) {
+        float e = expf(p[j] - mx);
+        p[j] = e;
+        sum += e;
+    }
+    sum = block_sum(sum, sh);
+    float inv = 1.f / sum;
+    float* dst = o_lat + ((long long)t * heads + h) * kvr;
+    for (int c = threadIdx.x; c < kvr; c += blockDim.x) {
+        float acc = 0.f;
+        for (int j = 0; j < m; j++) acc += (p[j] * inv) * to_f(lcache[(long long)sl[st[j]] * width + c]);
+        dst[c] = acc;
+    }
+}
+
+extern "C" __global__ void absorb_q_f32(float* q_lat, const float* q, const float* w, int heads, int nope, int vd, int qk, int kvr) {
+    absorb_q_impl<float>(q_lat, q, w, heads, nope, vd, qk, kvr);
+}
+extern "C" __global__ void absorb_q_bf16(float* q_lat, const float* q, const bf16_t* w, int heads, int nope, int vd, int qk, int kvr) {
+    absorb_q_impl<bf16_t>(q_lat, q, w, heads, nope, vd, qk, kvr);
+}
+extern "C" __global__ void absorb_v_f32(float* out, const float* o_lat, const float* w, int heads, int nope, int vd, int kvr) {
+    absorb_v_impl<float>(out, o_lat, w, heads, nope, vd, kvr);
+}
+extern "C" __global__ void absorb_v_bf16(float* out, const float* o_lat, const bf16_t* w, int heads, int nope, int vd, int kvr) {
+    absorb_v_impl<bf16_t>(out, o_lat, w, heads, nope, vd, kvr);
+}
+extern "C" __global__ void sparse_mla_f32(float* o_lat, const float* q_lat, const float* q, const float* lcache,
+                                          const int* sel, const int* sel_count, const int* slots, const int* slot_base,
+                                          int heads, int kvr, int rd, int qk, int nope, int k, float scale) {
+    sparse_mla_impl<float>(o_lat, q_lat, q, lcache, sel, sel_count, slots, slot_base, heads, kvr, rd, qk, nope, k, scale);
+}
+extern "C" __global__ void sparse_mla_bf16(float* o_lat, const float* q_lat, const float* q, const bf16_t* lcache,
+                                           const int* sel, const int* sel_count, const int* slots, const int* slot_base,
+                                           int heads, int kvr, int rd, int qk, int nope, int k, float scale) {
+    sparse_mla_impl<bf16_t>(o_lat, q_lat, q, lcache, sel, sel_count, slots, slot_base, heads, kvr, rd, qk, nope, k, scale);
+}

@@ -1,0 +1,102 @@
+// The lightning indexer and DSA's top-k selection.
+//
+// indexer_scores_{f32,bf16}: scores[t, j] = Σ_h w[t, h] · ReLU(q[t, h] · k_j) for every position
+// j < ctx_len[t] of token t's sequence, keys read from the paged indexer cache through
+// slots[slot_base[t] + j]. Grid (tokens, ceil(max_ctx / KEYS)); 8 warps, one key per warp at a
+// time; the token's queries sit in dynamic shared memory (heads · head_dim floats).
+//
+// topk_select: per token, the min(k, ctx_len) best scores, ties to the lower position, written
+// ascending. A 32-pass radix search over order-preserving keys finds the k-th largest value, then
+// one ordered pass with a block scan emits the winners. O(ctx) per token.
+
+#define KEYS 64
+
+template <typename C>
+__device__ void indexer_scores_impl(float* scores, const float* q, const float* w, const C* kcache,
+                                    const int* slots, const int* slot_base, const int* ctx_len,
+                                    int heads, int dim, int max_ctx) {
+    extern __shared__ float qs[];
+    int t = blockIdx.x;
+    int len = ctx_len[t];
+    int j0 = blockIdx.y * KEYS;
+    if (j0 >= len) return;
+    const float* qt = q + (long long)t * heads * dim;
+    for (int i = threadIdx.x; i < heads * dim; i += blockDim.x) qs[i] = qt[i];
+    __syncthreads();
+    const float* wt = w + (long long)t * heads;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    int j1 = min(j0 + KEYS, len);
+    for (int j = j0 + warp; j < j1; j += nw) {
+        const C* k = kcache + (long long)slots[slot_base[t] + j] * dim;
+        float acc = 0.f;
+        for (int h = 0; h < heads; h++) {
+            float d = 0.f;
+            for (int i = lane; i < dim; i += 32) d += qs[h * dim + i] * to_f(k[i]);
+            d = warp_sum(d);
+            acc += wt[h] * fmaxf(d, 0.f);
+        }
+        if (lane == 0) scores[(long long)t * max_ctx + j] = acc;
+    }
+}
+
+extern "C" __global__ void indexer_scores_f32(float* scores, const float* q, const float* w, const float* kcache,
+                                              const int* slots, const int* slot_base, const int* ctx_len,
+                                              int heads, int dim, int max_ctx) {
+    indexer_scores_impl<float>(scores, q, w, kcache, slots, slot_base, ctx_len, heads, dim, max_ctx);
+}
+
+extern "C" __global__ void indexer_scores_bf16(float* scores, const float* q, const float* w, const bf16_t* kcache,
+                                               const int* slots, const int* slot_base, const int* ctx_len,
+                                               int heads, int dim, int max_ctx) {
+    indexer_scores_impl<bf16_t>(scores, q, w, kcache, slots, slot_base, ctx_len, heads, dim, max_ctx);
+}
+
+// Maps a float to an unsigned key with the same order as Rust's f32::total_cmp.
+__device__ __forceinline__ unsigned order_key(float f) {
+    unsigned b = __float_as_uint(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// out[t, 0..count[t]] = selected positions, ascending. Block of 256 threads per token.
+extern "C" __global__ void topk_select(int* out, int* count, const float* scores, const int* ctx_len,
+                                       int max_ctx, int k) {
+    __shared__ int sh[33];
+    int t = blockIdx.x;
+    int len = ctx_len[t];
+    int kk = min(k, len);
+    const float* s = scores + (long long)t * max_ctx;
+    int* o = out + (long long)t * k;
+    if (threadIdx.x == 0) count[t] = kk;
+    if (kk == len) {
+        for (int j = threadIdx.x; j < len; j += blockDim.x) o[j] = j;
+        return;
+    }
+    if (kk == 0) return;
+    // The kk-th largest key: the largest T with #{key >= T} >= kk.
+    unsigned thr = 0;
+    for (int bit = 31; bit >= 0; bit--) {
+        unsigned cand = thr | (1u << bit);
+        int c = 0;
+        for (int j = threadIdx.x; j < len; j += blockDim.x) c += order_key(s[j]) >= cand;
+        c = block_sum_int(c, sh);
+        if (c >= kk) thr = cand;
+    }
+    int gt = 0;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) gt += order_key(s[j]) > thr;
+    gt = block_sum_int(gt, sh);
+    int ties_wanted = kk - gt;
+    int written = 0, ties_seen = 0;
+    for (int base = 0; base < len; base += blockDim.x) {
+        int j = base + threadIdx.x;
+        unsigned key = j < len ? order_key(s[j]) : 0u;
+        int tie = (j < len && key == thr) ? 1 : 0;
+        int tie_total;
+        int tie_before = block_exclusive_scan(tie, sh, &tie_total);
+        int sel = (j < len) && (key > thr || (tie && ties_seen + tie_before < ties_wanted));
+        int sel_total;
+        int at = block_exclusive_scan(sel, sh, &sel_total);
+        if (sel) o[written + at] = j;
+        written += sel_total;
+        ties_seen += tie_total;
+    }
+}

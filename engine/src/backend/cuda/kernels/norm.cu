@@ -1,0 +1,68 @@
+// Row-wise and elementwise kernels: rms_norm_f32, layer_norm_f32, add_f32, scale_f32,
+// silu_mul_f32, gather_rows_f32 and embedding_{f32,bf16}. One block per row for the norms.
+
+// y[r, :] = w ⊙ x[r, :] / sqrt(mean(x[r, :]²) + eps); y may alias x.
+extern "C" __global__ void rms_norm_f32(float* y, const float* x, const float* w, int d, float eps) {
+    __shared__ float sh[32];
+    const float* xr = x + (long long)blockIdx.x * d;
+    float* yr = y + (long long)blockIdx.x * d;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) s += xr[i] * xr[i];
+    s = block_sum(s, sh);
+    float inv = 1.f / sqrtf(s / (float)d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] = w[i] * (xr[i] * inv);
+}
+
+// LayerNorm with weight and bias (biased variance), in place.
+extern "C" __global__ void layer_norm_f32(float* x, const float* w, const float* b, int d, float eps) {
+    __shared__ float sh[32];
+    float* xr = x + (long long)blockIdx.x * d;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) s += xr[i];
+    float mean = block_sum(s, sh) / (float)d;
+    float v = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) v += (xr[i] - mean) * (xr[i] - mean);
+    float inv = 1.f / sqrtf(block_sum(v, sh) / (float)d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) xr[i] = (xr[i] - mean) * inv * w[i] + b[i];
+}
+
+extern "C" __global__ void add_f32(float* x, const float* y, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+extern "C" __global__ void scale_f32(float* x, float s, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] *= s;
+}
+
+// out = silu(g) ⊙ u, silu(v) = v / (1 + e^-v).
+extern "C" __global__ void silu_mul_f32(float* out, const float* g, const float* u, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        float v = g[i];
+        out[i] = v / (1.f + expf(-v)) * u[i];
+    }
+}
+
+// out[i, :] = x[rows[i], :]; one block per output row.
+extern "C" __global__ void gather_rows_f32(float* out, const float* x, const int* rows, int d) {
+    const float* src = x + (long long)rows[blockIdx.x] * d;
+    float* dst = out + (long long)blockIdx.x * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
+}
+
+template <typename W>
+__device__ void embedding_impl(float* out, const W* table, const int* ids, int d) {
+    const W* src = table + (long long)ids[blockIdx.x] * d;
+    float* dst = out + (long long)blockIdx.x * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = to_f(src[i]);
+}
+
+extern "C" __global__ void embedding_f32(float* out, const float* table, const int* ids, int d) {
+    embedding_impl<float>(out, table, ids, d);
+}
+
+extern "C" __global__ void embedding_bf16(float* out, const bf16_t* table, const int* ids, int d) {
+    embedding_impl<bf16_t>(out, table, ids, d);
+}

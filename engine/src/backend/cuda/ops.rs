@@ -1,0 +1,835 @@
+//! Launchers of the kernels in `kernels/*.cu` (one per kernel, arguments as raw device addresses
+//! from [`Device::ptr`]) and host-to-host wrappers of single ops, used by the tests to compare
+//! each op with its CPU reference.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::CudaError;
+use super::device::{Device, Family};
+use super::weights::{DType, DevBuf, DevLinear};
+use crate::backend::cpu::Linear;
+
+/// One kernel argument.
+#[derive(Debug, Clone, Copy)]
+pub enum Arg {
+    /// A device address.
+    P(u64),
+    I(i32),
+    L(i64),
+    F(f32),
+}
+
+/// Launches `family::name` on the device's stream.
+pub fn launch(
+    dev: &Device,
+    family: Family,
+    name: &str,
+    grid: (u32, u32, u32),
+    block: u32,
+    shared_mem_bytes: u32,
+    args: &[Arg],
+) -> Result<(), CudaError> {
+    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+        return Ok(());
+    }
+    let f = dev.function(family, name)?;
+    let mut b = dev.stream.launch_builder(&f);
+    for a in args {
+        match a {
+            Arg::P(p) => b.arg(p),
+            Arg::I(i) => b.arg(i),
+            Arg::L(l) => b.arg(l),
+            Arg::F(x) => b.arg(x),
+        };
+    }
+    let cfg = LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes,
+    };
+    // SAFETY: each launcher below passes the argument list its kernel declares, with addresses
+    // of live buffers large enough for the extents it passes.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+fn i(v: usize) -> Arg {
+    Arg::I(v as i32)
+}
+
+fn blocks(n: usize, per: usize) -> u32 {
+    n.div_ceil(per) as u32
+}
+
+/// `y[n, out] = x[n, in] · Wᵀ`.
+pub fn linear(dev: &Device, y: u64, x: u64, w: &DevLinear, n: usize) -> Result<(), CudaError> {
+    let name = format!("linear_{}", w.w.dtype().suffix());
+    let grid = (blocks(w.out_dim, 64), blocks(n, 64), 1);
+    launch(
+        dev,
+        Family::Linear,
+        &name,
+        grid,
+        256,
+        0,
+        &[
+            Arg::P(y),
+            Arg::P(x),
+            Arg::P(w.w.ptr(dev)),
+            i(n),
+            i(w.out_dim),
+            i(w.in_dim),
+        ],
+    )
+}
+
+pub fn rms_norm(
+    dev: &Device,
+    y: u64,
+    x: u64,
+    w: u64,
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<(), CudaError> {
+    launch(
+        dev,
+        Family::Norm,
+        "rms_norm_f32",
+        (rows as u32, 1, 1),
+        256,
+        0,
+        &[Arg::P(y), Arg::P(x), Arg::P(w), i(d), Arg::F(eps)],
+    )
+}
+
+pub fn layer_norm(
+    dev: &Device,
+    x: u64,
+    w: u64,
+    b: u64,
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<(), CudaError> {
+    launch(
+        dev,
+        Family::Norm,
+        "layer_norm_f32",
+        (rows as u32, 1, 1),
+        256,
+        0,
+        &[Arg::P(x), Arg::P(w), Arg::P(b), i(d), Arg::F(eps)],
+    )
+}
+
+pub fn add(dev: &Device, x: u64, y: u64, n: usize) -> Result<(), CudaError> {
+    launch(
+        dev,
+        Family::Norm,
+        "add_f32",
+        (blocks(n, 256), 1, 1),
+        256,
+        0,
+        &[Arg::P(x), Arg::P(y), Arg::L(n as i64)],
+    )
+}
+
+pub fn scale(dev: &Device, x: u64, s: f32, n: usize) -> Result<(), CudaError> {
+    launch(
+        dev,
+        Family::Norm,
+        "scale_f32",
+        (blocks(n, 256), 1, 1),
+        256,
+        0,
+        &[Arg::P(x), Arg::F(s), Arg::L(n as i64)],
+    )
+}
+
+pub fn silu_mul(dev: &Device, out: u64, g: u64, u: u64, n: usize) -> Result<(), CudaError> {
+    launch(
+        dev,
+        Family::Norm,
+        "silu_mul_f32",
+        (blocks(n, 256), 1, 1),
+        256,
+        0,
+        &[Arg::P(out), Arg::P(g), Arg::P(u), Arg::L(n as i64)],
+    )
+}
+
+/// `out[r, :] = x[rows[r], :]` for `n_rows` rows of width `d`.
+pub fn gather_rows(
+    dev: &Device,
+    out: u64,
+    x: u64,
+    rows: u64,
+    n_rows: usize,
+    d: usize,
+) -> Result<(), CudaError> {
+    launch(
+        dev,
+        Family::Norm,
+        "gather_rows_f32",
+        (n_rows as u32, 1, 1),
+        256,
+        0,
+        &[Arg::P(out), Arg::P(x), Arg::P(rows), i(d)],
+    )
+}
+
+pub fn embedding(
+    dev: &Device,
+    out: u64,
+    table: &DevBuf,
+    ids: u64,
+    n: usize,
+    d: usize,
+) -> Result<(), CudaError> {
+    let name = format!("embedding_{}", table.dtype().suffix());
+    launch(
+        dev,
+        Family::Norm,
+        &name,
+        (n as u32, 1, 1),
+        256,
+        0,
+        &[Arg::P(out), Arg::P(table.ptr(dev)), Arg::P(ids), i(d)],
+    )
+}
+
+/// Rotary embedding of `heads` vectors per token, in place (see `kernels/rope.cu`).
+#[allow(clippy::too_many_arguments)]
+pub fn rope(
+    dev: &Device,
+    x: u64,
+    pos: u64,
+    inv_freq: u64,
+    factor: f32,
+    n_tokens: usize,
+    heads: usize,
+    token_stride: usize,
+    head_stride: usize,
+    offset: usize,
+    half: usize,
+    interleaved: bool,
+) -> Result<(), CudaError> {
+    launch(
+        dev,
+        Family::Rope,
+        "rope_f32",
+        (n_tokens as u32, heads as u32, 1),
+        64,
+        0,
+        &[
+            Arg::P(x),
+            Arg::P(pos),
+            Arg::P(inv_freq),
+            Arg::F(factor),
+            i(token_stride),
+            i(head_stride),
+            i(offset),
+            i(half),
+            Arg::I(interleaved as i32),
+        ],
+    )
+}
+
+/// Writes `[RMSNorm(c_kv) | RoPE(k_pe)]` of each token into its cache slot.
+#[allow(clippy::too_many_arguments)]
+pub fn kv_store(
+    dev: &Device,
+    cache: &DevBuf,
+    kv: u64,
+    norm_w: u64,
+    slots: u64,
+    pos: u64,
+    inv_freq: u64,
+    factor: f32,
+    n: usize,
+    kvr: usize,
+    rd: usize,
+    eps: f32,
+) -> Result<(), CudaError> {
+    let name = format!("kv_store_{}", cache.dtype().suffix());
+    launch(
+        dev,
+        Family::KvCache,
+        &name,
+        (n as u32, 1, 1),
+        256,
+        ((kvr + rd) * 4) as u32,
+        &[
+            Arg::P(cache.ptr(dev)),
+            Arg::P(kv),
+            Arg::P(norm_w),
+            Arg::P(slots),
+            Arg::P(pos),
+            Arg::P(inv_freq),
+            Arg::F(factor),
+            i(kvr),
+            i(rd),
+            Arg::F(eps),
+        ],
+    )
+}
+
+/// Writes `RoPE_half_split(LayerNorm(k))` of each token into the indexer-key cache.
+#[allow(clippy::too_many_arguments)]
+pub fn index_key_store(
+    dev: &Device,
+    cache: &DevBuf,
+    k: u64,
+    w: u64,
+    b: u64,
+    slots: u64,
+    pos: u64,
+    inv_freq: u64,
+    factor: f32,
+    n: usize,
+    id: usize,
+    rd: usize,
+    eps: f32,
+) -> Result<(), CudaError> {
+    let name = format!("index_key_store_{}", cache.dtype().suffix());
+    launch(
+        dev,
+        Family::KvCache,
+        &name,
+        (n as u32, 1, 1),
+        128,
+        (id * 4) as u32,
+        &[
+            Arg::P(cache.ptr(dev)),
+            Arg::P(k),
+            Arg::P(w),
+            Arg::P(b),
+            Arg::P(slots),
+            Arg::P(pos),
+            Arg::P(inv_freq),
+            Arg::F(factor),
+            i(id),
+            i(rd),
+            Arg::F(eps),
+        ],
+    )
+}
+
+/// Lightning-indexer scores `[n, max_ctx]` of each token against its sequence's cached keys.
+#[allow(clippy::too_many_arguments)]
+pub fn indexer_scores(
+    dev: &Device,
+    scores: u64,
+    q: u64,
+    w: u64,
+    kcache: &DevBuf,
+    slots: u64,
+    slot_base: u64,
+    ctx_len: u64,
+    n: usize,
+    heads: usize,
+    dim: usize,
+    max_ctx: usize,
+) -> Result<(), CudaError> {
+    let name = format!("indexer_scores_{}", kcache.dtype().suffix());
+    let smem = heads * dim * 4;
+    if smem > 48 * 1024 {
+        return Err(CudaError::Unsupported(format!(
+            "indexer queries of {heads}×{dim} floats exceed 48 KiB of shared memory"
+        )));
+    }
+    launch(
+        dev,
+        Family::Indexer,
+        &name,
+        (n as u32, blocks(max_ctx, 64), 1),
+        256,
+        smem as u32,
+        &[
+            Arg::P(scores),
+            Arg::P(q),
+            Arg::P(w),
+            Arg::P(kcache.ptr(dev)),
+            Arg::P(slots),
+            Arg::P(slot_base),
+            Arg::P(ctx_len),
+            i(heads),
+            i(dim),
+            i(max_ctx),
+        ],
+    )
+}
+
+/// Per token, the `min(k, ctx_len)` best positions, ascending, into `out[n, k]` and `count[n]`.
+#[allow(clippy::too_many_arguments)]
+pub fn topk_select(
+    dev: &Device,
+    out: u64,
+    count: u64,
+    scores: u64,
+    ctx_len: u64,
+    n: usize,
+    max_ctx: usize,
+    k: usize,
+) -> Result<(), CudaError> {
+    launch(
+        dev,
+        Family::Indexer,
+        "topk_select",
+        (n as u32, 1, 1),
+        256,
+        0,
+        &[
+            Arg::P(out),
+            Arg::P(count),
+            Arg::P(scores),
+            Arg::P(ctx_len),
+            i(max_ctx),
+            i(k),
+        ],
+    )
+}
+
+/// Shapes of the absorbed attention.
+#[derive(Debug, Clone, Copy)]
+pub struct MlaDims {
+    pub heads: usize,
+    pub nope: usize,
+    pub rd: usize,
+    pub vd: usize,
+    pub kvr: usize,
+}
+
+impl MlaDims {
+    fn qk(&self) -> usize {
+        self.nope + self.rd
+    }
+}
+
+pub fn absorb_q(
+    dev: &Device,
+    q_lat: u64,
+    q: u64,
+    wkvb: &DevLinear,
+    n: usize,
+    d: MlaDims,
+) -> Result<(), CudaError> {
+    let name = format!("absorb_q_{}", wkvb.w.dtype().suffix());
+    launch(
+        dev,
+        Family::Attention,
+        &name,
+        (n as u32, d.heads as u32, 1),
+        128,
+        0,
+        &[
+            Arg::P(q_lat),
+            Arg::P(q),
+            Arg::P(wkvb.w.ptr(dev)),
+            i(d.heads),
+            i(d.nope),
+            i(d.vd),
+            i(d.qk()),
+            i(d.kvr),
+        ],
+    )
+}
+
+pub fn absorb_v(
+    dev: &Device,
+    out: u64,
+    o_lat: u64,
+    wkvb: &DevLinear,
+    n: usize,
+    d: MlaDims,
+) -> Result<(), CudaError> {
+    let name = format!("absorb_v_{}", wkvb.w.dtype().suffix());
+    launch(
+        dev,
+        Family::Attention,
+        &name,
+        (n as u32, d.heads as u32, 1),
+        128,
+        0,
+        &[
+            Arg::P(out),
+            Arg::P(o_lat),
+            Arg::P(wkvb.w.ptr(dev)),
+            i(d.heads),
+            i(d.nope),
+            i(d.vd),
+            i(d.kvr),
+        ],
+    )
+}
+
+/// Softmax attention of each (token, head) over its selected latent rows.
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_mla(
+    dev: &Device,
+    o_lat: u64,
+    q_lat: u64,
+    q: u64,
+    lcache: &DevBuf,
+    sel: u64,
+    sel_count: u64,
+    slots: u64,
+    slot_base: u64,
+    n: usize,
+    d: MlaDims,
+    k: usize,
+    scale: f32,
+) -> Result<(), CudaError> {
+    let name = format!("sparse_mla_{}", lcache.dtype().suffix());
+    let smem = (d.kvr + d.rd + k) * 4;
+    if smem > 48 * 1024 {
+        return Err(CudaError::Unsupported(format!(
+            "sparse attention over {k} keys of width {} exceeds 48 KiB of shared memory",
+            d.kvr + d.rd
+        )));
+    }
+    launch(
+        dev,
+        Family::Attention,
+        &name,
+        (n as u32, d.heads as u32, 1),
+        256,
+        smem as u32,
+        &[
+            Arg::P(o_lat),
+            Arg::P(q_lat),
+            Arg::P(q),
+            Arg::P(lcache.ptr(dev)),
+            Arg::P(sel),
+            Arg::P(sel_count),
+            Arg::P(slots),
+            Arg::P(slot_base),
+            i(d.heads),
+            i(d.kvr),
+            i(d.rd),
+            i(d.qk()),
+            i(d.nope),
+            i(k),
+            Arg::F(scale),
+        ],
+    )
+}
+
+/// Router settings of `kernels/moe.cu::moe_route`.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteParams {
+    pub n_experts: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub top_k: usize,
+    pub normalize: bool,
+    pub scaling: f32,
+}
+
+pub const MAX_EXPERTS: usize = 512;
+pub const MAX_GROUPS: usize = 64;
+
+pub fn moe_route(
+    dev: &Device,
+    ids: u64,
+    wts: u64,
+    logits: u64,
+    bias: u64,
+    n: usize,
+    p: RouteParams,
+) -> Result<(), CudaError> {
+    if p.n_experts > MAX_EXPERTS || p.n_group > MAX_GROUPS || p.top_k > p.n_experts {
+        return Err(CudaError::Unsupported(format!(
+            "router with {} experts in {} groups, top {} (at most {MAX_EXPERTS} experts, {MAX_GROUPS} groups)",
+            p.n_experts, p.n_group, p.top_k
+        )));
+    }
+    launch(
+        dev,
+        Family::Moe,
+        "moe_route",
+        (blocks(n, 64), 1, 1),
+        64,
+        0,
+        &[
+            Arg::P(ids),
+            Arg::P(wts),
+            Arg::P(logits),
+            Arg::P(bias),
+            i(n),
+            i(p.n_experts),
+            i(p.n_group),
+            i(p.topk_group),
+            i(p.top_k),
+            Arg::I(p.normalize as i32),
+            Arg::F(p.scaling),
+        ],
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn moe_combine(
+    dev: &Device,
+    y: u64,
+    rows: u64,
+    row_of: u64,
+    wts: u64,
+    n: usize,
+    k: usize,
+    d: usize,
+) -> Result<(), CudaError> {
+    launch(
+        dev,
+        Family::Moe,
+        "moe_combine",
+        (n as u32, 1, 1),
+        256,
+        0,
+        &[
+            Arg::P(y),
+            Arg::P(rows),
+            Arg::P(row_of),
+            Arg::P(wts),
+            i(k),
+            i(d),
+        ],
+    )
+}
+
+// ---- host-to-host wrappers (op-level tests) ----
+
+/// `x[n, in] · Wᵀ` on the device with the weight stored as `dtype`.
+pub fn linear_host(
+    dev: &Device,
+    x: &[f32],
+    w: &Linear,
+    dtype: DType,
+) -> Result<Vec<f32>, CudaError> {
+    let n = x.len() / w.in_dim.max(1);
+    let dw = DevLinear::upload(dev, w, dtype)?;
+    let dx = dev.upload(x)?;
+    let dy = dev.alloc::<f32>(n * w.out_dim)?;
+    linear(dev, dev.ptr(&dy, 0), dev.ptr(&dx, 0), &dw, n)?;
+    dev.download(&dy, n * w.out_dim)
+}
+
+/// RMSNorm of each `d`-wide row.
+pub fn rms_norm_host(
+    dev: &Device,
+    x: &[f32],
+    d: usize,
+    w: &[f32],
+    eps: f32,
+) -> Result<Vec<f32>, CudaError> {
+    let dx = dev.upload(x)?;
+    let dw = dev.upload(w)?;
+    let p = dev.ptr(&dx, 0);
+    rms_norm(dev, p, p, dev.ptr(&dw, 0), x.len() / d, d, eps)?;
+    dev.download(&dx, x.len())
+}
+
+/// LayerNorm of each `d`-wide row.
+pub fn layer_norm_host(
+    dev: &Device,
+    x: &[f32],
+    d: usize,
+    w: &[f32],
+    b: &[f32],
+    eps: f32,
+) -> Result<Vec<f32>, CudaError> {
+    let dx = dev.upload(x)?;
+    let (dw, db) = (dev.upload(w)?, dev.upload(b)?);
+    layer_norm(
+        dev,
+        dev.ptr(&dx, 0),
+        dev.ptr(&dw, 0),
+        dev.ptr(&db, 0),
+        x.len() / d,
+        d,
+        eps,
+    )?;
+    dev.download(&dx, x.len())
+}
+
+/// RoPE of one `2·inv_freq.len()`-wide vector per position.
+pub fn rope_host(
+    dev: &Device,
+    x: &[f32],
+    positions: &[usize],
+    inv_freq: &[f32],
+    factor: f32,
+    interleaved: bool,
+) -> Result<Vec<f32>, CudaError> {
+    let half = inv_freq.len();
+    let dx = dev.upload(x)?;
+    let pos: Vec<i32> = positions.iter().map(|p| *p as i32).collect();
+    let dp = dev.upload(&pos)?;
+    let df = dev.upload(inv_freq)?;
+    rope(
+        dev,
+        dev.ptr(&dx, 0),
+        dev.ptr(&dp, 0),
+        dev.ptr(&df, 0),
+        factor,
+        positions.len(),
+        1,
+        2 * half,
+        0,
+        0,
+        half,
+        interleaved,
+    )?;
+    dev.download(&dx, x.len())
+}
+
+/// Top-k of each row of `scores` (`rows × width`), the first `lens[r]` entries of row r.
+pub fn top_k_host(
+    dev: &Device,
+    scores: &[f32],
+    width: usize,
+    lens: &[usize],
+    k: usize,
+) -> Result<Vec<Vec<u32>>, CudaError> {
+    let n = lens.len();
+    let ds = dev.upload(scores)?;
+    let lens_i: Vec<i32> = lens.iter().map(|l| *l as i32).collect();
+    let dl = dev.upload(&lens_i)?;
+    let out = dev.zeros::<i32>(n * k)?;
+    let count = dev.zeros::<i32>(n)?;
+    topk_select(
+        dev,
+        dev.ptr(&out, 0),
+        dev.ptr(&count, 0),
+        dev.ptr(&ds, 0),
+        dev.ptr(&dl, 0),
+        n,
+        width,
+        k,
+    )?;
+    let (o, c) = (dev.download(&out, n * k)?, dev.download(&count, n)?);
+    Ok((0..n)
+        .map(|r| {
+            o[r * k..r * k + c[r] as usize]
+                .iter()
+                .map(|v| *v as u32)
+                .collect()
+        })
+        .collect())
+}
+
+/// One token's routing: expert ids (ascending) and their weights.
+pub type Routed = (Vec<usize>, Vec<f32>);
+
+/// The router for each `n_experts`-wide row of logits: (expert ids, weights) per token.
+pub fn route_host(
+    dev: &Device,
+    logits: &[f32],
+    bias: &[f32],
+    p: RouteParams,
+) -> Result<Vec<Routed>, CudaError> {
+    let n = logits.len() / p.n_experts;
+    let dl = dev.upload(logits)?;
+    let db = dev.upload(bias)?;
+    let ids = dev.zeros::<i32>(n * p.top_k)?;
+    let wts = dev.zeros::<f32>(n * p.top_k)?;
+    moe_route(
+        dev,
+        dev.ptr(&ids, 0),
+        dev.ptr(&wts, 0),
+        dev.ptr(&dl, 0),
+        dev.ptr(&db, 0),
+        n,
+        p,
+    )?;
+    let (ids, wts) = (
+        dev.download(&ids, n * p.top_k)?,
+        dev.download(&wts, n * p.top_k)?,
+    );
+    Ok((0..n)
+        .map(|t| {
+            let r = t * p.top_k..(t + 1) * p.top_k;
+            (
+                ids[r.clone()].iter().map(|v| *v as usize).collect(),
+                wts[r].to_vec(),
+            )
+        })
+        .collect())
+}
+
+/// Stores `[n, kvr + rd]` latent rows (RMSNorm + interleaved RoPE) and `[n, id]` indexer keys
+/// (LayerNorm + half-split RoPE) into caches of `dtype` at `slots`, and reads both caches back
+/// as f32 (`num_slots` rows each).
+#[allow(clippy::too_many_arguments)]
+pub fn cache_store_host(
+    dev: &Device,
+    dtype: DType,
+    kv: &[f32],
+    kv_norm: &[f32],
+    keys: &[f32],
+    k_norm: (&[f32], &[f32]),
+    slots: &[usize],
+    positions: &[usize],
+    inv_freq: &[f32],
+    factor: f32,
+    num_slots: usize,
+) -> Result<(Vec<f32>, Vec<f32>), CudaError> {
+    let n = slots.len();
+    let (width, id) = (kv.len() / n, keys.len() / n);
+    let (rd, kvr) = (2 * inv_freq.len(), kv.len() / n - 2 * inv_freq.len());
+    let lat = DevBuf::zeros(dev, num_slots * width, dtype)?;
+    let idx = DevBuf::zeros(dev, num_slots * id, dtype)?;
+    let to_i = |v: &[usize]| v.iter().map(|x| *x as i32).collect::<Vec<i32>>();
+    let (d_slots, d_pos) = (dev.upload(&to_i(slots))?, dev.upload(&to_i(positions))?);
+    let (d_kv, d_keys, d_freq) = (dev.upload(kv)?, dev.upload(keys)?, dev.upload(inv_freq)?);
+    let (d_kvn, d_kw, d_kb) = (
+        dev.upload(kv_norm)?,
+        dev.upload(k_norm.0)?,
+        dev.upload(k_norm.1)?,
+    );
+    let (ps, pp, pf) = (
+        dev.ptr(&d_slots, 0),
+        dev.ptr(&d_pos, 0),
+        dev.ptr(&d_freq, 0),
+    );
+    kv_store(
+        dev,
+        &lat,
+        dev.ptr(&d_kv, 0),
+        dev.ptr(&d_kvn, 0),
+        ps,
+        pp,
+        pf,
+        factor,
+        n,
+        kvr,
+        rd,
+        1e-6,
+    )?;
+    index_key_store(
+        dev,
+        &idx,
+        dev.ptr(&d_keys, 0),
+        dev.ptr(&d_kw, 0),
+        dev.ptr(&d_kb, 0),
+        ps,
+        pp,
+        pf,
+        factor,
+        n,
+        id,
+        rd,
+        1e-6,
+    )?;
+    let read = |b: &DevBuf, len: usize| -> Result<Vec<f32>, CudaError> {
+        Ok(match b {
+            DevBuf::F32(s) => dev.download(s, len)?,
+            DevBuf::Bf16(s) => dev
+                .download(s, len)?
+                .into_iter()
+                .map(|v| half::bf16::from_bits(v).to_f32())
+                .collect(),
+        })
+    };
+    Ok((read(&lat, num_slots * width)?, read(&idx, num_slots * id)?))
+}

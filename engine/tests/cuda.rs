@@ -1,0 +1,584 @@
+//! The CUDA backend against the CPU reference: single ops, then whole forwards on every fixture
+//! (logits, greedy tokens, incremental decode, mixed batches). Every test prints why and returns
+//! early when no CUDA driver, NVRTC or GPU is present, as on CI machines.
+
+use std::path::{Path, PathBuf};
+
+use deepseek_engine::backend::cpu::{self, Linear};
+use deepseek_engine::backend::cuda::{self, CudaExecutor, CudaOptions, DType, Device, ops};
+use deepseek_engine::backend::{CpuExecutor, Executor};
+use deepseek_engine::generate;
+use deepseek_engine::kv::{BlockAllocator, BlockTable, KvGeometry};
+use deepseek_engine::model::forward::route_scores;
+use deepseek_engine::model::{FeedForward, LogitsWanted, Model, SeqChunk};
+use safetensors::SafeTensors;
+use serde::Deserialize;
+
+const FIXTURES: [&str; 3] = ["tiny-sharded", "tiny-deep", "tiny-fp8"];
+
+/// Tolerance on max|diff| / max|ref| against the CPU backend computing the same function (f32
+/// weights, or the CPU on the same bf16-rounded weights; f32 cache). A bf16 *cache* changes the
+/// function: on these tiny random fixtures any bf16 rounding flips near-tied indexer selections
+/// and moves logits by tens of percent (rounding only the weights moves the CPU's own logits by
+/// about 0.47 on tiny-sharded), so the bf16 cache is checked op by op (exact round-to-nearest
+/// rows) and by the decode and batching invariants, and its end-to-end error is reported.
+const TOL_F32: f32 = 1e-4;
+
+fn gpu() -> Option<Device> {
+    match cuda::unavailable_reason() {
+        Some(why) => {
+            eprintln!("skipping: {why}");
+            None
+        }
+        None => Some(Device::new(0).expect("open CUDA device 0")),
+    }
+}
+
+fn dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+#[derive(Deserialize)]
+struct Expected {
+    prompt_ids: Vec<u32>,
+    greedy_ids: Vec<u32>,
+}
+
+fn expected(name: &str) -> (Expected, Vec<f32>) {
+    let meta =
+        serde_json::from_str(&std::fs::read_to_string(dir(name).join("expected.json")).unwrap())
+            .unwrap();
+    let bytes = std::fs::read(dir(name).join("expected.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let logits = st
+        .tensor("logits")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    (meta, logits)
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| {
+        if x.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max((x - y).abs())
+        }
+    });
+    diff / scale.max(f32::MIN_POSITIVE)
+}
+
+/// A small deterministic generator (xorshift) for op inputs.
+struct Rng(u64);
+impl Rng {
+    fn f(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f()).collect()
+    }
+}
+
+fn bf16_round(v: &[f32]) -> Vec<f32> {
+    v.iter()
+        .map(|x| half::bf16::from_f32(*x).to_f32())
+        .collect()
+}
+
+const DTYPES: [DType; 2] = [DType::F32, DType::Bf16];
+
+fn options(dtype: DType) -> CudaOptions {
+    CudaOptions {
+        weights: dtype,
+        cache: dtype,
+        max_batch_tokens: 256,
+    }
+}
+
+fn executor(model: &Model, geometry: KvGeometry, dtype: DType) -> CudaExecutor {
+    CudaExecutor::with_options(model, geometry, 0, options(dtype)).expect("CUDA executor")
+}
+
+/// Rounds every weight matrix to bf16 in place (norms and biases stay f32, as on the device), so
+/// the CPU computes exactly the function the GPU computes with bf16 weights.
+fn round_matrices_to_bf16(model: &mut Model) {
+    fn lin(l: &mut Linear) {
+        l.weight = bf16_round(&l.weight);
+    }
+    fn mlp(m: &mut deepseek_engine::model::Mlp) {
+        lin(&mut m.gate_proj);
+        lin(&mut m.up_proj);
+        lin(&mut m.down_proj);
+    }
+    model.embed_tokens = bf16_round(&model.embed_tokens);
+    lin(&mut model.lm_head);
+    for layer in &mut model.layers {
+        let a = &mut layer.self_attn;
+        for l in [
+            &mut a.q_a_proj,
+            &mut a.q_b_proj,
+            &mut a.kv_a_proj_with_mqa,
+            &mut a.kv_b_proj,
+            &mut a.o_proj,
+            &mut a.indexer.wq_b,
+            &mut a.indexer.wk,
+            &mut a.indexer.weights_proj,
+        ] {
+            lin(l);
+        }
+        match &mut layer.mlp {
+            FeedForward::Dense(m) => mlp(m),
+            FeedForward::Moe(moe) => {
+                lin(&mut moe.gate);
+                moe.experts.iter_mut().flatten().for_each(mlp);
+                if let Some(m) = moe.shared_experts.as_mut() {
+                    mlp(m);
+                }
+            }
+        }
+    }
+}
+
+/// All logits of `prompt` in one step on a fresh cache.
+fn score(exec: &mut dyn Executor, prompt: &[u32]) -> Vec<f32> {
+    let mut alloc = BlockAllocator::new(exec.kv_geometry());
+    let mut table = BlockTable::default();
+    alloc.reserve(&mut table, prompt.len()).unwrap();
+    exec.forward(&[SeqChunk {
+        tokens: prompt,
+        start_pos: 0,
+        blocks: &table,
+        logits: LogitsWanted::All,
+    }])
+    .unwrap()
+    .remove(0)
+}
+
+/// Greedy decoding: prefill, then one token per step.
+fn greedy(exec: &mut dyn Executor, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let mut alloc = BlockAllocator::new(exec.kv_geometry());
+    let mut table = BlockTable::default();
+    alloc.reserve(&mut table, prompt.len() + steps).unwrap();
+    let mut out = Vec::new();
+    let mut chunk: Vec<u32> = prompt.to_vec();
+    let mut start = 0;
+    for _ in 0..steps {
+        let logits = exec
+            .forward(&[SeqChunk {
+                tokens: &chunk,
+                start_pos: start,
+                blocks: &table,
+                logits: LogitsWanted::Last,
+            }])
+            .unwrap()
+            .remove(0);
+        let t = generate::argmax(&logits);
+        out.push(t);
+        start += chunk.len();
+        chunk = vec![t];
+    }
+    out
+}
+
+fn geometry(blocks: usize, size: usize) -> KvGeometry {
+    KvGeometry {
+        num_blocks: blocks,
+        block_size: size,
+    }
+}
+
+#[test]
+fn cuda_availability_is_reported_without_panicking() {
+    // Must hold on machines without a driver too: the probe returns a reason instead of panicking.
+    let available = cuda::is_available();
+    assert_eq!(available, cuda::unavailable_reason().is_none());
+    if !available {
+        let model = Model::load(&dir("tiny-sharded")).unwrap();
+        let err = CudaExecutor::new(&model, geometry(4, 64), 0).unwrap_err();
+        assert!(err.to_string().contains("CUDA is not available"), "{err}");
+    }
+}
+
+#[test]
+fn single_ops_match_the_cpu_reference() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+
+    // Linear with odd shapes (tile edges), f32 and bf16 weights (CPU given the same rounding).
+    for (n, out, inp) in [(1, 37, 19), (70, 130, 96), (5, 320, 96)] {
+        let x = rng.vec(n * inp);
+        let w = rng.vec(out * inp);
+        for dtype in [DType::F32, DType::Bf16] {
+            let wr = if dtype == DType::Bf16 {
+                bf16_round(&w)
+            } else {
+                w.clone()
+            };
+            let cpu_y = Linear::new(wr.clone(), out, inp).forward(&x, n);
+            let gpu_y =
+                ops::linear_host(&dev, &x, &Linear::new(w.clone(), out, inp), dtype).unwrap();
+            let e = rel_err(&gpu_y, &cpu_y);
+            eprintln!("linear {n}x{out}x{inp} {dtype:?}: {e:.2e}");
+            assert!(e < 1e-5, "linear {dtype:?}: {e}");
+        }
+    }
+
+    // RMSNorm and LayerNorm.
+    let (rows, d) = (7, 96);
+    let x = rng.vec(rows * d);
+    let w = rng.vec(d);
+    let b = rng.vec(d);
+    let mut cpu_x = x.clone();
+    cpu::rms_norm(&mut cpu_x, d, &w, 1e-6);
+    let e = rel_err(&ops::rms_norm_host(&dev, &x, d, &w, 1e-6).unwrap(), &cpu_x);
+    assert!(e < 1e-5, "rms_norm {e}");
+    let mut cpu_x = x.clone();
+    cpu::layer_norm(&mut cpu_x, d, &w, &b, 1e-6);
+    let e = rel_err(
+        &ops::layer_norm_host(&dev, &x, d, &w, &b, 1e-6).unwrap(),
+        &cpu_x,
+    );
+    assert!(e < 1e-5, "layer_norm {e}");
+
+    // Both RoPE layouts with the YaRN table of a fixture (attention factor != 1 there).
+    let model = Model::load(&dir("tiny-deep")).unwrap();
+    let table = &model.rope;
+    let rd = table.inv_freq.len() * 2;
+    let positions = [0usize, 1, 17, 255];
+    let x = rng.vec(positions.len() * rd);
+    for interleaved in [true, false] {
+        let mut cpu_x = x.clone();
+        for (i, p) in positions.iter().enumerate() {
+            let (c, s) = table.cos_sin(*p);
+            let v = &mut cpu_x[i * rd..(i + 1) * rd];
+            if interleaved {
+                cpu::rope_interleaved(v, &c, &s);
+            } else {
+                cpu::rope_half_split(v, &c, &s);
+            }
+        }
+        let g = ops::rope_host(
+            &dev,
+            &x,
+            &positions,
+            &table.inv_freq,
+            table.attention_factor,
+            interleaved,
+        )
+        .unwrap();
+        let e = rel_err(&g, &cpu_x);
+        assert!(e < 1e-5, "rope interleaved={interleaved}: {e}");
+    }
+
+    // Top-k: random scores, heavy ties, short rows, k >= len, negative values.
+    let width = 3000;
+    let mut scores = Vec::new();
+    let lens = [3000usize, 2999, 100, 5, 1, 2048];
+    for (r, _) in lens.iter().enumerate() {
+        for j in 0..width {
+            scores.push(match r {
+                1 => (j % 7) as f32 * 0.5,
+                4 => -1.0,
+                _ => rng.f(),
+            });
+        }
+    }
+    for k in [1usize, 24, 2048] {
+        let got = ops::top_k_host(&dev, &scores, width, &lens, k).unwrap();
+        for (r, len) in lens.iter().enumerate() {
+            let want = cpu::top_k_indices(&scores[r * width..r * width + len], k);
+            assert_eq!(got[r], want, "top-k row {r} k {k}");
+        }
+    }
+
+    // The noaux_tc router: group limits, bias for selection only, normalised scaled weights.
+    for (e, groups, topk_group, k) in [
+        (16usize, 4usize, 3usize, 4usize),
+        (256, 8, 4, 8),
+        (8, 1, 1, 2),
+    ] {
+        let n = 33;
+        let logits: Vec<f32> = rng.vec(n * e).iter().map(|v| v * 4.0).collect();
+        let bias: Vec<f32> = rng.vec(e).iter().map(|v| v * 0.1).collect();
+        let p = ops::RouteParams {
+            n_experts: e,
+            n_group: groups,
+            topk_group,
+            top_k: k,
+            normalize: true,
+            scaling: 2.5,
+        };
+        let got = ops::route_host(&dev, &logits, &bias, p).unwrap();
+        for (t, (ids, w)) in got.iter().enumerate() {
+            let (want_ids, want_w) = route_scores(
+                &logits[t * e..(t + 1) * e],
+                &bias,
+                groups,
+                topk_group,
+                k,
+                true,
+                2.5,
+            );
+            assert_eq!(ids, &want_ids, "router token {t} ({e} experts)");
+            assert!(rel_err(w, &want_w) < 1e-5, "router weights token {t}");
+        }
+    }
+}
+
+#[test]
+fn cache_writes_match_the_cpu_and_bf16_caches_hold_the_rounded_rows() {
+    let Some(dev) = gpu() else { return };
+    let model = Model::load(&dir("tiny-deep")).unwrap();
+    let c = &model.config;
+    let a = &model.layers[0].self_attn;
+    let (kvr, rd, id) = (c.kv_lora_rank, c.qk_rope_head_dim, c.index_head_dim);
+    let mut rng = Rng(7);
+    let slots = [5usize, 0, 17, 9];
+    let positions = [0usize, 3, 40, 255];
+    let n = slots.len();
+    let kv = rng.vec(n * (kvr + rd));
+    let keys = rng.vec(n * id);
+    let (w, b) = (&a.indexer.k_norm_weight, &a.indexer.k_norm_bias);
+    let run = |dtype| {
+        ops::cache_store_host(
+            &dev,
+            dtype,
+            &kv,
+            &a.kv_a_layernorm,
+            &keys,
+            (w, b),
+            &slots,
+            &positions,
+            &model.rope.inv_freq,
+            model.rope.attention_factor,
+            20,
+        )
+        .unwrap()
+    };
+    let (lat32, idx32) = run(DType::F32);
+    // The CPU's cache writes (model::forward): RMSNorm + interleaved RoPE, LayerNorm + half-split RoPE.
+    for (t, (&slot, &p)) in slots.iter().zip(&positions).enumerate() {
+        let (cos, sin) = model.rope.cos_sin(p);
+        let mut lat = kv[t * (kvr + rd)..(t + 1) * (kvr + rd)].to_vec();
+        cpu::rms_norm(&mut lat[..kvr], kvr, &a.kv_a_layernorm, c.rms_norm_eps);
+        cpu::rope_interleaved(&mut lat[kvr..], &cos, &sin);
+        let mut key = keys[t * id..(t + 1) * id].to_vec();
+        cpu::layer_norm(&mut key, id, w, b, 1e-6);
+        cpu::rope_half_split(&mut key[..rd], &cos, &sin);
+        let got_lat = &lat32[slot * (kvr + rd)..(slot + 1) * (kvr + rd)];
+        let got_key = &idx32[slot * id..(slot + 1) * id];
+        assert!(
+            rel_err(got_lat, &lat) < 1e-5,
+            "latent slot {slot}: {}",
+            rel_err(got_lat, &lat)
+        );
+        assert!(
+            rel_err(got_key, &key) < 1e-5,
+            "index key slot {slot}: {}",
+            rel_err(got_key, &key)
+        );
+    }
+    // Slots nobody wrote stay zero.
+    assert!(lat32[(kvr + rd)..2 * (kvr + rd)].iter().all(|v| *v == 0.0));
+    // bf16 caches hold the same rows rounded to nearest (at most half a bf16 ulp each).
+    let (lat16, idx16) = run(DType::Bf16);
+    for (got, exact) in [(&lat16, &lat32), (&idx16, &idx32)] {
+        for (g, x) in got.iter().zip(exact.iter()) {
+            assert!(
+                (g - x).abs() <= x.abs() * (1.0 / 256.0) + 1e-30,
+                "bf16 cache holds {g} for {x}"
+            );
+        }
+        assert_eq!(got, &bf16_round(exact));
+    }
+}
+
+#[test]
+fn logits_match_the_cpu_backend_on_every_fixture() {
+    if gpu().is_none() {
+        return;
+    }
+    for name in FIXTURES {
+        let model = Model::load(&dir(name)).unwrap();
+        let mut rounded = Model::load(&dir(name)).unwrap();
+        round_matrices_to_bf16(&mut rounded);
+        let (exp, hf_logits) = expected(name);
+        let prompt = &exp.prompt_ids;
+        let cpu_f32 = generate::score(&model, prompt, false).unwrap().concat();
+        let cpu_bf16 = generate::score(&rounded, prompt, false).unwrap().concat();
+        eprintln!(
+            "{name}: CPU with bf16-rounded weights vs CPU f32 {:.2e} (the fixture's own sensitivity)",
+            rel_err(&cpu_bf16, &cpu_f32)
+        );
+        // (weights, cache, CPU reference, tolerance)
+        let cases = [
+            (DType::F32, DType::F32, &cpu_f32, TOL_F32),
+            (DType::Bf16, DType::F32, &cpu_bf16, TOL_F32),
+            (DType::Bf16, DType::Bf16, &cpu_bf16, f32::INFINITY),
+        ];
+        for (weights, cache, reference, tol) in cases {
+            let opts = CudaOptions {
+                weights,
+                cache,
+                max_batch_tokens: 256,
+            };
+            let mut exec = CudaExecutor::with_options(&model, geometry(8, 64), 0, opts).unwrap();
+            let ours = score(&mut exec, prompt);
+            let e_cpu = rel_err(&ours, reference);
+            eprintln!(
+                "{name} weights {weights:?} cache {cache:?}: max|diff|/max|ref| vs CPU {e_cpu:.2e}, vs CPU f32 {:.2e}, vs transformers {:.2e} ({} logits)",
+                rel_err(&ours, &cpu_f32),
+                rel_err(&ours, &hf_logits),
+                ours.len()
+            );
+            assert!(
+                e_cpu < tol,
+                "{name} {weights:?}/{cache:?}: {e_cpu} >= {tol}"
+            );
+        }
+    }
+}
+
+#[test]
+fn greedy_tokens_match_transformers_on_every_fixture() {
+    if gpu().is_none() {
+        return;
+    }
+    for name in FIXTURES {
+        let model = Model::load(&dir(name)).unwrap();
+        let (exp, _) = expected(name);
+        let steps = exp.greedy_ids.len();
+        let mut cpu_exec = CpuExecutor::new(
+            std::sync::Arc::new(Model::load(&dir(name)).unwrap()),
+            geometry(8, 64),
+        );
+        assert_eq!(
+            greedy(&mut cpu_exec, &exp.prompt_ids, steps),
+            exp.greedy_ids,
+            "{name}: CPU greedy loop"
+        );
+        let mut exec = executor(&model, geometry(8, 64), DType::F32);
+        let got = greedy(&mut exec, &exp.prompt_ids, steps);
+        assert_eq!(got, exp.greedy_ids, "{name} f32");
+
+        // bf16 weights: the reference is the CPU on the same rounded weights.
+        let mut rounded = Model::load(&dir(name)).unwrap();
+        round_matrices_to_bf16(&mut rounded);
+        let mut cpu_rounded = CpuExecutor::new(std::sync::Arc::new(rounded), geometry(8, 64));
+        let want = greedy(&mut cpu_rounded, &exp.prompt_ids, steps);
+        for cache in [DType::F32, DType::Bf16] {
+            let opts = CudaOptions {
+                weights: DType::Bf16,
+                cache,
+                max_batch_tokens: 256,
+            };
+            let mut exec = CudaExecutor::with_options(&model, geometry(8, 64), 0, opts).unwrap();
+            let got = greedy(&mut exec, &exp.prompt_ids, steps);
+            let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+            let same_hf = got
+                .iter()
+                .zip(&exp.greedy_ids)
+                .take_while(|(a, b)| a == b)
+                .count();
+            eprintln!(
+                "{name} bf16 weights, {cache:?} cache: first {same}/{steps} tokens equal the CPU on rounded weights, {same_hf}/{steps} equal transformers"
+            );
+            if cache == DType::F32 {
+                assert_eq!(got, want, "{name} bf16 weights, f32 cache");
+            }
+        }
+    }
+}
+
+#[test]
+fn incremental_decode_equals_full_recompute_on_the_gpu() {
+    if gpu().is_none() {
+        return;
+    }
+    for name in ["tiny-deep", "tiny-fp8"] {
+        let model = Model::load(&dir(name)).unwrap();
+        let (exp, _) = expected(name);
+        let prompt = &exp.prompt_ids;
+        for dtype in DTYPES {
+            // Small blocks, and a decoy sequence first, so slots are scattered.
+            let g = geometry(64, 4);
+            let mut exec = executor(&model, g, dtype);
+            let full = score(&mut exec, prompt);
+            let mut alloc = BlockAllocator::new(g);
+            let mut decoy = BlockTable::default();
+            alloc.reserve(&mut decoy, 9).unwrap();
+            let mut table = BlockTable::default();
+            alloc.reserve(&mut table, prompt.len()).unwrap();
+            let mut run = |tokens: &[u32], start: usize| {
+                exec.forward(&[SeqChunk {
+                    tokens,
+                    start_pos: start,
+                    blocks: &table,
+                    logits: LogitsWanted::All,
+                }])
+                .unwrap()
+                .remove(0)
+            };
+            let split = 30;
+            let mut ours = run(&prompt[..split], 0);
+            ours.extend(run(&prompt[split..split + 5], split));
+            for p in split + 5..prompt.len() {
+                ours.extend(run(&prompt[p..p + 1], p));
+            }
+            let e = rel_err(&ours, &full);
+            eprintln!("{name} {dtype:?}: incremental vs full {e:.2e}");
+            assert!(e < 1e-4, "{name} {dtype:?}: incremental vs full {e}");
+        }
+    }
+}
+
+#[test]
+fn a_batch_of_mixed_lengths_equals_each_sequence_alone_on_the_gpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let model = Model::load(&dir("tiny-sharded")).unwrap();
+    let (exp, _) = expected("tiny-sharded");
+    let p = &exp.prompt_ids;
+    let prompts: [&[u32]; 3] = [&p[..72], &p[5..23], &p[40..41]];
+    for dtype in DTYPES {
+        let g = geometry(16, 16);
+        let mut exec = executor(&model, g, dtype);
+        let alone: Vec<Vec<f32>> = prompts.iter().map(|q| score(&mut exec, q)).collect();
+        let mut alloc = BlockAllocator::new(g);
+        let tables: Vec<BlockTable> = prompts
+            .iter()
+            .map(|q| {
+                let mut t = BlockTable::default();
+                alloc.reserve(&mut t, q.len()).unwrap();
+                t
+            })
+            .collect();
+        let chunks: Vec<SeqChunk> = prompts
+            .iter()
+            .zip(&tables)
+            .map(|(q, t)| SeqChunk {
+                tokens: q,
+                start_pos: 0,
+                blocks: t,
+                logits: LogitsWanted::All,
+            })
+            .collect();
+        let batched = exec.forward(&chunks).unwrap();
+        for (i, (b, a)) in batched.iter().zip(&alone).enumerate() {
+            let e = rel_err(b, a);
+            eprintln!("{dtype:?} sequence {i}: batched vs alone {e:.2e}");
+            assert!(e < 1e-4, "{dtype:?} sequence {i}: batched vs alone {e}");
+        }
+    }
+}
