@@ -113,6 +113,9 @@ pub struct StreamParser {
     phase: Phase,
     /// Text received but not yet emitted; in the DSML phases it starts at a unit boundary.
     buf: String,
+    /// The consumed block opener, given back as content if the block breaks before its
+    /// first invoke.
+    opener: String,
     /// Index of the next tool call.
     next_call: usize,
 }
@@ -151,6 +154,7 @@ impl StreamParser {
         StreamParser {
             phase,
             buf: String::new(),
+            opener: String::new(),
             next_call: 0,
         }
     }
@@ -177,7 +181,8 @@ impl StreamParser {
             }
             Phase::BlockOpen | Phase::BetweenInvokes | Phase::InInvoke { .. } => {
                 self.close_invoke(&mut out);
-                push_text(&mut out, Delta::ContentDelta, rest);
+                let opener = std::mem::take(&mut self.opener);
+                push_text(&mut out, Delta::ContentDelta, opener + &rest);
             }
             Phase::Stopped => {}
         }
@@ -199,6 +204,7 @@ impl StreamParser {
                     Step::Wait => false,
                     Step::Malformed => {
                         self.close_invoke(out);
+                        self.buf.insert_str(0, &std::mem::take(&mut self.opener));
                         self.phase = Phase::Raw;
                         true
                     }
@@ -246,13 +252,22 @@ impl StreamParser {
         match self.phase {
             Phase::BlockOpen => {
                 let open = format!("\n\n<{DSML}function_calls>\n");
-                self.take_lit(&open, Phase::BetweenInvokes)
+                match match_lit(&self.buf, &open) {
+                    Lit::Full => {
+                        self.opener = self.buf.drain(..open.len()).collect();
+                        self.phase = Phase::BetweenInvokes;
+                        Step::Progress
+                    }
+                    Lit::Partial => Step::Wait,
+                    Lit::No => Step::Malformed,
+                }
             }
             Phase::BetweenInvokes => {
                 let end = format!("</{DSML}function_calls>");
                 match match_lit(&self.buf, &end) {
                     Lit::Full => {
                         self.buf.drain(..end.len());
+                        self.opener.clear();
                         self.phase = Phase::AfterBlock;
                         return Step::Progress;
                     }
@@ -285,18 +300,6 @@ impl StreamParser {
         }
     }
 
-    fn take_lit(&mut self, lit: &str, next: Phase) -> Step {
-        match match_lit(&self.buf, lit) {
-            Lit::Full => {
-                self.buf.drain(..lit.len());
-                self.phase = next;
-                Step::Progress
-            }
-            Lit::Partial => Step::Wait,
-            Lit::No => Step::Malformed,
-        }
-    }
-
     /// `<｜DSML｜invoke name="NAME">\n`
     fn step_invoke_header(&mut self, out: &mut Vec<Delta>) -> Step {
         let open = format!("<{DSML}invoke");
@@ -318,6 +321,7 @@ impl StreamParser {
         let name = name.to_owned();
         self.buf.drain(..end + 3);
         let index = self.next_call;
+        self.opener.clear();
         out.push(Delta::ToolCallStart {
             index,
             id: new_call_id(),
@@ -409,4 +413,195 @@ pub fn new_call_id() -> String {
     hasher.write_u64(n);
     let high = hasher.finish();
     format!("call_{high:016x}{:08x}", n as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CALLS: &str = "Let me check.\n\n<｜DSML｜function_calls>\n\
+        <｜DSML｜invoke name=\"get_weather\">\n\
+        <｜DSML｜parameter name=\"location\" string=\"true\">杭州 \"West\"</｜DSML｜parameter>\n\
+        <｜DSML｜parameter name=\"days\" string=\"false\">3</｜DSML｜parameter>\n\
+        </｜DSML｜invoke>\n\
+        <｜DSML｜invoke name=\"now\">\n\n</｜DSML｜invoke>\n\
+        </｜DSML｜function_calls><｜end▁of▁sentence｜>";
+
+    #[test]
+    fn thinking_output_splits_into_reasoning_and_content() {
+        let parsed = parse_completion(
+            "hmm</think>Hello<｜end▁of▁sentence｜>ignored",
+            ThinkingMode::Thinking,
+        );
+        assert_eq!(parsed.reasoning_content.as_deref(), Some("hmm"));
+        assert_eq!(parsed.content, "Hello");
+        assert!(parsed.tool_calls.is_empty());
+    }
+
+    #[test]
+    fn chat_output_has_no_reasoning() {
+        let parsed = parse_completion("Hello", ThinkingMode::Chat);
+        assert_eq!(parsed.reasoning_content, None);
+        assert_eq!(parsed.content, "Hello");
+    }
+
+    #[test]
+    fn dsml_invokes_become_openai_tool_calls() {
+        let parsed = parse_completion(CALLS, ThinkingMode::Chat);
+        assert_eq!(parsed.content, "Let me check.");
+        assert_eq!(parsed.tool_calls.len(), 2);
+        assert_eq!(parsed.tool_calls[0].name, "get_weather");
+        assert_eq!(
+            parsed.tool_calls[0].arguments,
+            r#"{"location": "杭州 \"West\"", "days": 3}"#
+        );
+        assert_eq!(parsed.tool_calls[1].name, "now");
+        assert_eq!(parsed.tool_calls[1].arguments, "{}");
+        assert_ne!(parsed.tool_calls[0].id, parsed.tool_calls[1].id);
+    }
+
+    #[test]
+    fn a_non_json_value_marked_string_false_is_quoted() {
+        let text = "\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name=\"f\">\n\
+            <｜DSML｜parameter name=\"x\" string=\"false\">not json</｜DSML｜parameter>\n\
+            </｜DSML｜invoke>\n</｜DSML｜function_calls>";
+        let parsed = parse_completion(text, ThinkingMode::Chat);
+        assert_eq!(parsed.tool_calls[0].arguments, r#"{"x": "not json"}"#);
+    }
+
+    #[test]
+    fn a_malformed_block_degrades_to_content() {
+        let text = "Hi\n\n<｜DSML｜function_calls>\n<｜DSML｜oops>";
+        let parsed = parse_completion(text, ThinkingMode::Chat);
+        assert_eq!(parsed.content, text);
+        assert!(parsed.tool_calls.is_empty());
+    }
+
+    #[test]
+    fn a_block_broken_inside_an_invoke_keeps_valid_arguments() {
+        let text = "\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name=\"f\">\n\
+            <｜DSML｜parameter name=\"a\" string=\"true\">1</｜DSML｜parameter>\nBROKEN";
+        let parsed = parse_completion(text, ThinkingMode::Chat);
+        assert_eq!(parsed.tool_calls[0].arguments, r#"{"a": "1"}"#);
+        assert_eq!(parsed.content, "BROKEN");
+    }
+
+    #[test]
+    fn output_cut_off_mid_tag_is_kept_as_text() {
+        let parsed = parse_completion("partial</thi", ThinkingMode::Thinking);
+        assert_eq!(parsed.reasoning_content.as_deref(), Some("partial</thi"));
+        let parsed = parse_completion("answer\n\n<｜DSML｜func", ThinkingMode::Chat);
+        assert_eq!(parsed.content, "answer\n\n<｜DSML｜func");
+    }
+
+    #[test]
+    fn streaming_holds_back_only_a_possible_tag_prefix() {
+        let mut parser = StreamParser::new(ThinkingMode::Thinking);
+        assert_eq!(
+            parser.push("abc</th"),
+            vec![Delta::ReasoningDelta("abc".into())]
+        );
+        assert_eq!(
+            parser.push("ink>x\n"),
+            vec![Delta::ContentDelta("x".into())]
+        );
+        assert_eq!(parser.push("y"), vec![Delta::ContentDelta("\ny".into())]);
+    }
+
+    #[test]
+    fn streamed_tool_calls_start_before_their_arguments() {
+        let mut parser = StreamParser::new(ThinkingMode::Chat);
+        let mut deltas = parser.push(CALLS);
+        deltas.extend(parser.finish());
+        assert!(
+            matches!(&deltas[1], Delta::ToolCallStart { index: 0, name, .. } if name == "get_weather")
+        );
+        assert!(matches!(
+            &deltas[2],
+            Delta::ToolCallArgumentsDelta { index: 0, .. }
+        ));
+    }
+
+    /// SplitMix64: a small deterministic generator for chunk boundaries.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+    }
+
+    /// Splits `text` at random char boundaries, chunks of 1 to `max` chars.
+    fn chunks<'a>(text: &'a str, rng: &mut Rng, max: u64) -> Vec<&'a str> {
+        let bounds: Vec<usize> = text
+            .char_indices()
+            .map(|(i, _)| i)
+            .chain([text.len()])
+            .collect();
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at + 1 < bounds.len() {
+            let step = 1 + (rng.next() % max) as usize;
+            let next = (at + step).min(bounds.len() - 1);
+            out.push(&text[bounds[at]..bounds[next]]);
+            at = next;
+        }
+        out
+    }
+
+    fn without_ids(mut msg: ParsedMessage) -> ParsedMessage {
+        for call in &mut msg.tool_calls {
+            call.id = None;
+        }
+        msg
+    }
+
+    #[test]
+    fn any_chunking_of_the_stream_adds_up_to_the_whole_parse() {
+        let samples = [
+            (CALLS, ThinkingMode::Chat),
+            (
+                &format!("reason</think>{CALLS}")[..],
+                ThinkingMode::Thinking,
+            ),
+            (
+                "a</think>b\n\nc\n\n<｜DSML｜function_callsX<｜end▁of▁sentence｜>",
+                ThinkingMode::Thinking,
+            ),
+            (
+                "a\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name=\"f\">\n<｜DSML｜parameter name=\"k\" str",
+                ThinkingMode::Chat,
+            ),
+            (
+                "</think></think><｜end▁of▁sentence｜",
+                ThinkingMode::Thinking,
+            ),
+            ("no tags at all, 中文 and emoji 📅\n\n", ThinkingMode::Chat),
+            (
+                &CALLS.replace("</｜DSML｜invoke>\n<", "</｜DSML｜invoke>\nX<")[..],
+                ThinkingMode::Chat,
+            ),
+        ];
+        let mut rng = Rng(7);
+        for (text, mode) in samples {
+            let whole = without_ids(parse_completion(text, mode));
+            for round in 0..300 {
+                let mut parser = StreamParser::new(mode);
+                let mut deltas = Vec::new();
+                for chunk in chunks(text, &mut rng, 1 + round % 12) {
+                    deltas.extend(parser.push(chunk));
+                }
+                deltas.extend(parser.finish());
+                assert_eq!(
+                    without_ids(collect(mode, deltas)),
+                    whole,
+                    "text {text:?} round {round}"
+                );
+            }
+        }
+    }
 }

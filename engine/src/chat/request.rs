@@ -144,3 +144,77 @@ fn invalid(field: &str, reason: impl Into<String>) -> ChatError {
         reason: reason.into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn chat_template_kwargs_thinking_selects_thinking_mode() {
+        let body = json!({"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"thinking": true}});
+        assert!(
+            render_request(&body)
+                .unwrap()
+                .ends_with("<｜Assistant｜><think>")
+        );
+    }
+
+    #[test]
+    fn thinking_mode_field_wins_and_chat_is_the_default() {
+        let body = json!({"messages": [{"role": "user", "content": "hi"}], "thinking_mode": "chat",
+            "chat_template_kwargs": {"thinking": true}});
+        assert!(render_request(&body).unwrap().ends_with("</think>"));
+        let body = json!({"messages": [{"role": "user", "content": "hi"}]});
+        assert!(render_request(&body).unwrap().ends_with("</think>"));
+    }
+
+    #[test]
+    fn the_raw_body_keeps_tool_schema_key_order() {
+        let body = r#"{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "u"}],
+            "tools": [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}]}"#;
+        let prompt = render_request_str(body).unwrap();
+        assert!(prompt.contains(
+            "<functions>\n{\"name\": \"f\", \"description\": \"d\", \"parameters\": {\"type\": \"object\"}}\n</functions>"
+        ));
+        assert!(prompt.starts_with("<｜begin▁of▁sentence｜>S\n\n## Tools"));
+    }
+
+    #[test]
+    fn an_unknown_role_names_the_message_index_and_field() {
+        let body = json!({"messages": [{"role": "user", "content": "hi"}, {"role": "wizard"}]});
+        let err = render_request(&body).unwrap_err();
+        assert_eq!(err.param(), "messages[1].role");
+        assert!(err.to_string().contains("wizard"));
+    }
+
+    #[test]
+    fn a_bad_tool_names_its_index() {
+        let body = json!({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {}}]});
+        assert_eq!(
+            render_request(&body).unwrap_err().param(),
+            "tools[0].function.name"
+        );
+    }
+
+    #[test]
+    fn missing_or_empty_messages_are_rejected() {
+        assert_eq!(render_request(&json!({})).unwrap_err().param(), "messages");
+        assert_eq!(
+            render_request(&json!({"messages": []}))
+                .unwrap_err()
+                .param(),
+            "messages"
+        );
+        assert!(render_request_str("{not json").is_err());
+    }
+
+    #[test]
+    fn a_text_response_format_adds_nothing() {
+        let body = json!({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "text"}});
+        assert_eq!(
+            render_request(&body).unwrap(),
+            "<｜begin▁of▁sentence｜><｜User｜>hi<｜Assistant｜></think>"
+        );
+    }
+}

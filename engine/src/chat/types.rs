@@ -95,13 +95,13 @@ impl Tool {
     /// Reads one tool, naming the bad field on failure.
     pub fn from_json(value: &Json) -> Result<Tool, FieldError> {
         expect_object(value, "")?;
-        if let Some(kind) = value.get("type").filter(|v| !v.is_null()) {
-            if kind.as_str() != Some("function") {
-                return Err(FieldError::new(
-                    "type",
-                    "only \"function\" tools are supported",
-                ));
-            }
+        if let Some(kind) = value.get("type").filter(|v| !v.is_null())
+            && kind.as_str() != Some("function")
+        {
+            return Err(FieldError::new(
+                "type",
+                "only \"function\" tools are supported",
+            ));
         }
         let function = value
             .get("function")
@@ -221,13 +221,13 @@ impl TryFrom<Json> for Message {
 fn tool_call_from_json(value: &Json) -> Result<ToolCall, FieldError> {
     expect_object(value, "")?;
     let id = optional_string(value, "id")?;
-    if let Some(kind) = value.get("type").filter(|v| !v.is_null()) {
-        if kind.as_str() != Some("function") {
-            return Err(FieldError::new(
-                "type",
-                "only \"function\" tool calls are supported",
-            ));
-        }
+    if let Some(kind) = value.get("type").filter(|v| !v.is_null())
+        && kind.as_str() != Some("function")
+    {
+        return Err(FieldError::new(
+            "type",
+            "only \"function\" tool calls are supported",
+        ));
     }
     let function = value
         .get("function")
