@@ -187,6 +187,9 @@ pub enum GenerateError {
     Forward(#[from] ForwardError),
 }
 
+/// One forward step of some backend: chunks in, requested logits out.
+pub type StepFn<'a> = dyn FnMut(&[SeqChunk]) -> Result<Vec<Vec<f32>>, ForwardError> + 'a;
+
 /// Validates requests and returns the KV geometry that holds all of them at once.
 pub fn plan_geometry(
     limit: usize,
@@ -233,7 +236,7 @@ pub fn generate_batch(
 /// batched decode step per token until every sequence has finished. `geometry` must be at
 /// least what [`plan_geometry`] returns for these requests.
 pub fn generate_with(
-    step: &mut dyn FnMut(&[SeqChunk]) -> Result<Vec<Vec<f32>>, ForwardError>,
+    step: &mut StepFn,
     geometry: KvGeometry,
     requests: &[GenerateRequest],
 ) -> Result<Vec<Generation>, GenerateError> {
@@ -326,7 +329,7 @@ pub fn score_geometry(limit: usize, prompt: &[u32]) -> Result<KvGeometry, Genera
 }
 
 pub fn score_with(
-    step: &mut dyn FnMut(&[SeqChunk]) -> Result<Vec<Vec<f32>>, ForwardError>,
+    step: &mut StepFn,
     geometry: KvGeometry,
     prompt: &[u32],
     last_only: bool,

@@ -8,10 +8,12 @@
 pub mod backend;
 pub mod chat;
 pub mod dist;
+pub mod download;
 pub mod generate;
 pub mod kv;
 pub mod metrics;
 pub mod model;
 pub mod runtime;
 pub mod sched;
+pub mod server;
 pub mod tokenizer;

@@ -1,17 +1,34 @@
-//! `deepseek-engine`: run, score and benchmark DeepSeek-V3.2-architecture models.
+//! `deepseek-engine`: serve, run, score and benchmark DeepSeek-V3.2-architecture models.
 //!
 //! Results go to stdout as JSON; progress and diagnostics go to stderr through tracing.
+//! With `--expert-parallel N` a model replica spans N ranks: threads of this process, or, when
+//! `RANK`/`WORLD_SIZE`/`LEADER_ADDR` are set (as the operator sets them), one rank per process.
 
+use std::io::Read;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use deepseek_engine::backend::cpu::CpuKvCache;
+use deepseek_engine::backend::cuda::{self, CudaExecutor, CudaOptions, DType};
+use deepseek_engine::backend::ep::{ExpertParallelExecutor, run_worker};
+use deepseek_engine::backend::{CpuExecutor, Executor};
+use deepseek_engine::chat::{self, ThinkingMode};
+use deepseek_engine::dist::{ExpertShard, GroupEnv, TcpTransport};
 use deepseek_engine::generate::{self, GenerateRequest, Rng, SamplingParams};
-use deepseek_engine::kv::{BlockAllocator, BlockTable, DEFAULT_BLOCK_SIZE, KvGeometry};
-use deepseek_engine::model::builtin::{BUILTIN_MODEL, builtin_model};
-use deepseek_engine::model::{LogitsWanted, Model, SeqChunk};
+use deepseek_engine::kv::{
+    BlockAllocator, BlockTable, DEFAULT_BLOCK_SIZE, KvGeometry, PrefixCachingPool,
+};
+use deepseek_engine::metrics::Metrics;
+use deepseek_engine::model::builtin::{BUILTIN_MODEL, RandomWeights, builtin_config, is_builtin};
+use deepseek_engine::model::{LogitsWanted, Model, ModelConfig, SeqChunk};
+use deepseek_engine::runtime;
+use deepseek_engine::sched::{Scheduler, SchedulerConfig};
+use deepseek_engine::server::{self, ServerState};
+use deepseek_engine::tokenizer::Tokenizer;
 use serde_json::json;
 use tracing_subscriber::EnvFilter;
 
@@ -19,7 +36,7 @@ use tracing_subscriber::EnvFilter;
 #[command(
     name = "deepseek-engine",
     version,
-    about = "Inference engine for DeepSeek-V3.2 (MLA + sparse attention + MoE)"
+    about = "Inference engine for DeepSeek-V3.2 (MLA + DeepSeek Sparse Attention + MoE)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -28,6 +45,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible HTTP API (chat, completions, streaming, tools, metrics).
+    Serve(Box<ServeArgs>),
     /// Print the logits of every prompt position as JSON: {"logits": [[...], ...]}.
     Score {
         #[command(flatten)]
@@ -63,6 +82,24 @@ enum Command {
         #[arg(long)]
         ignore_eos: bool,
     },
+    /// Print the DeepSeek-V3.2 prompt text for a chat request JSON file.
+    RenderChat {
+        /// JSON with `messages`, optional `tools` and `thinking_mode` ("thinking" or "chat").
+        #[arg(long)]
+        request: PathBuf,
+    },
+    /// Parse model output (stdin) into an assistant message (reasoning, content, tool calls).
+    ParseCompletion {
+        #[arg(long, value_enum, default_value_t = ModeArg::Chat)]
+        thinking_mode: ModeArg,
+    },
+    /// Fetch a model (hf://ORG/NAME[@REVISION]) into a directory, resuming by file.
+    Download {
+        #[arg(long)]
+        source: String,
+        #[arg(long)]
+        dest: PathBuf,
+    },
     /// Measure prefill and decode speed, and decode time per token as the context grows.
     Bench {
         #[command(flatten)]
@@ -79,13 +116,70 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum ModeArg {
+    Thinking,
+    Chat,
+}
+
 #[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value = "0.0.0.0", env = "DEEPSEEK_ENGINE_HOST")]
+    host: String,
+    #[arg(long, default_value_t = 8000, env = "DEEPSEEK_ENGINE_PORT")]
+    port: u16,
+    /// tokenizer.json to use (default: the model directory's, or the built-in one).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Name clients use in the `model` field (default: the model directory's name).
+    #[arg(long, env = "SERVED_MODEL_NAME")]
+    served_model_name: Option<String>,
+    /// Longest sequence (prompt plus completion) accepted.
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    /// Most sequences running at once.
+    #[arg(long, default_value_t = 64)]
+    max_num_seqs: usize,
+    /// Token budget of one engine step (chunked prefill).
+    #[arg(long, default_value_t = 2048)]
+    max_num_batched_tokens: usize,
+    /// Requests allowed to wait; beyond this the API answers 429.
+    #[arg(long, default_value_t = 256)]
+    max_waiting: usize,
+    /// KV-cache blocks (of --block-size tokens); default: sized from --kv-cache-memory-gb.
+    #[arg(long)]
+    num_kv_blocks: Option<usize>,
+    /// Memory for the KV cache when --num-kv-blocks is not given.
+    #[arg(long, default_value_t = 1.0)]
+    kv_cache_memory_gb: f64,
+    #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
+    block_size: usize,
+    /// KV-cache element type on GPUs (fp8, bf16 or auto); the CPU backend stores f32.
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: String,
+    #[arg(long)]
+    no_prefix_caching: bool,
+}
+
+#[derive(Args, Clone)]
 struct ModelArgs {
     /// Model directory (config.json + safetensors), or `builtin` for the built-in demo model.
     #[arg(long, default_value = BUILTIN_MODEL)]
     model: String,
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     backend: Backend,
+    /// Expert-parallel ranks of one model replica (threads here, or processes when RANK,
+    /// WORLD_SIZE and LEADER_ADDR are set).
+    #[arg(long, default_value_t = 1)]
+    expert_parallel: usize,
+    /// Seconds to wait for every rank of a multi-process group to join.
+    #[arg(long, default_value_t = 600)]
+    group_timeout_s: u64,
+    /// GPU ordinal for the CUDA backend.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -95,20 +189,110 @@ enum Backend {
     Auto,
 }
 
-fn load(args: &ModelArgs) -> Result<Model> {
-    match args.backend {
-        Backend::Cuda => bail!("this build has no CUDA backend yet; use --backend cpu"),
-        Backend::Auto => tracing::info!("backend auto: using the CPU reference backend"),
-        Backend::Cpu => {}
+/// How this process takes part in its model replica.
+enum Role {
+    /// The whole replica in this process (with `ep` ranks as threads when ep > 1).
+    Single { ep: usize },
+    /// One rank of a multi-process group.
+    Group(GroupEnv),
+}
+
+fn role(args: &ModelArgs) -> Result<Role> {
+    match GroupEnv::from_env()? {
+        Some(env) if env.world_size > 1 => {
+            let local: usize = std::env::var("LOCAL_WORLD_SIZE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            if local > 1 {
+                bail!(
+                    "LOCAL_WORLD_SIZE={local}: several ranks per process need the CUDA backend with NCCL, \
+                     which this build does not have"
+                );
+            }
+            if args.expert_parallel != env.world_size * local {
+                bail!(
+                    "--expert-parallel {} does not match WORLD_SIZE {} x LOCAL_WORLD_SIZE {local}",
+                    args.expert_parallel,
+                    env.world_size
+                );
+            }
+            Ok(Role::Group(env))
+        }
+        _ if args.expert_parallel == 0 => bail!("--expert-parallel must be at least 1"),
+        _ => Ok(Role::Single {
+            ep: args.expert_parallel,
+        }),
     }
+}
+
+/// Whether this run computes on the GPU: `--backend cuda`, or `auto` with a usable GPU.
+fn use_cuda(args: &ModelArgs) -> Result<bool> {
+    match args.backend {
+        Backend::Cpu => Ok(false),
+        Backend::Cuda => match cuda::unavailable_reason() {
+            None => Ok(true),
+            Some(why) => bail!("--backend cuda: CUDA is not available: {why}"),
+        },
+        Backend::Auto => {
+            let gpu = cuda::is_available();
+            tracing::info!(backend = if gpu { "cuda" } else { "cpu" }, "backend auto");
+            Ok(gpu)
+        }
+    }
+}
+
+/// The single-device executor: the model on GPU `device` or on the CPU. With `auto_blocks`
+/// the GPU's KV cache takes every block that fits after weights and workspace.
+fn single_executor(
+    args: &ModelArgs,
+    geometry: KvGeometry,
+    auto_blocks: bool,
+) -> Result<Box<dyn Executor>> {
+    let model = Arc::new(load_shard(args, ExpertShard::WHOLE)?);
+    if !use_cuda(args)? {
+        return Ok(Box::new(CpuExecutor::new(model, geometry)));
+    }
+    let opts = CudaOptions {
+        weights: DType::Bf16,
+        cache: DType::Bf16,
+        ..CudaOptions::default()
+    };
+    let geometry = if auto_blocks {
+        let plan = CudaExecutor::plan_for(&model, args.device, geometry.block_size, opts)?;
+        KvGeometry {
+            num_blocks: plan.num_blocks,
+            block_size: geometry.block_size,
+        }
+    } else {
+        geometry
+    };
+    Ok(Box::new(CudaExecutor::with_options(
+        &model,
+        geometry,
+        args.device,
+        opts,
+    )?))
+}
+
+fn model_config(args: &ModelArgs) -> Result<ModelConfig> {
+    if is_builtin(&args.model) {
+        return Ok(builtin_config());
+    }
+    let path = PathBuf::from(&args.model).join("config.json");
+    ModelConfig::from_file(&path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Loads the routed experts of `shard` and everything replicated.
+fn load_shard(args: &ModelArgs, shard: ExpertShard) -> Result<Model> {
     let started = Instant::now();
-    let model = if args.model == BUILTIN_MODEL {
-        tracing::info!("building the built-in demo model");
-        builtin_model()?
+    let model = if is_builtin(&args.model) {
+        tracing::info!("building the built-in demo model (random weights)");
+        Model::from_source_sharded(builtin_config(), &RandomWeights { seed: 0x5eed }, shard)?
     } else {
         let dir = PathBuf::from(&args.model);
         tracing::info!(model = %dir.display(), "loading model");
-        Model::load(&dir).with_context(|| format!("loading {}", dir.display()))?
+        Model::load_sharded(&dir, shard).with_context(|| format!("loading {}", dir.display()))?
     };
     let c = &model.config;
     tracing::info!(
@@ -117,10 +301,81 @@ fn load(args: &ModelArgs) -> Result<Model> {
         experts = c.n_routed_experts,
         index_topk = c.index_topk,
         vocab = c.vocab_size,
+        rank = shard.rank,
         secs = format!("{:.2}", started.elapsed().as_secs_f64()),
         "model ready"
     );
     Ok(model)
+}
+
+/// What rank 0 computes with: the whole replica, or the leader side of a group.
+enum Replica {
+    Executor(Box<dyn Executor>),
+    /// A worker rank: it ran its group to the end.
+    Worker,
+}
+
+/// Builds the replica for `geometry`; on worker ranks, runs the worker loop until rank 0 ends.
+fn build_replica(
+    args: &ModelArgs,
+    geometry: KvGeometry,
+    auto_blocks: bool,
+    joined: Option<Arc<AtomicBool>>,
+) -> Result<Replica> {
+    let n_experts = model_config(args)?.n_routed_experts;
+    let role = role(args)?;
+    if !matches!(role, Role::Single { ep: 1 }) && args.backend == Backend::Cuda {
+        bail!(
+            "expert parallelism over GPUs (NCCL) is not in this build; use --backend cpu or --expert-parallel 1"
+        );
+    }
+    match role {
+        Role::Single { ep: 1 } => Ok(Replica::Executor(single_executor(
+            args,
+            geometry,
+            auto_blocks,
+        )?)),
+        Role::Single { ep } => {
+            tracing::info!(
+                ranks = ep,
+                "expert parallelism over threads of this process"
+            );
+            let models = (0..ep)
+                .map(|r| {
+                    Ok(Arc::new(load_shard(
+                        args,
+                        ExpertShard::new(r, ep, n_experts)?,
+                    )?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Replica::Executor(Box::new(
+                ExpertParallelExecutor::in_process(models, geometry)?,
+            )))
+        }
+        Role::Group(env) => {
+            let shard = ExpertShard::new(env.rank, env.world_size, n_experts)?;
+            let model = load_shard(args, shard)?;
+            let mut transport =
+                TcpTransport::connect(&env, Duration::from_secs(args.group_timeout_s))?;
+            if env.rank == 0 {
+                return Ok(Replica::Executor(Box::new(ExpertParallelExecutor::new(
+                    Arc::new(model),
+                    geometry,
+                    Box::new(transport),
+                ))));
+            }
+            if let Some(flag) = joined {
+                flag.store(true, Ordering::Release);
+            }
+            tracing::info!(
+                rank = env.rank,
+                "serving as a worker rank until rank 0 ends the group"
+            );
+            run_worker(&model, geometry, &mut transport)
+                .context("the expert-parallel group failed")?;
+            Ok(Replica::Worker)
+        }
+    }
 }
 
 fn main() -> Result<()> {
@@ -132,15 +387,46 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve(args) => serve(*args)?,
+        Command::RenderChat { request } => {
+            let text = std::fs::read_to_string(&request)
+                .with_context(|| format!("reading {}", request.display()))?;
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", request.display()))?;
+            print!("{}", chat::render_request(&value)?);
+        }
+        Command::ParseCompletion { thinking_mode } => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading stdin")?;
+            let mode = match thinking_mode {
+                ModeArg::Thinking => ThinkingMode::Thinking,
+                ModeArg::Chat => ThinkingMode::Chat,
+            };
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&chat::parse_completion(&text, mode))?
+            );
+        }
         Command::Score {
             model,
             prompt_ids,
             last_only,
         } => {
-            let model = load(&model)?;
-            tracing::info!(tokens = prompt_ids.len(), "scoring prompt");
-            let logits = generate::score(&model, &prompt_ids, last_only)?;
-            println!("{}", json!({ "logits": logits }));
+            let config = model_config(&model)?;
+            let geometry = generate::score_geometry(config.max_position_embeddings, &prompt_ids)?;
+            if let Replica::Executor(mut ex) = build_replica(&model, geometry, false, None)? {
+                tracing::info!(tokens = prompt_ids.len(), "scoring prompt");
+                let logits = generate::score_with(
+                    &mut |b| ex.forward(b),
+                    geometry,
+                    &prompt_ids,
+                    last_only,
+                    config.vocab_size,
+                )?;
+                println!("{}", json!({ "logits": logits }));
+            }
         }
         Command::Generate {
             model,
@@ -153,10 +439,10 @@ fn main() -> Result<()> {
             stop_ids,
             ignore_eos,
         } => {
-            let model = load(&model)?;
+            let config = model_config(&model)?;
             let mut stop_token_ids = stop_ids;
             if !ignore_eos {
-                stop_token_ids.extend(&model.config.eos_token_ids);
+                stop_token_ids.extend(&config.eos_token_ids);
             }
             let req = GenerateRequest {
                 prompt: prompt_ids,
@@ -169,16 +455,27 @@ fn main() -> Result<()> {
                 },
                 stop_token_ids,
             };
-            tracing::info!(prompt_tokens = req.prompt.len(), max_tokens, "generating");
-            let started = Instant::now();
-            let out = generate::generate_batch(&model, std::slice::from_ref(&req))?.remove(0);
-            tracing::info!(
-                generated = out.token_ids.len(),
-                finish_reason = ?out.finish_reason,
-                secs = format!("{:.3}", started.elapsed().as_secs_f64()),
-                "done"
-            );
-            println!("{}", json!({ "token_ids": out.token_ids }));
+            let reqs = std::slice::from_ref(&req);
+            let geometry = generate::plan_geometry(config.max_position_embeddings, reqs)?;
+            if let Replica::Executor(mut ex) = build_replica(&model, geometry, false, None)? {
+                tracing::info!(prompt_tokens = req.prompt.len(), max_tokens, "generating");
+                let started = Instant::now();
+                let out =
+                    generate::generate_with(&mut |b| ex.forward(b), geometry, reqs)?.remove(0);
+                tracing::info!(
+                    generated = out.token_ids.len(),
+                    finish_reason = ?out.finish_reason,
+                    secs = format!("{:.3}", started.elapsed().as_secs_f64()),
+                    "done"
+                );
+                println!("{}", json!({ "token_ids": out.token_ids }));
+            }
+        }
+        Command::Download { source, dest } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(deepseek_engine::download::download(&source, &dest))?;
         }
         Command::Bench {
             model,
@@ -186,11 +483,146 @@ fn main() -> Result<()> {
             decode_steps,
             contexts,
         } => {
-            let model = load(&model)?;
-            bench(&model, prompt_len, decode_steps, &contexts)?;
+            if use_cuda(&model)? {
+                bail!(
+                    "bench measures the CPU reference backend; GPU benchmarks are in docs/PERF.md"
+                );
+            }
+            let m = load_shard(&model, ExpertShard::WHOLE)?;
+            bench(&m, prompt_len, decode_steps, &contexts)?;
         }
     }
     Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    match args.kv_cache_dtype.as_str() {
+        "bf16" | "auto" => {}
+        "fp8" => tracing::warn!(
+            "--kv-cache-dtype fp8: the FP8 cache format is not implemented yet; storing bf16 (f32 on the CPU)"
+        ),
+        other => bail!("--kv-cache-dtype must be bf16, fp8 or auto, got {other:?}"),
+    }
+    let config = model_config(&args.model)?;
+    let group = role(&args.model)?;
+    let model_name = args.served_model_name.clone().unwrap_or_else(|| {
+        if is_builtin(&args.model.model) {
+            "deepseek-v3.2-builtin".to_string()
+        } else {
+            PathBuf::from(&args.model.model)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| args.model.model.clone())
+        }
+    });
+    let tokenizer = match (&args.tokenizer, is_builtin(&args.model.model)) {
+        (Some(path), _) => Tokenizer::from_file(path)?,
+        (None, true) => Tokenizer::builtin()?,
+        (None, false) => {
+            Tokenizer::from_file(PathBuf::from(&args.model.model).join("tokenizer.json"))
+                .context("the model directory has no usable tokenizer.json; pass --tokenizer")?
+        }
+    };
+    let max_model_len = args
+        .max_model_len
+        .unwrap_or(config.max_position_embeddings)
+        .min(config.max_position_embeddings);
+    let num_blocks = args.num_kv_blocks.unwrap_or_else(|| {
+        let per_block = CpuKvCache::bytes_per_slot(&config) * args.block_size;
+        ((args.kv_cache_memory_gb * 1e9) as usize / per_block.max(1)).max(1)
+    });
+    let geometry = KvGeometry {
+        num_blocks,
+        block_size: args.block_size,
+    };
+    tracing::info!(
+        num_blocks,
+        block_size = args.block_size,
+        tokens = geometry.num_slots(),
+        bytes = CpuKvCache::bytes_per_slot(&config) * geometry.num_slots(),
+        max_model_len,
+        "KV cache plan"
+    );
+
+    let metrics = Metrics::new(&model_name);
+    metrics.model_load_progress.set(0.0);
+    let mut state = ServerState::new(
+        Arc::new(tokenizer),
+        metrics.clone(),
+        model_name,
+        max_model_len,
+        config.eos_token_ids.clone(),
+    );
+    let worker = matches!(&group, Role::Group(env) if env.rank != 0);
+    let joined = Arc::new(AtomicBool::new(false));
+    if worker {
+        state.worker_ready = Some(joined.clone());
+    }
+    let state = Arc::new(state);
+    let addr = format!("{}:{}", args.host, args.port);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "HTTP listening (ready once the model is loaded)");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let http_state = state.clone();
+        let http = tokio::spawn(async move {
+            let mut stop_rx = stop_rx;
+            axum::serve(listener, server::router(http_state))
+                .with_graceful_shutdown(async move {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+                        _ = stop_rx.wait_for(|s| *s) => {}
+                    }
+                })
+                .await
+        });
+
+        // Load (and, on worker ranks, serve the group) off the async runtime.
+        let sched_cfg = SchedulerConfig {
+            max_num_seqs: args.max_num_seqs,
+            max_num_batched_tokens: args.max_num_batched_tokens,
+            max_model_len,
+            max_waiting: args.max_waiting,
+        };
+        let prefix_caching = !args.no_prefix_caching;
+        let auto_blocks = args.num_kv_blocks.is_none();
+        let model_args = args.model.clone();
+        let load_metrics = metrics.clone();
+        let load_state = state.clone();
+        let index_topk = config.index_topk;
+        let outcome = tokio::task::spawn_blocking(move || -> Result<bool> {
+            match build_replica(&model_args, geometry, auto_blocks, Some(joined))? {
+                Replica::Worker => Ok(false),
+                Replica::Executor(ex) => {
+                    load_metrics.model_load_progress.set(1.0);
+                    let geometry = ex.kv_geometry();
+                    load_metrics.set_cache_config(geometry.block_size, geometry.num_blocks);
+                    let sched = Scheduler::new(sched_cfg, PrefixCachingPool::new(geometry, prefix_caching));
+                    tracing::info!(device = %ex.device_name(), model = %load_state.model_name, "serving the OpenAI-compatible API");
+                    load_state.attach_engine(runtime::spawn(ex, sched, load_metrics, index_topk));
+                    Ok(true)
+                }
+            }
+        })
+        .await
+        .context("the loader thread failed")?;
+        match outcome {
+            Ok(true) => {}
+            Ok(false) => {
+                // A worker rank whose leader ended the group: exit cleanly.
+                let _ = stop_tx.send(true);
+            }
+            Err(e) => {
+                let _ = stop_tx.send(true);
+                return Err(e);
+            }
+        }
+        http.await.context("the HTTP server task failed")??;
+        Ok::<_, anyhow::Error>(())
+    })
 }
 
 /// Prefill throughput at `prompt_len`, then decode time per token after contexts of each length.

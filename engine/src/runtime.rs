@@ -13,7 +13,7 @@ use tokio::sync::{mpsc as tmpsc, oneshot};
 use crate::backend::Executor;
 use crate::generate::{FinishReason, Rng, SamplingParams, log_softmax, sample};
 use crate::metrics::Metrics;
-use crate::model::{LogitsWanted, SeqChunk};
+use crate::model::{ForwardError, LogitsWanted, SeqChunk};
 use crate::sched::{AdmissionError, Scheduler, SeqId, SeqSpec};
 
 /// What the HTTP side asks for one sequence.
@@ -179,6 +179,8 @@ pub fn spawn(
                 metrics,
                 live: HashMap::new(),
                 index_topk,
+                ready: thread_ready.clone(),
+                broken: false,
             };
             lp.run(rx);
             thread_ready.store(false, Ordering::Release);
@@ -201,6 +203,9 @@ struct Loop {
     metrics: Metrics,
     live: HashMap<SeqId, Live>,
     index_topk: usize,
+    ready: Arc<AtomicBool>,
+    /// The group is gone; the loop ends and new submissions see the engine as down.
+    broken: bool,
 }
 
 impl Loop {
@@ -217,6 +222,9 @@ impl Loop {
             }
             self.step();
             self.update_gauges();
+            if self.broken {
+                return;
+            }
         }
     }
 
@@ -328,12 +336,25 @@ impl Loop {
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!(error = %e, "engine step failed; failing its sequences");
-                for c in &plan.chunks {
-                    if let Some(live) = self.live.remove(&c.id) {
+                // A lost rank breaks the group for good: fail everything and turn not-ready
+                // (the operator recreates the group). Other errors fail this step's sequences.
+                let fatal = matches!(e, ForwardError::Dist(_));
+                tracing::error!(error = %e, fatal, "engine step failed");
+                let victims: Vec<SeqId> = if fatal {
+                    self.live.keys().copied().collect()
+                } else {
+                    plan.chunks.iter().map(|c| c.id).collect()
+                };
+                for id in victims {
+                    if let Some(live) = self.live.remove(&id) {
                         let _ = live.events.send(SeqEvent::Failed(e.to_string()));
                     }
-                    self.sched.abort(c.id);
+                    self.sched.abort(id);
+                }
+                if fatal {
+                    self.ready.store(false, Ordering::Release);
+                    self.metrics.ready.set(0);
+                    self.broken = true;
                 }
                 return;
             }

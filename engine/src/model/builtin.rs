@@ -9,8 +9,14 @@ use super::{Model, ModelError};
 
 /// Name accepted wherever a model directory is expected.
 pub const BUILTIN_MODEL: &str = "builtin";
+/// Whether a `--model` value names the built-in model (`builtin`, or the operator's
+/// `builtin://tiny` source).
+pub fn is_builtin(model: &str) -> bool {
+    model == BUILTIN_MODEL || model.starts_with("builtin://")
+}
+
 /// Vocabulary of the built-in model (matches the built-in tokenizer's size).
-pub const BUILTIN_VOCAB: usize = 512;
+pub const BUILTIN_VOCAB: usize = crate::tokenizer::BUILTIN_VOCAB_SIZE;
 
 pub fn builtin_config() -> ModelConfig {
     ModelConfig {

@@ -172,8 +172,8 @@ impl Model {
         let other: Vec<_> = other
             .into_iter()
             .filter(|n| {
-                !n.ends_with("rotary_emb.inv_freq")
-                    && !(shard.world > 1 && n.contains(".mlp.experts."))
+                !(n.ends_with("rotary_emb.inv_freq")
+                    || (shard.world > 1 && n.contains(".mlp.experts.")))
             })
             .collect();
         if !other.is_empty() {

@@ -247,10 +247,7 @@ impl Scheduler {
             };
             let len = (seq.tokens.len() - seq.num_computed).min(budget);
             let target = seq.num_computed + len;
-            loop {
-                let Some(seq) = self.seqs.get_mut(&id) else {
-                    break;
-                };
+            while let Some(seq) = self.seqs.get_mut(&id) {
                 if self.pool.reserve(&mut seq.table, target).is_ok() {
                     let sample = target == seq.tokens.len();
                     plan.chunks.push(PlannedChunk {
