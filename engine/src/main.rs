@@ -87,6 +87,9 @@ enum Command {
         /// JSON with `messages`, optional `tools` and `thinking_mode` ("thinking" or "chat").
         #[arg(long)]
         request: PathBuf,
+        /// Overrides the file's `thinking_mode`.
+        #[arg(long, value_enum)]
+        thinking_mode: Option<ModeArg>,
     },
     /// Parse model output (stdin) into an assistant message (reasoning, content, tool calls).
     ParseCompletion {
@@ -120,6 +123,15 @@ enum Command {
 enum ModeArg {
     Thinking,
     Chat,
+}
+
+impl From<ModeArg> for ThinkingMode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Thinking => ThinkingMode::Thinking,
+            ModeArg::Chat => ThinkingMode::Chat,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -388,12 +400,20 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(*args)?,
-        Command::RenderChat { request } => {
+        Command::RenderChat {
+            request,
+            thinking_mode,
+        } => {
             let text = std::fs::read_to_string(&request)
                 .with_context(|| format!("reading {}", request.display()))?;
-            let value: serde_json::Value = serde_json::from_str(&text)
+            // From the text, not a serde_json::Value, so tool schemas keep their key order.
+            let body = chat::Json::parse(&text)
                 .with_context(|| format!("{} is not valid JSON", request.display()))?;
-            print!("{}", chat::render_request(&value)?);
+            let mut req = chat::ChatRequest::from_json(&body)?;
+            if let Some(m) = thinking_mode {
+                req.mode = m.into();
+            }
+            print!("{}", req.render()?);
         }
         Command::ParseCompletion { thinking_mode } => {
             let mut text = String::new();
