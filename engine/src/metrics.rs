@@ -29,6 +29,7 @@ pub struct Metrics {
     pub attention_resident_tokens: IntCounter,
     pub step_duration: HistogramVec,
     pub ready: IntGauge,
+    pub expert_routed_tokens: IntCounterVec,
     cache_config_info: IntGaugeVec,
 }
 
@@ -151,6 +152,14 @@ impl Metrics {
             )
             .unwrap()),
             ready: reg!(IntGauge::new("deepseek_engine_ready", "1 when the engine accepts work").unwrap()),
+            expert_routed_tokens: reg!(IntCounterVec::new(
+                Opts::new(
+                    "deepseek_engine_expert_routed_tokens_total",
+                    "Tokens the router sent to each routed expert, summed over MoE layers (expert load)"
+                ),
+                &["expert"]
+            )
+            .unwrap()),
             registry,
         }
     }

@@ -480,6 +480,12 @@ impl Loop {
         m.num_requests_waiting.set(self.sched.num_waiting() as i64);
         m.kv_cache_usage_perc.set(self.sched.kv_usage());
         m.projected_kv_usage.set(self.sched.projected_kv_usage());
+        if let Some(counts) = self.executor.expert_routed_tokens() {
+            for (e, n) in counts.iter().enumerate() {
+                let c = m.expert_routed_tokens.with_label_values(&[&e.to_string()]);
+                c.inc_by(n.saturating_sub(c.get()));
+            }
+        }
         let s = &self.sched.stats;
         m.num_preemptions
             .inc_by(s.preemptions.saturating_sub(m.num_preemptions.get()));

@@ -247,6 +247,11 @@ async fn a_chat_completion_returns_a_message_usage_and_moves_the_metrics() {
         .unwrap();
     assert!(m.contains("vllm:kv_cache_usage_perc"));
     assert!(m.contains("vllm:request_success_total"));
+    assert!(
+        m.contains("deepseek_engine_expert_routed_tokens_total{expert=\"0\"}"),
+        "{m}"
+    );
+    assert!(m.contains("deepseek_engine_indexer_selected_tokens_total"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,6 +18,10 @@ pub trait Executor: Send {
     fn kv_geometry(&self) -> KvGeometry;
     /// Human-readable device name for logs and `/v1/models`.
     fn device_name(&self) -> String;
+    /// Tokens routed to each expert so far, summed over MoE layers, if the backend counts them.
+    fn expert_routed_tokens(&self) -> Option<Vec<u64>> {
+        None
+    }
 }
 
 /// The CPU reference model with its host-memory cache.
@@ -43,5 +47,14 @@ impl Executor for CpuExecutor {
     }
     fn device_name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+    fn expert_routed_tokens(&self) -> Option<Vec<u64>> {
+        Some(
+            self.model
+                .expert_routed_tokens
+                .iter()
+                .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+                .collect(),
+        )
     }
 }

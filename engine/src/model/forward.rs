@@ -7,6 +7,8 @@
 //! expanded by `W_UV` afterwards. Prefill and decode share this one path, so incremental decode
 //! computes the same function as a full recompute.
 
+use std::sync::atomic::Ordering;
+
 use rayon::prelude::*;
 use thiserror::Error;
 
@@ -313,6 +315,7 @@ impl Model {
                 c,
             );
             for (e, w) in experts.into_iter().zip(weights) {
+                self.expert_routed_tokens[e].fetch_add(1, Ordering::Relaxed);
                 assigned[e].push((t, w));
             }
         }
@@ -381,6 +384,7 @@ impl Model {
         for t in 0..n {
             let (experts, weights) = route(&logits[t * e_total..(t + 1) * e_total], moe, c);
             for (e, w) in experts.into_iter().zip(weights) {
+                self.expert_routed_tokens[e].fetch_add(1, Ordering::Relaxed);
                 rows[self.shard.owner(e, e_total)].push((t, e, w));
             }
         }

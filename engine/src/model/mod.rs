@@ -11,6 +11,7 @@ pub mod rope;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 
 use thiserror::Error;
 
@@ -114,6 +115,9 @@ pub struct Model {
     pub softmax_scale: f32,
     /// Which routed experts this process holds.
     pub shard: ExpertShard,
+    /// Tokens routed to each expert by this process's router calls, summed over MoE layers
+    /// (expert-load statistics for placement decisions).
+    pub expert_routed_tokens: Vec<AtomicU64>,
 }
 
 struct Loader<'a> {
@@ -304,6 +308,7 @@ impl Model {
                 "holding this rank's routed experts; attention, dense layers and shared experts are replicated"
             );
         }
+        let expert_routed_tokens = (0..c.n_routed_experts).map(|_| AtomicU64::new(0)).collect();
         Ok(Model {
             embed_tokens,
             layers,
@@ -312,6 +317,7 @@ impl Model {
             rope,
             softmax_scale,
             shard,
+            expert_routed_tokens,
             config,
         })
     }
