@@ -102,6 +102,7 @@ fn options(dtype: DType) -> CudaOptions {
         weights: dtype,
         cache: dtype,
         max_batch_tokens: 256,
+        ..CudaOptions::default()
     }
 }
 
@@ -431,6 +432,7 @@ fn logits_match_the_cpu_backend_on_every_fixture() {
                 weights,
                 cache,
                 max_batch_tokens: 256,
+                ..CudaOptions::default()
             };
             let mut exec = CudaExecutor::with_options(&model, geometry(8, 64), 0, opts).unwrap();
             let ours = score(&mut exec, prompt);
@@ -481,6 +483,7 @@ fn greedy_tokens_match_transformers_on_every_fixture() {
                 weights: DType::Bf16,
                 cache,
                 max_batch_tokens: 256,
+                ..CudaOptions::default()
             };
             let mut exec = CudaExecutor::with_options(&model, geometry(8, 64), 0, opts).unwrap();
             let got = greedy(&mut exec, &exp.prompt_ids, steps);
@@ -580,5 +583,100 @@ fn a_batch_of_mixed_lengths_equals_each_sequence_alone_on_the_gpu() {
             eprintln!("{dtype:?} sequence {i}: batched vs alone {e:.2e}");
             assert!(e < 1e-4, "{dtype:?} sequence {i}: batched vs alone {e}");
         }
+    }
+}
+
+#[test]
+fn cublas_linears_match_the_tiled_kernel_within_bf16_rounding() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(0x1234_5678);
+    // Odd extents catch leading-dimension mistakes; 7168 is the model's width.
+    for (n, out, inp) in [(1, 7168, 1536), (37, 129, 7168), (300, 576, 200)] {
+        let w = Linear {
+            weight: (0..out * inp).map(|_| rng.f()).collect(),
+            out_dim: out,
+            in_dim: inp,
+        };
+        let x: Vec<f32> = (0..n * inp).map(|_| rng.f()).collect();
+        for dtype in DTYPES {
+            dev.set_gemm(cuda::Gemm::Tiled).unwrap();
+            let tiled = ops::linear_host(&dev, &x, &w, dtype).unwrap();
+            dev.set_gemm(cuda::Gemm::Cublas).unwrap();
+            let fast = ops::linear_host(&dev, &x, &w, dtype).unwrap();
+            let e = rel_err(&fast, &tiled);
+            // bf16 activations: ~2^-9 relative per product, averaged over the sum.
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+            assert!(e < tol, "{n}x{out}x{inp} {dtype:?}: {e:.2e}");
+            assert!(fast.iter().all(|v| v.is_finite()));
+        }
+    }
+    dev.set_gemm(cuda::Gemm::Tiled).unwrap();
+}
+
+#[test]
+fn a_random_full_width_layer_runs_prefill_and_decode_with_finite_logits() {
+    if gpu().is_none() {
+        return;
+    }
+    // One dense layer at the released width; random weights drawn on the device.
+    let cfg = cuda::bench::full_width_config(1, 0).unwrap();
+    let opts = CudaOptions {
+        max_batch_tokens: 64,
+        gemm: cuda::Gemm::Cublas,
+        ..CudaOptions::default()
+    };
+    let mut exec = CudaExecutor::random(&cfg, geometry(4, 64), 0, opts, 3).expect("random model");
+    let table = BlockTable {
+        blocks: vec![0, 1],
+        block_size: 64,
+    };
+    let prompt: Vec<u32> = (0..40).map(|i| i * 97 + 5).collect();
+    let out = exec
+        .forward(&[SeqChunk {
+            tokens: &prompt,
+            start_pos: 0,
+            blocks: &table,
+            logits: LogitsWanted::Last,
+        }])
+        .unwrap();
+    assert_eq!(out[0].len(), cfg.vocab_size);
+    assert!(out[0].iter().all(|v| v.is_finite()));
+    let next = exec
+        .forward(&[SeqChunk {
+            tokens: &[11],
+            start_pos: 40,
+            blocks: &table,
+            logits: LogitsWanted::Last,
+        }])
+        .unwrap();
+    assert!(next[0].iter().all(|v| v.is_finite()));
+    assert_ne!(out[0], next[0]);
+}
+
+/// The full-width benchmark (not a check): `cargo test --release --test cuda -- --ignored
+/// full_width_benchmark --nocapture`, JSON to `$DEEPSEEK_BENCH_OUT` (default stdout).
+/// `DEEPSEEK_BENCH_QUICK=1` times one small shape of each kind.
+#[test]
+#[ignore]
+fn full_width_benchmark() {
+    if gpu().is_none() {
+        return;
+    }
+    let mut opts = cuda::bench::BenchOptions::default();
+    if std::env::var("DEEPSEEK_BENCH_QUICK").is_ok() {
+        opts.moe_layers = 1;
+        opts.prefill = vec![(1, 512)];
+        opts.decode_batches = vec![8];
+        opts.contexts = vec![1024];
+        opts.decode_steps = 2;
+    }
+    if std::env::var("DEEPSEEK_BENCH_GEMM").as_deref() == Ok("tiled") {
+        opts.gemm = cuda::Gemm::Tiled;
+    }
+    let v = cuda::bench::run(&opts).expect("benchmark");
+    let text = serde_json::to_string_pretty(&v).unwrap();
+    match std::env::var("DEEPSEEK_BENCH_OUT") {
+        Ok(path) => std::fs::write(path, &text).unwrap(),
+        Err(_) => println!("{text}"),
     }
 }

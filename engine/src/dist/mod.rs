@@ -10,12 +10,14 @@
 //! order; messages are matched per source in FIFO order.
 
 mod inproc;
+pub mod nccl;
 mod tcp;
 mod wire;
 
 use thiserror::Error;
 
 pub use inproc::in_process_group;
+pub use nccl::NcclTransport;
 pub use tcp::{GroupEnv, TcpTransport};
 pub use wire::{Reader, Writer};
 

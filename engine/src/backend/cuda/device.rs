@@ -6,7 +6,10 @@
 //! hash of the source and options, so later processes skip NVRTC.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::CudaBlas;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
 use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
@@ -157,6 +160,19 @@ pub fn compile(family: Family, arch: &str) -> Result<String, CudaError> {
     Ok(text)
 }
 
+/// How the linear layers multiply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Gemm {
+    /// The tiled kernel of `kernels/linear.cu`: f32 activations times f32 or bf16 weights, f32
+    /// accumulation. The same function as the CPU reference to f32 rounding.
+    #[default]
+    Tiled,
+    /// cuBLAS: activations rounded to bf16 and multiplied with the bf16 weights on the tensor
+    /// cores, f32 accumulation and output (f32 weights go through cuBLAS in f32). What serving
+    /// engines do; it rounds the activations, so it differs from the reference by bf16 rounding.
+    Cublas,
+}
+
 /// A GPU with its stream and lazily loaded kernel modules.
 #[derive(Debug)]
 pub struct Device {
@@ -165,6 +181,8 @@ pub struct Device {
     pub arch: String,
     pub name: String,
     modules: Mutex<[Option<Arc<CudaModule>>; Family::ALL.len()]>,
+    gemm: AtomicU8,
+    blas: Mutex<Option<Arc<CudaBlas>>>,
 }
 
 impl Device {
@@ -192,7 +210,46 @@ impl Device {
             ctx,
             stream,
             modules: Mutex::new(Default::default()),
+            gemm: AtomicU8::new(0),
+            blas: Mutex::new(None),
         })
+    }
+
+    pub fn gemm(&self) -> Gemm {
+        match self.gemm.load(Ordering::Relaxed) {
+            1 => Gemm::Cublas,
+            _ => Gemm::Tiled,
+        }
+    }
+
+    /// Chooses the linear-layer path; [`Gemm::Cublas`] fails here, not at the first step, when
+    /// cuBLAS cannot be loaded.
+    pub fn set_gemm(&self, gemm: Gemm) -> Result<(), CudaError> {
+        if gemm == Gemm::Cublas {
+            self.blas()?;
+        }
+        self.gemm.store(gemm as u8, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The cuBLAS handle on this device's stream, created on first use.
+    pub fn blas(&self) -> Result<Arc<CudaBlas>, CudaError> {
+        let mut slot = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = &*slot {
+            return Ok(b.clone());
+        }
+        // SAFETY: only tries to dlopen the library; cudarc panics on a missing one otherwise.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(CudaError::Unavailable(
+                "the cuBLAS library (libcublas) was not found".into(),
+            ));
+        }
+        let b = Arc::new(
+            CudaBlas::new(self.stream.clone())
+                .map_err(|e| CudaError::Unsupported(format!("cuBLAS init: {e:?}")))?,
+        );
+        *slot = Some(b.clone());
+        Ok(b)
     }
 
     /// The kernel `name` of `family`, compiling and loading the family on first use.

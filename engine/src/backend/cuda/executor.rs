@@ -10,7 +10,7 @@
 //! expert then runs its three linears over its own tokens.
 
 use super::CudaError;
-use super::device::Device;
+use super::device::{Device, Gemm};
 use super::ops::{self, MlaDims, RouteParams};
 use super::plan::{self, MemoryPlan};
 use super::weights::{self, DType, DevBuf, DevFeedForward, DevLayer, DevMlp, DevModel, DevMoe};
@@ -27,6 +27,8 @@ pub struct CudaOptions {
     pub cache: DType,
     /// The most tokens one step may carry (sizes the workspace in the memory plan).
     pub max_batch_tokens: usize,
+    /// How the linear layers multiply.
+    pub gemm: Gemm,
 }
 
 impl Default for CudaOptions {
@@ -35,6 +37,7 @@ impl Default for CudaOptions {
             weights: DType::Bf16,
             cache: DType::Bf16,
             max_batch_tokens: 8192,
+            gemm: Gemm::Tiled,
         }
     }
 }
@@ -55,6 +58,9 @@ pub struct CudaExecutor {
     softmax_scale: f32,
     options: CudaOptions,
     plan: MemoryPlan,
+    /// Routed experts that ran (summed over MoE layers) since the last
+    /// [`CudaExecutor::take_experts_touched`]: the weight traffic of a decode step.
+    experts_touched: std::sync::atomic::AtomicUsize,
 }
 
 fn check_shapes(cfg: &ModelConfig) -> Result<(), CudaError> {
@@ -123,11 +129,37 @@ impl CudaExecutor {
             "CUDA memory plan"
         );
         dev.load_all()?;
+        dev.set_gemm(options.gemm)?;
         let w = DevModel::upload(&dev, model, options.weights)?;
+        Self::assemble(
+            dev,
+            device_ordinal,
+            cfg,
+            w,
+            geometry,
+            options,
+            plan,
+            (model.rope.attention_factor, model.softmax_scale),
+        )
+    }
+
+    /// The executor around uploaded weights: allocates the zeroed caches.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        dev: Device,
+        ordinal: usize,
+        cfg: ModelConfig,
+        w: DevModel,
+        geometry: KvGeometry,
+        options: CudaOptions,
+        plan: MemoryPlan,
+        (attention_factor, softmax_scale): (f32, f32),
+    ) -> Result<Self, CudaError> {
         let slots = geometry.num_slots();
-        let mut latent = Vec::with_capacity(cfg.num_hidden_layers);
-        let mut index_k = Vec::with_capacity(cfg.num_hidden_layers);
-        for _ in 0..cfg.num_hidden_layers {
+        let layers = cfg.mlp_layer_types.len();
+        let mut latent = Vec::with_capacity(layers);
+        let mut index_k = Vec::with_capacity(layers);
+        for _ in 0..layers {
             latent.push(DevBuf::zeros(
                 &dev,
                 slots * cfg.latent_dim(),
@@ -142,9 +174,9 @@ impl CudaExecutor {
         dev.stream.synchronize()?;
         Ok(CudaExecutor {
             dev,
-            ordinal: device_ordinal,
-            attention_factor: model.rope.attention_factor,
-            softmax_scale: model.softmax_scale,
+            ordinal,
+            attention_factor,
+            softmax_scale,
             cfg,
             w,
             geometry,
@@ -152,7 +184,79 @@ impl CudaExecutor {
             index_k,
             options,
             plan,
+            experts_touched: Default::default(),
         })
+    }
+
+    /// Routed experts run since the last call, summed over MoE layers; resets the count.
+    pub fn take_experts_touched(&self) -> usize {
+        self.experts_touched
+            .swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A model of shape `cfg` with random weights generated on device `device_ordinal` from
+    /// `seed` (see [`DevModel::random`]): benchmarks at full width without tens of gigabytes
+    /// of host weights. Checks the same memory plan as [`CudaExecutor::with_options`].
+    pub fn random(
+        cfg: &ModelConfig,
+        geometry: KvGeometry,
+        device_ordinal: usize,
+        options: CudaOptions,
+        seed: u64,
+    ) -> Result<Self, CudaError> {
+        cfg.validate()
+            .map_err(|e| CudaError::Unsupported(format!("config: {e}")))?;
+        check_shapes(cfg)?;
+        let dev = Device::new(device_ordinal)?;
+        let (free, _) = dev.mem_info()?;
+        let plan = plan::plan(
+            cfg,
+            weights::config_weight_bytes(cfg, options.weights),
+            options.cache,
+            free,
+            geometry.block_size,
+            options.max_batch_tokens,
+            Some(geometry.num_blocks),
+        )?;
+        dev.load_all()?;
+        dev.set_gemm(options.gemm)?;
+        let w = DevModel::random(&dev, cfg, options.weights, seed)?;
+        let rope = crate::model::rope::RopeTable::new(cfg);
+        Self::assemble(
+            dev,
+            device_ordinal,
+            cfg.clone(),
+            w,
+            geometry,
+            options,
+            plan,
+            (rope.attention_factor, cfg.softmax_scale()),
+        )
+    }
+
+    /// Fills the latent and indexer-key caches with random values (uniform in [-1, 1]), so
+    /// timed steps over long contexts read realistic data instead of zeros.
+    pub fn randomize_caches(&mut self, seed: u64) -> Result<(), CudaError> {
+        for (i, buf) in self
+            .latent
+            .iter_mut()
+            .chain(self.index_k.iter_mut())
+            .enumerate()
+        {
+            let len = buf.bytes() / buf.dtype().bytes();
+            *buf = DevBuf::random(&self.dev, len, buf.dtype(), seed ^ (i as u64 + 1), 1.0)?;
+        }
+        self.dev.stream.synchronize()?;
+        Ok(())
+    }
+
+    /// The device this executor runs on.
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
     }
 
     /// The plan for `model` on device `device_ordinal` with as many KV blocks of `block_size`
@@ -594,6 +698,9 @@ impl CudaExecutor {
         let xs = dev.alloc::<f32>(n * k * h)?;
         ops::gather_rows(dev, dev.ptr(&xs, 0), xn, dev.ptr(&d_perm, 0), n * k, h)?;
         let ys = dev.alloc::<f32>(n * k * h)?;
+        let ran = counts.iter().filter(|c| **c > 0).count();
+        self.experts_touched
+            .fetch_add(ran, std::sync::atomic::Ordering::Relaxed);
         for (x, m) in moe.experts.iter().enumerate() {
             let cnt = counts[x];
             if cnt == 0 {

@@ -13,6 +13,7 @@
 //! cudarc loads the CUDA libraries at run time and panics when they are missing, so every entry
 //! point first checks [`is_available`], which never panics.
 
+pub mod bench;
 pub mod device;
 pub mod executor;
 pub mod ops;
@@ -21,7 +22,7 @@ pub mod weights;
 
 use thiserror::Error;
 
-pub use device::Device;
+pub use device::{Device, Gemm};
 pub use executor::{CudaExecutor, CudaOptions};
 pub use plan::MemoryPlan;
 pub use weights::DType;

@@ -61,8 +61,124 @@ fn blocks(n: usize, per: usize) -> u32 {
     n.div_ceil(per) as u32
 }
 
-/// `y[n, out] = x[n, in] · Wᵀ`.
+/// Element type of a cuBLAS operand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CuType {
+    Bf16,
+    F32,
+}
+
+/// Column-major `C[m, n] = op(A) · B` through cuBLAS with f32 accumulation (alpha 1, beta 0);
+/// `a_t` transposes A. Each operand is (device address, element type, leading dimension).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_raw(
+    dev: &Device,
+    a_t: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: (u64, CuType, usize),
+    b: (u64, CuType, usize),
+    c: (u64, CuType, usize),
+) -> Result<(), CudaError> {
+    use cudarc::cublas::sys;
+    if m == 0 || n == 0 || k == 0 {
+        return Ok(());
+    }
+    let int = |v: usize| {
+        i32::try_from(v).map_err(|_| CudaError::Unsupported(format!("GEMM extent {v} exceeds i32")))
+    };
+    let ty = |t: CuType| match t {
+        CuType::Bf16 => sys::cudaDataType::CUDA_R_16BF,
+        CuType::F32 => sys::cudaDataType::CUDA_R_32F,
+    };
+    let op_a = if a_t {
+        sys::cublasOperation_t::CUBLAS_OP_T
+    } else {
+        sys::cublasOperation_t::CUBLAS_OP_N
+    };
+    let blas = dev.blas()?;
+    let (alpha, beta) = (1f32, 0f32);
+    // SAFETY: callers pass live device buffers of at least the extents given, used on the
+    // stream the handle is bound to.
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *blas.handle(),
+            op_a,
+            sys::cublasOperation_t::CUBLAS_OP_N,
+            int(m)?,
+            int(n)?,
+            int(k)?,
+            &alpha as *const f32 as *const _,
+            a.0 as *const _,
+            ty(a.1),
+            int(a.2)?,
+            b.0 as *const _,
+            ty(b.1),
+            int(b.2)?,
+            &beta as *const f32 as *const _,
+            c.0 as *mut _,
+            ty(c.1),
+            int(c.2)?,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| CudaError::Unsupported(format!("cuBLAS GEMM {m}x{n}x{k}: {e:?}")))
+}
+
+/// `out[i] = bf16(x[i])` for `n` values.
+pub fn cast_to_bf16(dev: &Device, out: u64, x: u64, n: usize) -> Result<(), CudaError> {
+    launch(
+        dev,
+        Family::Norm,
+        "cast_f32_bf16",
+        (blocks(n, 256).min(65_535), 1, 1),
+        256,
+        0,
+        &[Arg::P(out), Arg::P(x), Arg::L(n as i64)],
+    )
+}
+
+/// `y[n, out] = x[n, in] · Wᵀ` through cuBLAS. Row-major Y is column-major Yᵀ `[out, n]` =
+/// W (column-major `[in, out]`, transposed) · Xᵀ (column-major `[in, n]`).
+fn linear_cublas(dev: &Device, y: u64, x: u64, w: &DevLinear, n: usize) -> Result<(), CudaError> {
+    let (o, k) = (w.out_dim, w.in_dim);
+    match w.w.dtype() {
+        DType::Bf16 => {
+            // Stream-ordered scratch: freed on the same stream after the GEMM has read it.
+            let xb = dev.alloc::<u16>(n * k)?;
+            let pxb = dev.ptr(&xb, 0);
+            cast_to_bf16(dev, pxb, x, n * k)?;
+            gemm_raw(
+                dev,
+                true,
+                o,
+                n,
+                k,
+                (w.w.ptr(dev), CuType::Bf16, k),
+                (pxb, CuType::Bf16, k),
+                (y, CuType::F32, o),
+            )
+        }
+        DType::F32 => gemm_raw(
+            dev,
+            true,
+            o,
+            n,
+            k,
+            (w.w.ptr(dev), CuType::F32, k),
+            (x, CuType::F32, k),
+            (y, CuType::F32, o),
+        ),
+    }
+}
+
+/// `y[n, out] = x[n, in] · Wᵀ`, by the device's [`super::Gemm`] path.
 pub fn linear(dev: &Device, y: u64, x: u64, w: &DevLinear, n: usize) -> Result<(), CudaError> {
+    if dev.gemm() == super::Gemm::Cublas {
+        return linear_cublas(dev, y, x, w, n);
+    }
     let name = format!("linear_{}", w.w.dtype().suffix());
     let grid = (blocks(w.out_dim, 64), blocks(n, 64), 1);
     launch(

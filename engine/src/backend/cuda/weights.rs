@@ -10,7 +10,7 @@ use cudarc::driver::CudaSlice;
 use super::CudaError;
 use super::device::Device;
 use crate::backend::cpu::Linear;
-use crate::model::{Attention, FeedForward, Mlp, Model};
+use crate::model::{Attention, FeedForward, Mlp, MlpKind, Model, ModelConfig};
 
 /// Element type of weight matrices (and of the KV cache) in device memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -270,6 +270,232 @@ impl DevModel {
             norm: dev.upload(&model.norm)?,
             lm_head: DevLinear::upload(dev, &model.lm_head, dtype)?,
             rope_inv_freq: dev.upload(&model.rope.inv_freq)?,
+        })
+    }
+}
+
+// ---- random weights generated on the device (benchmarks at full width) ----
+
+/// Hands out one seed per tensor, so every tensor of a random model is distinct and the whole
+/// model is a function of one seed.
+#[derive(Debug)]
+struct Seeds(u64);
+
+impl Seeds {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.0
+    }
+}
+
+impl DevBuf {
+    /// `len` values uniform in `[-scale, scale]`, drawn on the device from `seed`.
+    pub fn random(
+        dev: &Device,
+        len: usize,
+        dtype: DType,
+        seed: u64,
+        scale: f32,
+    ) -> Result<Self, CudaError> {
+        let buf = match dtype {
+            DType::F32 => DevBuf::F32(dev.alloc(len)?),
+            DType::Bf16 => DevBuf::Bf16(dev.alloc(len)?),
+        };
+        let name = format!("fill_uniform_{}", dtype.suffix());
+        super::ops::launch(
+            dev,
+            super::device::Family::Norm,
+            &name,
+            ((len.div_ceil(256)).clamp(1, 1 << 16) as u32, 1, 1),
+            256,
+            0,
+            &[
+                super::ops::Arg::P(buf.ptr(dev)),
+                super::ops::Arg::L(len as i64),
+                super::ops::Arg::L(seed as i64),
+                super::ops::Arg::F(scale),
+            ],
+        )?;
+        Ok(buf)
+    }
+}
+
+/// `len` f32 values equal to `v`, set on the device.
+fn const_f32(dev: &Device, len: usize, v: f32) -> Result<CudaSlice<f32>, CudaError> {
+    let buf = dev.alloc::<f32>(len)?;
+    super::ops::launch(
+        dev,
+        super::device::Family::Norm,
+        "fill_const_f32",
+        ((len.div_ceil(256)).clamp(1, 1 << 16) as u32, 1, 1),
+        256,
+        0,
+        &[
+            super::ops::Arg::P(dev.ptr(&buf, 0)),
+            super::ops::Arg::L(len as i64),
+            super::ops::Arg::F(v),
+        ],
+    )?;
+    Ok(buf)
+}
+
+impl DevLinear {
+    /// A random `[out, in]` matrix scaled so a unit-variance input gives a unit-variance output
+    /// (uniform with variance 1/in).
+    fn random(
+        dev: &Device,
+        out_dim: usize,
+        in_dim: usize,
+        dtype: DType,
+        seeds: &mut Seeds,
+    ) -> Result<Self, CudaError> {
+        let scale = (3.0 / in_dim.max(1) as f32).sqrt();
+        Ok(DevLinear {
+            w: DevBuf::random(dev, out_dim * in_dim, dtype, seeds.next(), scale)?,
+            out_dim,
+            in_dim,
+        })
+    }
+}
+
+impl DevMlp {
+    fn random(
+        dev: &Device,
+        h: usize,
+        inter: usize,
+        dtype: DType,
+        seeds: &mut Seeds,
+    ) -> Result<Self, CudaError> {
+        Ok(DevMlp {
+            gate_proj: DevLinear::random(dev, inter, h, dtype, seeds)?,
+            up_proj: DevLinear::random(dev, inter, h, dtype, seeds)?,
+            down_proj: DevLinear::random(dev, h, inter, dtype, seeds)?,
+        })
+    }
+}
+
+/// Bytes of a model of shape `cfg` on the device: matrices in `dtype`, vectors in f32, every
+/// routed expert present. The same count as [`weight_bytes`] without a host model.
+pub fn config_weight_bytes(cfg: &ModelConfig, dtype: DType) -> usize {
+    let (h, b) = (cfg.hidden_size, dtype.bytes());
+    let heads = cfg.num_attention_heads;
+    let mlp = |inter: usize| 3 * h * inter * b;
+    let attn = (h * cfg.q_lora_rank
+        + cfg.q_lora_rank * heads * cfg.qk_head_dim()
+        + h * cfg.latent_dim()
+        + cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        + heads * cfg.v_head_dim * h
+        + cfg.q_lora_rank * cfg.index_n_heads * cfg.index_head_dim
+        + h * cfg.index_head_dim
+        + h * cfg.index_n_heads)
+        * b
+        + 4 * (cfg.q_lora_rank + cfg.kv_lora_rank + 2 * cfg.index_head_dim + 2 * h);
+    let mut total = 2 * cfg.vocab_size * h * b + 4 * h;
+    for kind in &cfg.mlp_layer_types {
+        total += attn
+            + match kind {
+                MlpKind::Dense => mlp(cfg.intermediate_size),
+                MlpKind::Moe => {
+                    cfg.n_routed_experts * h * b
+                        + 4 * cfg.n_routed_experts
+                        + cfg.n_routed_experts * mlp(cfg.moe_intermediate_size)
+                        + if cfg.n_shared_experts > 0 {
+                            mlp(cfg.moe_intermediate_size * cfg.n_shared_experts)
+                        } else {
+                            0
+                        }
+                }
+            };
+    }
+    total
+}
+
+impl DevModel {
+    /// A model of shape `cfg` with random weights drawn on the device from `seed` (no host copy:
+    /// a full-width model is tens of gigabytes). Norm weights are one, biases zero; matrices
+    /// are scaled to keep activations near unit variance.
+    pub fn random(
+        dev: &Device,
+        cfg: &ModelConfig,
+        dtype: DType,
+        seed: u64,
+    ) -> Result<Self, CudaError> {
+        let mut s = Seeds(seed);
+        let h = cfg.hidden_size;
+        let heads = cfg.num_attention_heads;
+        let mut layers = Vec::with_capacity(cfg.mlp_layer_types.len());
+        for kind in &cfg.mlp_layer_types {
+            let mut lin = |o: usize, i: usize| DevLinear::random(dev, o, i, dtype, &mut s);
+            let self_attn = DevAttention {
+                q_a_proj: lin(cfg.q_lora_rank, h)?,
+                q_a_layernorm: const_f32(dev, cfg.q_lora_rank, 1.0)?,
+                q_b_proj: lin(heads * cfg.qk_head_dim(), cfg.q_lora_rank)?,
+                kv_a_proj_with_mqa: lin(cfg.latent_dim(), h)?,
+                kv_a_layernorm: const_f32(dev, cfg.kv_lora_rank, 1.0)?,
+                kv_b_proj: lin(
+                    heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                    cfg.kv_lora_rank,
+                )?,
+                o_proj: lin(h, heads * cfg.v_head_dim)?,
+                indexer: DevIndexer {
+                    wq_b: lin(cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank)?,
+                    wk: lin(cfg.index_head_dim, h)?,
+                    k_norm_weight: const_f32(dev, cfg.index_head_dim, 1.0)?,
+                    k_norm_bias: const_f32(dev, cfg.index_head_dim, 0.0)?,
+                    weights_proj: lin(cfg.index_n_heads, h)?,
+                },
+            };
+            let mlp = match kind {
+                MlpKind::Dense => DevFeedForward::Dense(DevMlp::random(
+                    dev,
+                    h,
+                    cfg.intermediate_size,
+                    dtype,
+                    &mut s,
+                )?),
+                MlpKind::Moe => {
+                    let mut experts = Vec::with_capacity(cfg.n_routed_experts);
+                    for _ in 0..cfg.n_routed_experts {
+                        experts.push(DevMlp::random(
+                            dev,
+                            h,
+                            cfg.moe_intermediate_size,
+                            dtype,
+                            &mut s,
+                        )?);
+                    }
+                    DevFeedForward::Moe(DevMoe {
+                        gate: DevLinear::random(dev, cfg.n_routed_experts, h, dtype, &mut s)?,
+                        e_score_correction_bias: const_f32(dev, cfg.n_routed_experts, 0.0)?,
+                        experts,
+                        shared_experts: if cfg.n_shared_experts > 0 {
+                            Some(DevMlp::random(
+                                dev,
+                                h,
+                                cfg.moe_intermediate_size * cfg.n_shared_experts,
+                                dtype,
+                                &mut s,
+                            )?)
+                        } else {
+                            None
+                        },
+                    })
+                }
+            };
+            layers.push(DevLayer {
+                input_layernorm: const_f32(dev, h, 1.0)?,
+                self_attn,
+                post_attention_layernorm: const_f32(dev, h, 1.0)?,
+                mlp,
+            });
+        }
+        let rope = crate::model::rope::RopeTable::new(cfg);
+        Ok(DevModel {
+            embed_tokens: DevBuf::random(dev, cfg.vocab_size * h, dtype, s.next(), 1.0)?,
+            layers,
+            norm: const_f32(dev, h, 1.0)?,
+            lm_head: DevLinear::random(dev, cfg.vocab_size, h, dtype, &mut s)?,
+            rope_inv_freq: dev.upload(&rope.inv_freq)?,
         })
     }
 }

@@ -66,3 +66,38 @@ extern "C" __global__ void embedding_f32(float* out, const float* table, const i
 extern "C" __global__ void embedding_bf16(float* out, const bf16_t* table, const int* ids, int d) {
     embedding_impl<bf16_t>(out, table, ids, d);
 }
+
+// Device-side initialisation and casts (benchmarks build full-width models in device memory
+// without a host copy of the weights).
+
+// A counter-based hash (splitmix64) so every element's value depends only on (seed, index):
+// the fill is reproducible and needs no generator state.
+__device__ __forceinline__ float uniform_pm1(unsigned long long seed, long long i) {
+    unsigned long long z = seed + 0x9e3779b97f4a7c15ull * (unsigned long long)(i + 1);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return (float)(z >> 40) * (2.f / 16777216.f) - 1.f;
+}
+
+// out[i] = scale · U(-1, 1), stored as bf16; grid-stride.
+extern "C" __global__ void fill_uniform_bf16(bf16_t* out, long long n, unsigned long long seed, float scale) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        store_as(out + i, scale * uniform_pm1(seed, i));
+}
+
+extern "C" __global__ void fill_uniform_f32(float* out, long long n, unsigned long long seed, float scale) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        out[i] = scale * uniform_pm1(seed, i);
+}
+
+extern "C" __global__ void fill_const_f32(float* out, long long n, float v) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        out[i] = v;
+}
+
+// f32 activations to bf16 (round to nearest even) for the cuBLAS bf16 GEMMs.
+extern "C" __global__ void cast_f32_bf16(bf16_t* out, const float* x, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        store_as(out + i, x[i]);
+}

@@ -1,0 +1,333 @@
+//! The CUDA benchmark at DeepSeek-V3.2's full width: hidden 7168, 128 heads, the released MLA,
+//! indexer and MoE shapes, with fewer layers so weights fit one GPU, random weights drawn on the
+//! device. Times prefill and decode steps after a warm-up (wall time around whole synchronised
+//! steps, so host work such as the MoE routing copy is included), and measures the device's
+//! ceilings in the same run: a bf16 cuBLAS matrix product and a device-to-device copy.
+//!
+//! Decode at long contexts shares one prefix of cached (random) latent and indexer-key rows
+//! between the sequences of a batch, each sequence appending into its own block: every sequence
+//! still reads its whole context, while the cache takes one context's memory, not `batch` of them.
+
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+use super::device::{Device, Gemm};
+use super::executor::{CudaExecutor, CudaOptions};
+use super::ops::{self, CuType};
+use super::weights::DType;
+use super::{CudaError, unavailable_reason};
+use crate::backend::Executor;
+use crate::kv::{BlockTable, KvGeometry};
+use crate::model::{LogitsWanted, MlpKind, ModelConfig, SeqChunk};
+
+const BLOCK: usize = 64;
+
+/// What to time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchOptions {
+    pub device: usize,
+    pub dense_layers: usize,
+    pub moe_layers: usize,
+    pub gemm: Gemm,
+    /// Prefill shapes: (sequences, tokens each).
+    pub prefill: Vec<(usize, usize)>,
+    pub decode_batches: Vec<usize>,
+    /// Cached tokens before the first timed decode step.
+    pub contexts: Vec<usize>,
+    /// Timed steps per decode shape (after one warm-up step); the median is reported.
+    pub decode_steps: usize,
+    /// Timed runs per prefill shape (after one warm-up run).
+    pub prefill_runs: usize,
+    pub seed: u64,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            device: 0,
+            dense_layers: 1,
+            moe_layers: 3,
+            gemm: Gemm::Cublas,
+            prefill: vec![(1, 4096), (4, 1024)],
+            decode_batches: vec![1, 8, 32, 64],
+            contexts: vec![1024, 8192, 32768, 131072],
+            decode_steps: 5,
+            prefill_runs: 2,
+            seed: 7,
+        }
+    }
+}
+
+/// DeepSeek-V3.2's released shapes with `dense` dense layers followed by `moe` MoE layers.
+pub fn full_width_config(dense: usize, moe: usize) -> Result<ModelConfig, CudaError> {
+    let kinds: Vec<&str> = std::iter::repeat_n("dense", dense)
+        .chain(std::iter::repeat_n("sparse", moe))
+        .collect();
+    let text = json!({
+        "model_type": "deepseek_v32", "architectures": ["DeepseekV32ForCausalLM"],
+        "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+        "moe_intermediate_size": 2048, "num_hidden_layers": dense + moe,
+        "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536,
+        "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+        "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
+        "routed_scaling_factor": 2.5, "norm_topk_prob": true, "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 163840, "index_n_heads": 64, "index_head_dim": 128,
+        "index_topk": 2048, "mlp_layer_types": kinds, "bos_token_id": 0, "eos_token_id": 1,
+        "tie_word_embeddings": false,
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+            "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+            "mscale": 1.0, "mscale_all_dim": 1.0}
+    })
+    .to_string();
+    ModelConfig::from_json(&text).map_err(|e| CudaError::Unsupported(format!("config: {e}")))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+/// Device-to-device copy bandwidth (bytes read + written per second) and the bf16 cuBLAS
+/// matrix rate on random 8192³ operands, f32 accumulation (FLOP/s).
+pub fn ceilings(dev: &Device) -> Result<(f64, f64), CudaError> {
+    let bytes = 4usize << 30;
+    let a = dev.alloc::<u8>(bytes)?;
+    let mut b = dev.alloc::<u8>(bytes)?;
+    let mut times = Vec::new();
+    for i in 0..8 {
+        dev.stream.synchronize()?;
+        let t = Instant::now();
+        dev.stream.memcpy_dtod(&a, &mut b)?;
+        dev.stream.synchronize()?;
+        if i >= 2 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let copy = 2.0 * bytes as f64 / median(times);
+    drop((a, b));
+    let n = 8192usize;
+    let mk = |seed| super::weights::DevBuf::random(dev, n * n, DType::Bf16, seed, 1.0);
+    let (x, y, z) = (mk(1)?, mk(2)?, mk(3)?);
+    let mut times = Vec::new();
+    for i in 0..13 {
+        dev.stream.synchronize()?;
+        let t = Instant::now();
+        ops::gemm_raw(
+            dev,
+            false,
+            n,
+            n,
+            n,
+            (x.ptr(dev), CuType::Bf16, n),
+            (y.ptr(dev), CuType::Bf16, n),
+            (z.ptr(dev), CuType::Bf16, n),
+        )?;
+        dev.stream.synchronize()?;
+        if i >= 3 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let flops = 2.0 * (n as f64).powi(3) / median(times);
+    Ok((copy, flops))
+}
+
+/// Bytes of the weights a step must read: everything but the routed experts, plus `touched`
+/// routed experts.
+fn step_weight_bytes(cfg: &ModelConfig, touched: usize, dtype: DType) -> f64 {
+    let all = super::weights::config_weight_bytes(cfg, dtype) as f64;
+    let moe_layers = cfg
+        .mlp_layer_types
+        .iter()
+        .filter(|k| **k == MlpKind::Moe)
+        .count();
+    let expert = (3 * cfg.hidden_size * cfg.moe_intermediate_size * dtype.bytes()) as f64;
+    // The embedding table is gathered by row, not read whole.
+    let embed = (cfg.vocab_size * cfg.hidden_size * dtype.bytes()) as f64;
+    all - embed - (moe_layers * cfg.n_routed_experts) as f64 * expert + touched as f64 * expert
+}
+
+/// Runs the benchmark; the JSON holds the config, the ceilings and one record per shape.
+pub fn run(opts: &BenchOptions) -> Result<Value, CudaError> {
+    if let Some(why) = unavailable_reason() {
+        return Err(CudaError::Unavailable(why));
+    }
+    let cfg = full_width_config(opts.dense_layers, opts.moe_layers)?;
+    let max_ctx = opts.contexts.iter().copied().max().unwrap_or(0);
+    let max_batch = opts.decode_batches.iter().copied().max().unwrap_or(0);
+    let tail = (opts.decode_steps + 2).div_ceil(BLOCK) + 1;
+    let shared_blocks = max_ctx.div_ceil(BLOCK);
+    let prefill_blocks = opts
+        .prefill
+        .iter()
+        .map(|(s, t)| s * t.div_ceil(BLOCK))
+        .max()
+        .unwrap_or(0);
+    let num_blocks = shared_blocks + max_batch * tail + prefill_blocks;
+    let geometry = KvGeometry {
+        block_size: BLOCK,
+        num_blocks: num_blocks.max(1),
+    };
+    let max_tokens = opts
+        .prefill
+        .iter()
+        .map(|(s, t)| s * t)
+        .chain(opts.decode_batches.iter().copied())
+        .max()
+        .unwrap_or(1);
+    let options = CudaOptions {
+        weights: DType::Bf16,
+        cache: DType::Bf16,
+        max_batch_tokens: max_tokens,
+        gemm: opts.gemm,
+    };
+    let t0 = Instant::now();
+    let mut exec = CudaExecutor::random(&cfg, geometry, opts.device, options, opts.seed)?;
+    exec.randomize_caches(opts.seed ^ 0x5eed)?;
+    let build_s = t0.elapsed().as_secs_f64();
+    let (free, total) = exec.device().mem_info()?;
+    let (copy_bw, mm_flops) = ceilings(exec.device())?;
+    let hv = 2.0 * (cfg.hidden_size * cfg.vocab_size) as f64;
+    let fwd = |exec: &mut CudaExecutor, chunks: &[SeqChunk]| -> Result<f64, CudaError> {
+        let t = Instant::now();
+        exec.forward(chunks)
+            .map_err(|e| CudaError::Unsupported(format!("forward: {e}")))?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let vocab = cfg.vocab_size as u32;
+    let token = |i: usize| ((i as u64 * 2_654_435_761) % vocab as u64) as u32;
+
+    let mut prefill = Vec::new();
+    let prefill_base = (shared_blocks + max_batch * tail) as u32;
+    for &(seqs, len) in &opts.prefill {
+        let per = len.div_ceil(BLOCK) as u32;
+        let tables: Vec<BlockTable> = (0..seqs as u32)
+            .map(|s| BlockTable {
+                blocks: (prefill_base + s * per..prefill_base + (s + 1) * per).collect(),
+                block_size: BLOCK,
+            })
+            .collect();
+        let toks: Vec<Vec<u32>> = (0..seqs)
+            .map(|s| (0..len).map(|i| token(s * len + i)).collect())
+            .collect();
+        let chunks: Vec<SeqChunk> = (0..seqs)
+            .map(|s| SeqChunk {
+                tokens: &toks[s],
+                start_pos: 0,
+                blocks: &tables[s],
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let mut times = Vec::new();
+        for run in 0..=opts.prefill_runs {
+            let t = fwd(&mut exec, &chunks)?;
+            if run > 0 {
+                times.push(t);
+            }
+        }
+        let s = median(times);
+        let flops: f64 =
+            seqs as f64 * ((0..len).map(|p| cfg.flops_per_token(p) - hv).sum::<f64>() + hv);
+        let tokens = (seqs * len) as f64;
+        prefill.push(json!({
+            "sequences": seqs, "tokens_each": len, "ms": s * 1e3,
+            "tokens_per_s": tokens / s, "tflops": flops / s / 1e12,
+            "of_matmul_ceiling": flops / s / mm_flops,
+        }));
+        tracing::info!(seqs, len, ms = s * 1e3, "prefill timed");
+    }
+
+    let mut decode = Vec::new();
+    for &ctx in &opts.contexts {
+        let shared: Vec<u32> = (0..(ctx / BLOCK) as u32).collect();
+        for &batch in &opts.decode_batches {
+            let tables: Vec<BlockTable> = (0..batch)
+                .map(|b| {
+                    let own = (shared_blocks + b * tail) as u32;
+                    let mut blocks = shared.clone();
+                    blocks.extend(own..own + tail as u32);
+                    BlockTable {
+                        blocks,
+                        block_size: BLOCK,
+                    }
+                })
+                .collect();
+            let mut times = Vec::new();
+            let mut touched = Vec::new();
+            for step in 0..=opts.decode_steps {
+                let toks: Vec<[u32; 1]> = (0..batch).map(|b| [token(b + step * 977)]).collect();
+                let chunks: Vec<SeqChunk> = (0..batch)
+                    .map(|b| SeqChunk {
+                        tokens: &toks[b],
+                        start_pos: ctx + step,
+                        blocks: &tables[b],
+                        logits: LogitsWanted::Last,
+                    })
+                    .collect();
+                exec.take_experts_touched();
+                let t = fwd(&mut exec, &chunks)?;
+                if step > 0 {
+                    times.push(t);
+                    touched.push(exec.take_experts_touched());
+                }
+            }
+            let s = median(times);
+            let touched = touched.iter().sum::<usize>() / touched.len().max(1);
+            let flops = batch as f64 * cfg.flops_per_token(ctx);
+            let layers = cfg.mlp_layer_types.len() as f64;
+            let kv = batch as f64
+                * layers
+                * ((ctx * cfg.index_head_dim) as f64
+                    + (ctx.min(cfg.index_topk) * cfg.latent_dim()) as f64)
+                * 2.0;
+            let bytes = step_weight_bytes(&cfg, touched, DType::Bf16) + kv;
+            decode.push(json!({
+                "context": ctx, "batch": batch, "ms_per_step": s * 1e3,
+                "tokens_per_s": batch as f64 / s, "tflops": flops / s / 1e12,
+                "of_matmul_ceiling": flops / s / mm_flops,
+                "experts_touched": touched, "gb_read_min": bytes / 1e9,
+                "gb_per_s": bytes / s / 1e9, "of_copy_ceiling": bytes / s / copy_bw,
+            }));
+            tracing::info!(ctx, batch, ms = s * 1e3, "decode timed");
+        }
+    }
+    Ok(json!({
+        "device": exec.device().name, "arch": exec.device().arch,
+        "gemm": format!("{:?}", opts.gemm),
+        "layers": {"dense": opts.dense_layers, "moe": opts.moe_layers},
+        "weights": "bf16 (random, generated on the device)", "cache": "bf16",
+        "weight_gib": super::weights::config_weight_bytes(&cfg, DType::Bf16) as f64 / (1u64 << 30) as f64,
+        "memory_gib": {"free_after_build": free as f64 / (1u64 << 30) as f64, "total": total as f64 / (1u64 << 30) as f64},
+        "build_s": build_s,
+        "ceilings": {"copy_gb_per_s": copy_bw / 1e9, "bf16_matmul_tflops": mm_flops / 1e12},
+        "prefill": prefill, "decode": decode,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_full_width_config_has_the_released_shapes() {
+        let c = full_width_config(1, 3).unwrap();
+        assert_eq!((c.hidden_size, c.num_attention_heads), (7168, 128));
+        assert_eq!(
+            (c.q_lora_rank, c.kv_lora_rank, c.qk_rope_head_dim),
+            (1536, 512, 64)
+        );
+        assert_eq!(
+            (c.index_n_heads, c.index_head_dim, c.index_topk),
+            (64, 128, 2048)
+        );
+        assert_eq!(
+            (c.n_routed_experts, c.num_experts_per_tok, c.n_group),
+            (256, 8, 8)
+        );
+        assert_eq!(c.mlp_layer_types.len(), 4);
+        // 3 MoE layers of 256 experts of 3 x 7168 x 2048 bf16 values dominate: about 68 GB.
+        let gb = super::super::weights::config_weight_bytes(&c, DType::Bf16) as f64 / 1e9;
+        assert!((70.0..80.0).contains(&gb), "{gb}");
+    }
+}
