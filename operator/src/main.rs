@@ -31,6 +31,21 @@ enum Command {
     Run(RunArgs),
     /// Print the DeepSeekDeployment CustomResourceDefinition as YAML.
     Crd,
+    /// Replay a metrics trace through the autoscaler's decision and print one JSON line per
+    /// trace line: {"t": seconds, "desired": groups, "reason": text}.
+    AutoscaleSim(SimArgs),
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    /// A DeepSeekDeployment manifest (YAML or JSON); its spec.autoscaling is the policy and
+    /// spec.replicas the starting group count.
+    #[arg(long)]
+    deployment: std::path::PathBuf,
+    /// The trace: JSON lines {"t": seconds, "groups": [{"ready": bool, "kv_cache_usage":
+    /// float|null, "requests_waiting": int|null, "requests_running": int|null}, ...]}.
+    #[arg(long)]
+    trace: std::path::PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -64,7 +79,31 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => run(args).await,
+        Command::AutoscaleSim(args) => autoscale_sim(&args),
     }
+}
+
+fn autoscale_sim(args: &SimArgs) -> anyhow::Result<()> {
+    use deepseek_operator::api::{DeepSeekDeployment, validate};
+    use deepseek_operator::autoscale::sim;
+    use std::io::Write;
+
+    let text = std::fs::read_to_string(&args.deployment)
+        .with_context(|| format!("reading {}", args.deployment.display()))?;
+    let dsd: DeepSeekDeployment = serde_saphyr::from_str(&text)
+        .with_context(|| format!("parsing {}", args.deployment.display()))?;
+    if let Err(v) = validate::validate(&dsd.metadata.name.clone().unwrap_or_default(), &dsd.spec) {
+        bail!("{}: {}", args.deployment.display(), validate::summarize(&v));
+    }
+    let trace = std::fs::read_to_string(&args.trace)
+        .with_context(|| format!("reading {}", args.trace.display()))?;
+    let lines =
+        sim::parse_trace(&trace).map_err(|e| anyhow::anyhow!("{}: {e}", args.trace.display()))?;
+    let mut out = std::io::stdout().lock();
+    for line in sim::simulate(&dsd.spec, &lines) {
+        writeln!(out, "{}", serde_json::to_string(&line)?)?;
+    }
+    Ok(())
 }
 
 fn init_tracing(json: bool) {

@@ -39,7 +39,7 @@ pub const VERSION: &str = "v1alpha1";
     ),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas", description = "Engine groups that have pods"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas", description = "Engine groups whose every pod is ready"),
-    printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas", description = "Engine groups asked for"),
+    printcolumn(name = "Desired", type_ = "integer", json_path = ".status.desiredReplicas", description = "Engine groups asked for, by spec.replicas or the autoscaler"),
     printcolumn(name = "KV%", type_ = "integer", json_path = ".status.kvCacheUtilizationPercent", description = "Mean KV-cache use of the ready groups, in percent"),
     printcolumn(name = "Queue", type_ = "integer", json_path = ".status.queueDepth", description = "Requests waiting, summed over the ready groups"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
@@ -60,7 +60,8 @@ pub struct DeepSeekDeploymentSpec {
 
     /// Number of engine groups (full model copies) to run. Each group has
     /// `parallelism.expertParallel / parallelism.gpusPerPod` pods. Set to 0 to stop serving while
-    /// keeping the resource. When `autoscaling.enabled` is true the operator manages this value.
+    /// keeping the resource. When `autoscaling.enabled` is true this is only the starting
+    /// point: the operator chooses the count and reports it in `status.desiredReplicas`.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,
@@ -273,15 +274,20 @@ pub struct ParallelismSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not be greater than autoscaling.maxReplicas").reason(Reason::FieldValueInvalid),
+    validation = Rule::new("self.metricsTimeoutSeconds <= self.pollIntervalSeconds").message("autoscaling.metricsTimeoutSeconds must not be greater than autoscaling.pollIntervalSeconds").reason(Reason::FieldValueInvalid),
 )]
 pub struct AutoscalingSpec {
-    /// Let the operator set `replicas` from the groups' KV-cache use and queue depth. Leave
-    /// false to set `replicas` by hand or from an external autoscaler through the scale
-    /// subresource.
+    /// Let the operator choose the number of groups from their KV-cache use and queue depth,
+    /// between `minReplicas` and `maxReplicas`. The choice is written to
+    /// `status.desiredReplicas`; `replicas` keeps the value written in the manifest and is only
+    /// the starting point. Leave false to set `replicas` by hand or from an external autoscaler
+    /// (HPA, KEDA) through the scale subresource.
     #[serde(default)]
     pub enabled: bool,
 
-    /// Fewest groups the autoscaler keeps. 0 allows scaling to zero when idle.
+    /// Fewest groups the autoscaler keeps. 0 allows scaling to zero, but with no group running
+    /// there is nothing to measure, so the autoscaler only starts groups again when
+    /// `minReplicas` is raised.
     #[serde(default = "default_min_replicas")]
     #[schemars(range(min = 0, max = 1000))]
     pub min_replicas: i32,
@@ -291,28 +297,106 @@ pub struct AutoscalingSpec {
     #[schemars(range(min = 1, max = 1000))]
     pub max_replicas: i32,
 
-    /// KV-cache use (0 to 1, read from `vllm:kv_cache_usage_perc` on each group leader) that the
-    /// autoscaler aims for. Above it, groups are added.
+    /// Mean KV-cache use of the ready groups (0 to 1, `vllm:kv_cache_usage_perc` on each group
+    /// leader) that the autoscaler aims for. Groups needed: ceil(ready groups x mean / target).
     #[serde(default = "default_target_kv")]
     #[schemars(range(min = 0.05, max = 1.0))]
     pub target_kv_cache_utilization: f64,
 
-    /// Waiting requests per group (`vllm:num_requests_waiting` on each group leader) that the
-    /// autoscaler aims for. Above it, groups are added.
+    /// Mean projected KV-cache use of the ready groups that the autoscaler aims for: blocks in
+    /// use plus the blocks running requests still need to reach their max_tokens, over all
+    /// blocks (`deepseek_engine_kv_cache_projected_usage_perc`; may exceed 1). It rises as soon
+    /// as long generations are admitted, before the plain KV-cache use does.
+    #[serde(default = "default_target_projected_kv")]
+    #[schemars(range(min = 0.05, max = 4.0))]
+    pub target_projected_kv_cache_utilization: f64,
+
+    /// Mean waiting requests per ready group (`vllm:num_requests_waiting` on each group leader)
+    /// that the autoscaler aims for.
     #[serde(default = "default_target_queue")]
     #[schemars(range(min = 1, max = 100000))]
     pub target_queue_depth: i32,
 
-    /// Seconds a higher group count must be asked for before groups are added.
+    /// Ratios of mean to target within 1 +/- tolerance change nothing, so that small swings do
+    /// not move whole groups.
+    #[serde(default = "default_tolerance")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub tolerance: f64,
+
+    /// Most groups added in one step. 0: at most double the count (and at least one group).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1000))]
+    pub max_scale_up_step: i32,
+
+    /// Seconds over which the lowest recommendation bounds a scale-up. 0 scales up at once.
     #[serde(default)]
     #[schemars(range(min = 0, max = 3600))]
     pub scale_up_stabilization_seconds: i32,
 
-    /// Seconds a lower group count must be asked for before groups are removed. Starting a
-    /// group means loading the model again, so this is long by default.
+    /// Seconds during which every recommendation must be below the current count before a
+    /// group is removed (then one group at a time). Starting a group means loading the model
+    /// again, so this is long by default.
     #[serde(default = "default_scale_down_stabilization")]
     #[schemars(range(min = 0, max = 86400))]
     pub scale_down_stabilization_seconds: i32,
+
+    /// Seconds between two reads of the groups' metrics.
+    #[serde(default = "default_poll_interval")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub poll_interval_seconds: i32,
+
+    /// Seconds one read of metrics may take; a group that does not answer in time counts as
+    /// having no data, which never lowers the count.
+    #[serde(default = "default_metrics_timeout")]
+    #[schemars(range(min = 1, max = 60))]
+    pub metrics_timeout_seconds: i32,
+
+    /// Seconds a group taken out of the Service may take to finish its running requests before
+    /// it is deleted anyway.
+    #[serde(default = "default_drain_timeout")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub drain_timeout_seconds: i32,
+
+    /// Read the metrics from a Prometheus server instead of each group leader's `/metrics`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PrometheusSpec>,
+}
+
+/// A Prometheus server the autoscaler queries for the groups' metrics.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PrometheusSpec {
+    /// Base URL of the Prometheus HTTP API, for example
+    /// `http://prometheus-operated.monitoring.svc:9090`. Plain HTTP only.
+    #[x_kube(validation = Rule::new("self.matches('^http://[^/?#]+(/.*)?$')").message("autoscaling.prometheus.url must be an http:// URL").reason(Reason::FieldValueInvalid))]
+    #[schemars(length(min = 8, max = 2048))]
+    pub url: String,
+
+    /// Query for the KV-cache use of each group leader. It must return one series per leader
+    /// pod with a `pod` label. `$namespace` and `$name` are replaced by the namespace and the
+    /// deployment name. Unset:
+    /// `max by (pod) (vllm:kv_cache_usage_perc{namespace="$namespace",pod=~"$name-g[0-9]+-0"})`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub kv_cache_usage_query: Option<String>,
+
+    /// Query for the projected KV-cache use of each group leader, as for `kvCacheUsageQuery`.
+    /// Unset: `max by (pod) (deepseek_engine_kv_cache_projected_usage_perc{...})`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub projected_kv_cache_usage_query: Option<String>,
+
+    /// Query for the waiting requests of each group leader, as for `kvCacheUsageQuery`.
+    /// Unset: `sum by (pod) (vllm:num_requests_waiting{...})`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub requests_waiting_query: Option<String>,
+
+    /// Query for the running requests of each group leader, as for `kvCacheUsageQuery`.
+    /// Unset: `sum by (pod) (vllm:num_requests_running{...})`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub requests_running_query: Option<String>,
 }
 
 /// The Service that clients send requests to.
@@ -402,7 +486,22 @@ fn default_target_kv() -> f64 {
     0.8
 }
 fn default_target_queue() -> i32 {
+    4
+}
+fn default_target_projected_kv() -> f64 {
+    0.9
+}
+fn default_tolerance() -> f64 {
+    0.1
+}
+fn default_poll_interval() -> i32 {
+    15
+}
+fn default_metrics_timeout() -> i32 {
     5
+}
+fn default_drain_timeout() -> i32 {
+    600
 }
 fn default_scale_down_stabilization() -> i32 {
     300
@@ -457,9 +556,16 @@ impl Default for AutoscalingSpec {
             min_replicas: default_min_replicas(),
             max_replicas: default_max_replicas(),
             target_kv_cache_utilization: default_target_kv(),
+            target_projected_kv_cache_utilization: default_target_projected_kv(),
             target_queue_depth: default_target_queue(),
+            tolerance: default_tolerance(),
+            max_scale_up_step: 0,
             scale_up_stabilization_seconds: 0,
             scale_down_stabilization_seconds: default_scale_down_stabilization(),
+            poll_interval_seconds: default_poll_interval(),
+            metrics_timeout_seconds: default_metrics_timeout(),
+            drain_timeout_seconds: default_drain_timeout(),
+            prometheus: None,
         }
     }
 }

@@ -429,6 +429,71 @@ pub fn validate(name: &str, spec: &DeepSeekDeploymentSpec) -> Result<(), Vec<Vio
         );
     }
 
+    let ranges_f = [
+        (
+            "spec.autoscaling.targetProjectedKvCacheUtilization",
+            a.target_projected_kv_cache_utilization,
+            0.05,
+            4.0,
+        ),
+        ("spec.autoscaling.tolerance", a.tolerance, 0.0, 1.0),
+    ];
+    for (field, v, lo, hi) in ranges_f {
+        if !(lo..=hi).contains(&v) {
+            bad(field, format!("must be between {lo} and {hi} (is {v})"));
+        }
+    }
+    let ranges_i = [
+        (
+            "spec.autoscaling.maxScaleUpStep",
+            a.max_scale_up_step,
+            0,
+            1000,
+        ),
+        (
+            "spec.autoscaling.pollIntervalSeconds",
+            a.poll_interval_seconds,
+            1,
+            3600,
+        ),
+        (
+            "spec.autoscaling.metricsTimeoutSeconds",
+            a.metrics_timeout_seconds,
+            1,
+            60,
+        ),
+        (
+            "spec.autoscaling.drainTimeoutSeconds",
+            a.drain_timeout_seconds,
+            0,
+            86400,
+        ),
+    ];
+    for (field, v, lo, hi) in ranges_i {
+        if !(lo..=hi).contains(&v) {
+            bad(field, format!("must be between {lo} and {hi} (is {v})"));
+        }
+    }
+    if a.metrics_timeout_seconds > a.poll_interval_seconds {
+        bad(
+            "spec.autoscaling.metricsTimeoutSeconds",
+            format!(
+                "must not be greater than autoscaling.pollIntervalSeconds ({} > {})",
+                a.metrics_timeout_seconds, a.poll_interval_seconds
+            ),
+        );
+    }
+    if let Some(p) = &a.prometheus {
+        let host = p.url.strip_prefix("http://").unwrap_or_default();
+        let host = host.split(['/', '?', '#']).next().unwrap_or_default();
+        if host.is_empty() {
+            bad(
+                "spec.autoscaling.prometheus.url",
+                format!("must be an http:// URL (is {:?})", p.url),
+            );
+        }
+    }
+
     // pod settings
     check_positive_quantity(&mut bad, "spec.sharedMemorySize", &spec.shared_memory_size);
     if let Some(res) = &spec.resources {

@@ -115,6 +115,7 @@ pub fn compute(
             },
             revision: g.revision(),
             message,
+            load_progress_percent: None,
         });
     }
 
@@ -231,6 +232,7 @@ pub fn compute(
         update_revision: inputs.revision.map(str::to_string),
         kv_cache_utilization_percent: previous.and_then(|p| p.kv_cache_utilization_percent),
         queue_depth: previous.and_then(|p| p.queue_depth),
+        autoscaling: previous.and_then(|p| p.autoscaling.clone()),
         groups,
         conditions: vec![available, progressing, degraded],
     }
