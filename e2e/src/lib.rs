@@ -65,3 +65,123 @@ where
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
+
+/// The workspace root (the directory holding `charts/`, `deploy/`, `examples/`).
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e/ has a parent")
+        .to_path_buf()
+}
+
+/// Reads a file under the workspace root, panicking with its path when it cannot.
+pub fn read_repo_file(relative: &str) -> String {
+    let path = repo_root().join(relative);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Parses one YAML document into JSON, so tests can walk it without typed structs.
+pub fn yaml_to_json(text: &str) -> Result<serde_json::Value, String> {
+    serde_saphyr::from_str::<serde_json::Value>(text).map_err(|e| e.to_string())
+}
+
+/// Splits a multi-document YAML stream on `---` lines and parses every non-empty document.
+pub fn yaml_documents(text: &str) -> Result<Vec<serde_json::Value>, String> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    for line in text.lines().chain(std::iter::once("---")) {
+        if line.trim_end() == "---" {
+            let body: String = current
+                .lines()
+                .filter(|l| !l.trim_start().starts_with('#'))
+                .collect::<Vec<_>>()
+                .join("\n");
+            if !body.trim().is_empty() {
+                docs.push(yaml_to_json(&current)?);
+            }
+            current.clear();
+        } else {
+            current.push_str(line);
+            current.push('\n');
+        }
+    }
+    Ok(docs)
+}
+
+/// A minimal HTTP/1.1 client over a plain TCP connection: one request, `Connection: close`,
+/// whole response read. Enough for probes and one chat request without an HTTP client crate.
+pub mod http {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    /// Status code and body of a response.
+    #[derive(Debug, Clone)]
+    pub struct Response {
+        /// HTTP status code.
+        pub status: u16,
+        /// Body, with any chunked transfer encoding removed.
+        pub body: String,
+    }
+
+    /// Sends `method path` with an optional JSON body to `addr` (`host:port`).
+    pub fn request(
+        addr: &str,
+        method: &str,
+        path: &str,
+        json: Option<&str>,
+        timeout: Duration,
+    ) -> std::io::Result<Response> {
+        let mut stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let body = json.unwrap_or("");
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        if json.is_some() {
+            head.push_str("Content-Type: application/json\r\n");
+        }
+        head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+        stream.write_all(head.as_bytes())?;
+        stream.write_all(body.as_bytes())?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw)?;
+        parse(&raw).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "malformed HTTP response: {:?}",
+                    String::from_utf8_lossy(&raw)
+                ),
+            )
+        })
+    }
+
+    fn parse(raw: &[u8]) -> Option<Response> {
+        let text = String::from_utf8_lossy(raw);
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        let status = head.split_whitespace().nth(1)?.parse().ok()?;
+        let chunked = head.lines().any(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("transfer-encoding: chunked")
+        });
+        let body = if chunked {
+            dechunk(body)?
+        } else {
+            body.to_string()
+        };
+        Some(Response { status, body })
+    }
+
+    fn dechunk(mut rest: &str) -> Option<String> {
+        let mut out = String::new();
+        loop {
+            let (size, tail) = rest.split_once("\r\n")?;
+            let size = usize::from_str_radix(size.trim(), 16).ok()?;
+            if size == 0 {
+                return Some(out);
+            }
+            out.push_str(tail.get(..size)?);
+            rest = tail.get(size + 2..)?;
+        }
+    }
+}
