@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use deepseek_engine::backend::cpu::CpuKvCache;
-use deepseek_engine::backend::cuda::{self, CudaExecutor, CudaOptions, DType};
+use deepseek_engine::backend::cuda::{self, CudaExecutor, CudaOptions, DType, Gemm};
 use deepseek_engine::backend::ep::{ExpertParallelExecutor, run_worker};
 use deepseek_engine::backend::{CpuExecutor, Executor};
 use deepseek_engine::chat::{self, ThinkingMode};
@@ -104,9 +104,13 @@ enum Command {
         dest: PathBuf,
     },
     /// Measure prefill and decode speed, and decode time per token as the context grows.
+    /// On the CPU: the given model. With `--backend cuda`: a DeepSeek-V3.2-shaped model at full
+    /// width with fewer layers and random weights generated on the GPU.
     Bench {
         #[command(flatten)]
         model: ModelArgs,
+        #[command(flatten)]
+        gpu: GpuBenchArgs,
         /// Prompt length for the prefill measurement.
         #[arg(long, default_value_t = 256)]
         prompt_len: usize,
@@ -117,6 +121,35 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
         contexts: Vec<usize>,
     },
+}
+
+/// Shapes of the GPU benchmark (ignored on the CPU).
+#[derive(Args)]
+struct GpuBenchArgs {
+    /// Dense (first) layers of the full-width model.
+    #[arg(long, default_value_t = 1)]
+    dense_layers: usize,
+    /// MoE layers of the full-width model (256 experts each).
+    #[arg(long, default_value_t = 3)]
+    moe_layers: usize,
+    /// Prefill shapes as SEQUENCESxTOKENS.
+    #[arg(long, value_delimiter = ',', default_value = "1x4096,4x1024")]
+    prefill: Vec<String>,
+    /// Decode batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
+    decode_batches: Vec<usize>,
+    /// cuBLAS (bf16 tensor cores) or the tiled f32-accumulating kernel.
+    #[arg(long, value_enum, default_value_t = GemmArg::Cublas)]
+    gemm: GemmArg,
+    /// Also write the JSON report here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum GemmArg {
+    Cublas,
+    Tiled,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -265,9 +298,11 @@ fn single_executor(
     if !use_cuda(args)? {
         return Ok(Box::new(CpuExecutor::new(model, geometry)));
     }
+    // cuBLAS on bf16 tensor cores for serving; the tiled kernel is the exact-check path.
     let opts = CudaOptions {
         weights: DType::Bf16,
         cache: DType::Bf16,
+        gemm: Gemm::Cublas,
         ..CudaOptions::default()
     };
     let geometry = if auto_blocks {
@@ -499,14 +534,43 @@ fn main() -> Result<()> {
         }
         Command::Bench {
             model,
+            gpu,
             prompt_len,
             decode_steps,
             contexts,
         } => {
             if use_cuda(&model)? {
-                bail!(
-                    "bench measures the CPU reference backend; GPU benchmarks are in docs/PERF.md"
-                );
+                let prefill = gpu
+                    .prefill
+                    .iter()
+                    .map(|s| {
+                        let (a, b) = s.split_once('x').with_context(|| {
+                            format!("--prefill {s:?}: expected SEQUENCESxTOKENS")
+                        })?;
+                        Ok((a.parse()?, b.parse()?))
+                    })
+                    .collect::<Result<Vec<(usize, usize)>>>()?;
+                let opts = cuda::bench::BenchOptions {
+                    device: model.device,
+                    dense_layers: gpu.dense_layers,
+                    moe_layers: gpu.moe_layers,
+                    gemm: match gpu.gemm {
+                        GemmArg::Cublas => Gemm::Cublas,
+                        GemmArg::Tiled => Gemm::Tiled,
+                    },
+                    prefill,
+                    decode_batches: gpu.decode_batches,
+                    contexts,
+                    decode_steps,
+                    ..cuda::bench::BenchOptions::default()
+                };
+                let report = cuda::bench::run(&opts)?;
+                if let Some(path) = &gpu.out {
+                    std::fs::write(path, serde_json::to_string_pretty(&report)?)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
+                println!("{report}");
+                return Ok(());
             }
             let m = load_shard(&model, ExpertShard::WHOLE)?;
             bench(&m, prompt_len, decode_steps, &contexts)?;
@@ -561,7 +625,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         tokens = geometry.num_slots(),
         bytes = CpuKvCache::bytes_per_slot(&config) * geometry.num_slots(),
         max_model_len,
-        "KV cache plan"
+        "KV cache plan (the CUDA backend takes the free device memory instead unless --num-kv-blocks is set)"
     );
 
     let metrics = Metrics::new(&model_name);
