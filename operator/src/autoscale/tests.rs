@@ -269,37 +269,16 @@ fn a_drain_leaves_the_service_first_and_ends_when_idle_or_timed_out() {
     let mut draining = ready(1, 0.5, 0.0, 2.0);
     draining.phase = Phase::Draining;
     let d = g.draining.clone();
-    let g = plan_groups(
-        1,
-        &live,
-        d.as_ref(),
-        &[busy[0], draining],
-        600,
-        t(60),
-    );
+    let g = plan_groups(1, &live, d.as_ref(), &[busy[0], draining], 600, t(60));
     assert_eq!((g.removed.clone(), g.started), (None, None));
 
     draining.requests_running = Some(0.0);
-    let g2 = plan_groups(
-        1,
-        &live,
-        d.as_ref(),
-        &[busy[0], draining],
-        600,
-        t(75),
-    );
+    let g2 = plan_groups(1, &live, d.as_ref(), &[busy[0], draining], 600, t(75));
     assert_eq!(g2.removed, Some((1, "no requests in flight".into())));
     assert_eq!(g2.indices, BTreeSet::from([0]));
 
     draining.requests_running = Some(5.0);
-    let g3 = plan_groups(
-        1,
-        &live,
-        d.as_ref(),
-        &[busy[0], draining],
-        600,
-        t(600),
-    );
+    let g3 = plan_groups(1, &live, d.as_ref(), &[busy[0], draining], 600, t(600));
     assert_eq!(g3.removed, Some((1, "drain timeout of 600s passed".into())));
 }
 

@@ -9,6 +9,7 @@
 //! writes nothing. Structure after kube-rs's controller-rs sample: `Context`, `reconcile`,
 //! `error_policy`, errors counted by [`Error::metric_label`].
 
+pub mod autoscaling;
 pub mod leader;
 pub mod observed;
 pub mod plan;
@@ -17,7 +18,7 @@ pub mod status;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +39,7 @@ use tracing::{Instrument, field, info, info_span, warn};
 
 use crate::api::validate::{self, Violation};
 use crate::api::{CONDITION_DEGRADED, DeepSeekDeployment, DeepSeekDeploymentStatus};
+use crate::autoscale::scrape::{HttpReader, MetricsReader};
 use crate::metrics::Metrics;
 use crate::render::{self, Desired, hash};
 use crate::{Error, Result};
@@ -62,6 +64,12 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per object, for exponential requeue backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Reads the group leaders' signals for the autoscaler.
+    pub reader: Arc<dyn MetricsReader>,
+    /// The autoscaler's memory per deployment (`namespace/name`).
+    autoscalers: Mutex<HashMap<String, autoscaling::AutoscalerState>>,
+    /// A fixed clock for tests; `None` reads the system clock.
+    clock: Mutex<Option<Timestamp>>,
 }
 
 impl Context {
@@ -76,7 +84,29 @@ impl Context {
             client,
             metrics,
             failures: Mutex::new(HashMap::new()),
+            reader: Arc::new(HttpReader),
+            autoscalers: Mutex::new(HashMap::new()),
+            clock: Mutex::new(None),
         }
+    }
+
+    /// With another metrics reader (tests script the leaders' signals with it).
+    pub fn with_reader(mut self, reader: Arc<dyn MetricsReader>) -> Self {
+        self.reader = reader;
+        self
+    }
+
+    /// Fixes the clock (`None`: the system clock again).
+    pub fn set_clock(&self, now: Option<Timestamp>) {
+        *self.clock.lock().expect("clock lock") = now;
+    }
+
+    /// The current time.
+    pub fn now(&self) -> Timestamp {
+        self.clock
+            .lock()
+            .expect("clock lock")
+            .unwrap_or_else(Timestamp::now)
     }
 
     fn failure_count(&self, key: &str, failed: bool) -> u32 {
@@ -133,7 +163,7 @@ pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Resul
     );
     async move {
         let _timer = ctx.metrics.reconcile_started();
-        match apply(&dsd, &ctx, Timestamp::now()).await {
+        match apply(&dsd, &ctx, ctx.now()).await {
             Ok(action) => {
                 ctx.failure_count(&key(&dsd), false);
                 Ok(action)
@@ -168,12 +198,7 @@ async fn record_error(dsd: &DeepSeekDeployment, ctx: &Context, e: &Error) -> Res
     if already {
         return Ok(());
     }
-    let st = status::with_error(
-        previous,
-        &message,
-        dsd.metadata.generation,
-        Timestamp::now(),
-    );
+    let st = status::with_error(previous, &message, dsd.metadata.generation, ctx.now());
     write_status(dsd, ctx, &st).await?;
     ctx.publish(dsd, EventType::Warning, "ReconcileError", message)
         .await;
@@ -250,25 +275,55 @@ async fn apply(dsd: &DeepSeekDeployment, ctx: &Context, now: Timestamp) -> Resul
         return refuse(dsd, ctx, &violations, &observed, now).await;
     }
 
-    // 2. Desired and observed state, then the plan.
-    let desired = render::desired(dsd)?;
+    // 2. Observed state; with autoscaling, the autoscaler chooses the groups.
     let existing = list_existing(client, &ns, &name).await?;
     let observed = Observed::from_objects(&existing.statefulsets, &existing.pods);
-    let plan = plan::plan(
+    let pods_per_group = dsd.spec.parallelism.pods_per_group();
+    let auto = if dsd.spec.autoscaling.enabled {
+        Some(autoscaling::step(dsd, ctx, &ns, &name, &observed, pods_per_group, now).await)
+    } else {
+        None
+    };
+    let indices: BTreeSet<i32> = match &auto {
+        Some(o) => o.indices.clone(),
+        None => (0..dsd.spec.replicas.max(0)).collect(),
+    };
+    let draining = auto.as_ref().and_then(|o| o.draining);
+    let index_list: Vec<i32> = indices.iter().copied().collect();
+    let desired = render::desired_groups(dsd, &index_list)?;
+    let plan = plan::plan_groups(
         &dsd.spec,
+        &indices,
+        draining,
         &desired.revision,
         desired.pods_per_group,
         &observed,
     );
-    tracing::Span::current().record("groups", dsd.spec.replicas);
+    tracing::Span::current().record("groups", indices.len());
 
-    // 3. Apply what differs.
+    // 3. Leader pods in or out of the serving Service, before the Service selects on it.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    for (pod, value) in autoscaling::serving_label_changes(&observed, draining) {
+        let patch = serde_json::json!({"metadata": {"labels": {autoscaling::LABEL: value}}});
+        ignore_not_found(
+            pods.patch(&pod, &PatchParams::default(), &Patch::Merge(&patch))
+                .await,
+        )?;
+    }
+
+    // 4. Apply what differs.
     apply_all(client, &ns, &desired, &existing).await?;
 
-    // 4. Group actions.
+    // 5. Group actions.
     execute(dsd, ctx, &ns, &plan, &existing).await?;
+    if let Some(o) = &auto {
+        for (reason, note) in &o.events {
+            ctx.publish(dsd, EventType::Normal, reason, note.clone())
+                .await;
+        }
+    }
 
-    // 5. Status.
+    // 6. Status.
     let inputs = status::Inputs {
         name: &name,
         generation: dsd.metadata.generation,
@@ -276,6 +331,12 @@ async fn apply(dsd: &DeepSeekDeployment, ctx: &Context, now: Timestamp) -> Resul
         pods_per_group: desired.pods_per_group,
         invalid_spec: None,
         error: None,
+        groups: Some(&indices),
+        desired: auto.as_ref().map(|o| o.desired),
+        autoscaling: auto.as_ref().map(|o| &o.status),
+        draining,
+        load_progress: auto.as_ref().map(|o| &o.load),
+        limited: auto.as_ref().and_then(|o| o.limited.as_deref()),
     };
     let st = status::compute(
         &dsd.spec,
@@ -288,13 +349,12 @@ async fn apply(dsd: &DeepSeekDeployment, ctx: &Context, now: Timestamp) -> Resul
     if dsd.status.as_ref() != Some(&st) {
         write_status(dsd, ctx, &st).await?;
     }
-    let converged = plan.is_empty()
-        && st.ready_replicas == dsd.spec.replicas
-        && st.updated_replicas == dsd.spec.replicas;
-    Ok(Action::requeue(if converged {
-        RESYNC
-    } else {
-        PROGRESS_RECHECK
+    let n = indices.len() as i32;
+    let converged = plan.is_empty() && st.ready_replicas == n && st.updated_replicas == n;
+    let wait = if converged { RESYNC } else { PROGRESS_RECHECK };
+    Ok(Action::requeue(match &auto {
+        Some(o) => wait.min(o.requeue),
+        None => wait,
     }))
 }
 
@@ -320,6 +380,7 @@ async fn refuse(
         pods_per_group,
         invalid_spec: Some(&message),
         error: None,
+        ..status::Inputs::default()
     };
     let st = status::compute(
         &dsd.spec,
@@ -434,7 +495,7 @@ async fn execute(
 
     for &index in &plan.delete {
         let group = render::group_name(&name, index);
-        info!(group = %group, "deleting group above spec.replicas");
+        info!(group = %group, "deleting group no longer asked for");
         ignore_not_found(stss.delete(&group, &DeleteParams::background()).await)?;
         if has(
             existing
@@ -460,8 +521,13 @@ async fn execute(
     // One Event per kind of action: the recorder folds Events with the same reason into a series.
     if !plan.delete.is_empty() {
         let note = format!(
-            "deleted groups {:?}: spec.replicas is {}",
-            plan.delete, dsd.spec.replicas
+            "deleted groups {:?}: {}",
+            plan.delete,
+            if dsd.spec.autoscaling.enabled {
+                "the autoscaler removed them".to_string()
+            } else {
+                format!("spec.replicas is {}", dsd.spec.replicas)
+            }
         );
         ctx.publish(dsd, EventType::Normal, "GroupsDeleted", note)
             .await;

@@ -6,7 +6,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
-use crate::render::{GROUP_LABEL, RANK_LABEL, REVISION_LABEL};
+use crate::render::{GROUP_LABEL, RANK_LABEL, REVISION_LABEL, SERVING_LABEL};
 
 /// One engine pod.
 #[derive(Clone, Debug, PartialEq, Default)]
@@ -27,6 +27,10 @@ pub struct ObservedPod {
     pub deleting: bool,
     /// `status.reason`, such as `Evicted`.
     pub reason: Option<String>,
+    /// `status.podIP`.
+    pub ip: Option<String>,
+    /// Value of the serving label, if set.
+    pub serving: Option<String>,
 }
 
 /// One engine group as found in the cluster.
@@ -73,6 +77,8 @@ impl ObservedPod {
             restarts,
             deleting: pod.metadata.deletion_timestamp.is_some(),
             reason: status.and_then(|s| s.reason.clone()),
+            ip: status.and_then(|s| s.pod_ip.clone()),
+            serving: pod.labels().get(SERVING_LABEL).cloned(),
         }
     }
 
@@ -136,6 +142,11 @@ impl ObservedGroup {
     pub fn is_outdated(&self, revision: &str) -> bool {
         self.live_pods()
             .any(|p| p.revision.as_deref() != Some(revision))
+    }
+
+    /// The live rank-0 pod, if any.
+    pub fn leader(&self) -> Option<&ObservedPod> {
+        self.live_pods().find(|p| p.rank == Some(0))
     }
 
     /// All `pods_per_group` pods exist and run `revision`.

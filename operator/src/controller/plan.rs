@@ -6,6 +6,8 @@
 //! because its ranks share one set of collective-communication channels that do not survive a
 //! lost member.
 
+use std::collections::BTreeSet;
+
 use super::observed::Observed;
 use crate::api::{DeepSeekDeploymentSpec, GroupFailurePolicy};
 
@@ -14,7 +16,7 @@ use crate::api::{DeepSeekDeploymentSpec, GroupFailurePolicy};
 pub struct Plan {
     /// Groups whose StatefulSet does not exist yet and is created now.
     pub create: Vec<i32>,
-    /// Groups at or above `spec.replicas` to delete, highest index first.
+    /// Groups no longer asked for to delete, highest index first.
     pub delete: Vec<i32>,
     /// Groups whose pods are all deleted now because one failed, with the reason.
     pub recreate: Vec<(i32, String)>,
@@ -39,28 +41,42 @@ impl Plan {
     }
 }
 
-/// Decides the actions for one reconcile.
+/// Decides the actions for one reconcile, for groups `0..spec.replicas`.
 pub fn plan(
     spec: &DeepSeekDeploymentSpec,
     revision: &str,
     pods_per_group: i32,
     observed: &Observed,
 ) -> Plan {
-    let mut p = Plan::default();
-    let replicas = spec.replicas.max(0);
+    let indices: BTreeSet<i32> = (0..spec.replicas.max(0)).collect();
+    plan_groups(spec, &indices, None, revision, pods_per_group, observed)
+}
 
-    // Scale down: every group at or above replicas that still has a StatefulSet.
-    p.delete = observed
-        .groups
-        .values()
-        .filter(|g| g.index >= replicas && g.statefulset)
-        .map(|g| g.index)
-        .rev()
-        .collect();
+/// Decides the actions for one reconcile, for the groups in `indices`. The `draining` group is
+/// neither rolled nor recreated: it is about to go.
+pub fn plan_groups(
+    spec: &DeepSeekDeploymentSpec,
+    indices: &BTreeSet<i32>,
+    draining: Option<i32>,
+    revision: &str,
+    pods_per_group: i32,
+    observed: &Observed,
+) -> Plan {
+    // Scale down: every group not asked for that still has a StatefulSet, highest first.
+    let mut p = Plan {
+        delete: observed
+            .groups
+            .values()
+            .filter(|g| !indices.contains(&g.index) && g.statefulset)
+            .map(|g| g.index)
+            .rev()
+            .collect(),
+        ..Plan::default()
+    };
 
     let mut unavailable = 0;
     let mut outdated = Vec::new();
-    for index in 0..replicas {
+    for &index in indices {
         let Some(g) = observed.group(index) else {
             p.create.push(index);
             unavailable += 1;
@@ -68,6 +84,10 @@ pub fn plan(
         };
         if !g.statefulset {
             p.create.push(index);
+        }
+        if draining == Some(index) {
+            unavailable += 1;
+            continue;
         }
         if let Some(reason) = g.failure() {
             let act = match spec.group_failure_policy {

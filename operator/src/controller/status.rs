@@ -1,14 +1,17 @@
 //! The status the operator writes: group states, counts and conditions. Pure; `now` is passed
 //! in and only used for conditions whose status changes.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use super::observed::Observed;
 use super::plan::Plan;
 use crate::api::{
-    CONDITION_AVAILABLE, CONDITION_DEGRADED, CONDITION_PROGRESSING, DeepSeekDeploymentSpec,
-    DeepSeekDeploymentStatus, GroupFailurePolicy, GroupState, GroupStatus,
+    AutoscalingStatus, CONDITION_AVAILABLE, CONDITION_DEGRADED, CONDITION_PROGRESSING,
+    CONDITION_SCALING_LIMITED, DeepSeekDeploymentSpec, DeepSeekDeploymentStatus,
+    GroupFailurePolicy, GroupState, GroupStatus,
 };
 use crate::render;
 
@@ -27,10 +30,23 @@ pub struct Inputs<'a> {
     pub invalid_spec: Option<&'a str>,
     /// The error of the last reconcile, if it failed.
     pub error: Option<&'a str>,
+    /// Groups asked for, when not `0..spec.replicas` (autoscaling).
+    pub groups: Option<&'a BTreeSet<i32>>,
+    /// Group count asked for, when not `spec.replicas` (autoscaling).
+    pub desired: Option<i32>,
+    /// The autoscaler's part of the status, when it ran.
+    pub autoscaling: Option<&'a AutoscalingStatus>,
+    /// The group draining out of the serving Service.
+    pub draining: Option<i32>,
+    /// Leader model-load progress by group, 0..1.
+    pub load_progress: Option<&'a BTreeMap<i32, f64>>,
+    /// Why the autoscaler could not choose the count it wanted.
+    pub limited: Option<&'a str>,
 }
 
 /// Computes the full status. Fields the autoscaler owns (`kvCacheUtilizationPercent`,
-/// `queueDepth`) are carried over from `previous`.
+/// `queueDepth`, `autoscaling`) come from `inputs.autoscaling` when it ran, else are carried
+/// over from `previous`.
 pub fn compute(
     spec: &DeepSeekDeploymentSpec,
     inputs: &Inputs<'_>,
@@ -40,14 +56,23 @@ pub fn compute(
     now: Timestamp,
 ) -> DeepSeekDeploymentStatus {
     let ppg = inputs.pods_per_group;
-    let replicas = spec.replicas.max(0);
+    let replicas = inputs.desired.unwrap_or(spec.replicas).max(0);
+    let indices: BTreeSet<i32> = match inputs.groups {
+        Some(g) => g.clone(),
+        None => (0..replicas).collect(),
+    };
     let mut groups = Vec::new();
     let (mut existing, mut ready, mut updated) = (0, 0, 0);
     let mut failed = Vec::new();
-    for index in 0..replicas {
+    for &index in &indices {
         let g = observed.group(index).cloned().unwrap_or_default();
         let recreate = plan.recreate.iter().find(|(i, _)| *i == index);
-        let (state, message) = if let Some((_, reason)) = recreate {
+        let (state, message) = if inputs.draining == Some(index) {
+            (
+                GroupState::Draining,
+                Some("out of the serving Service, finishing its requests".into()),
+            )
+        } else if let Some((_, reason)) = recreate {
             (GroupState::Recreating, Some(reason.clone()))
         } else if plan.roll.contains(&index) {
             (
@@ -115,7 +140,10 @@ pub fn compute(
             },
             revision: g.revision(),
             message,
-            load_progress_percent: None,
+            load_progress_percent: inputs
+                .load_progress
+                .and_then(|m| m.get(&index))
+                .map(|p| (p.clamp(0.0, 1.0) * 100.0).round() as i32),
         });
     }
 
@@ -221,6 +249,35 @@ pub fn compute(
         )
     };
 
+    let mut conditions = vec![available, progressing, degraded];
+    let autoscaling = if spec.autoscaling.enabled {
+        inputs
+            .autoscaling
+            .cloned()
+            .or_else(|| previous.and_then(|p| p.autoscaling.clone()))
+    } else {
+        None
+    };
+    if spec.autoscaling.enabled {
+        conditions.push(match inputs.limited {
+            Some(why) => cond(CONDITION_SCALING_LIMITED, true, "Limited", why.to_string()),
+            None => cond(
+                CONDITION_SCALING_LIMITED,
+                false,
+                "DesiredWithinRange",
+                "the autoscaler chose the count it computed".into(),
+            ),
+        });
+    }
+    let kv_percent = autoscaling
+        .as_ref()
+        .and_then(|a| a.kv_cache_usage)
+        .map(|v| (v * 100.0).round() as i32);
+    let queue = autoscaling
+        .as_ref()
+        .and_then(|a| a.requests_waiting_per_group)
+        .map(|w| (w * f64::from(ready.max(1))).round() as i32);
+
     DeepSeekDeploymentStatus {
         observed_generation: inputs.generation,
         replicas: existing,
@@ -230,11 +287,12 @@ pub fn compute(
         pods_per_group: ppg,
         selector: Some(render::leader_selector(inputs.name)),
         update_revision: inputs.revision.map(str::to_string),
-        kv_cache_utilization_percent: previous.and_then(|p| p.kv_cache_utilization_percent),
-        queue_depth: previous.and_then(|p| p.queue_depth),
-        autoscaling: previous.and_then(|p| p.autoscaling.clone()),
+        kv_cache_utilization_percent: kv_percent
+            .or_else(|| previous.and_then(|p| p.kv_cache_utilization_percent)),
+        queue_depth: queue.or_else(|| previous.and_then(|p| p.queue_depth)),
+        autoscaling,
         groups,
-        conditions: vec![available, progressing, degraded],
+        conditions,
     }
 }
 
@@ -328,6 +386,7 @@ mod tests {
             pods_per_group: 2,
             invalid_spec: None,
             error: None,
+            ..Inputs::default()
         }
     }
 

@@ -12,6 +12,7 @@ use kube::Api;
 
 use super::*;
 use crate::api::{CONDITION_AVAILABLE, CONDITION_PROGRESSING, GroupFailurePolicy, GroupState};
+use crate::autoscale::scrape::Reading;
 use crate::fixtures::{FakeApiServer, NS};
 
 async fn reconcile_once(fake: &FakeApiServer, ctx: &Arc<Context>, name: &str) -> Result<Action> {
@@ -469,4 +470,137 @@ async fn only_one_of_two_operator_replicas_holds_the_lease() {
             .unwrap(),
         "a released lease is free at once"
     );
+}
+
+/// Leaders' signals set by the test, by group index.
+#[derive(Default)]
+struct ScriptedReader(std::sync::Mutex<std::collections::BTreeMap<i32, Reading>>);
+
+impl MetricsReader for ScriptedReader {
+    fn read<'a>(
+        &'a self,
+        req: &'a crate::autoscale::scrape::Request,
+    ) -> futures::future::BoxFuture<'a, std::collections::BTreeMap<i32, Reading>> {
+        let m = self.0.lock().unwrap().clone();
+        let wanted: Vec<i32> = req.targets.iter().map(|t| t.group).collect();
+        Box::pin(async move { m.into_iter().filter(|(g, _)| wanted.contains(g)).collect() })
+    }
+}
+
+fn reading(kv: f64, waiting: f64, running: f64) -> Reading {
+    Reading {
+        kv_cache_usage: Some(kv),
+        requests_waiting: Some(waiting),
+        requests_running: Some(running),
+        ..Reading::default()
+    }
+}
+
+#[tokio::test]
+async fn the_autoscaler_scales_groups_up_and_drains_the_idlest_one_before_deleting_it() {
+    let mut dsd = DeepSeekDeployment::test();
+    dsd.spec.autoscaling.enabled = true;
+    dsd.spec.autoscaling.max_replicas = 3;
+    dsd.spec.autoscaling.scale_down_stabilization_seconds = 0;
+    let fake = FakeApiServer::default();
+    fake.insert(&dsd);
+    let reader = Arc::new(ScriptedReader::default());
+    let ctx = Arc::new(
+        Arc::try_unwrap(fake.context())
+            .ok()
+            .unwrap()
+            .with_reader(reader.clone()),
+    );
+    let t0 = Timestamp::from_second(1_900_000_000).unwrap();
+    let at = |s: i64| t0 + jiff::SignedDuration::from_secs(s);
+
+    // One ready group under a long queue: the autoscaler asks for two.
+    ctx.set_clock(Some(at(0)));
+    converge(&fake, &ctx, "tiny").await;
+    reader
+        .0
+        .lock()
+        .unwrap()
+        .insert(0, reading(0.95, 20.0, 30.0));
+    ctx.set_clock(Some(at(15)));
+    reconcile_once(&fake, &ctx, "tiny").await.unwrap();
+    let d = fake.deployment("tiny");
+    let st = d.status.clone().unwrap();
+    assert_eq!(d.spec.replicas, 1, "the spec stays as written");
+    assert_eq!(st.desired_replicas, 2);
+    let a = st.autoscaling.clone().unwrap();
+    assert_eq!(a.last_scale.as_ref().map(|s| (s.from, s.to)), Some((1, 2)));
+    assert!(a.reason.unwrap().contains("queue depth 20.00"));
+    assert_eq!(a.kv_cache_usage, Some(0.95));
+    assert_eq!(fake.names::<StatefulSet>(), ["tiny-g0", "tiny-g1"]);
+    fake.run_statefulsets();
+    reconcile_once(&fake, &ctx, "tiny").await.unwrap();
+    assert_eq!(
+        fake.deployment("tiny").status.unwrap().desired_replicas,
+        2,
+        "no new decision before the poll interval"
+    );
+
+    // Both idle; group 0 still finishes requests, group 1 has none: group 1 drains.
+    *reader.0.lock().unwrap() = [(0, reading(0.05, 0.0, 3.0)), (1, reading(0.05, 0.0, 1.0))].into();
+    ctx.set_clock(Some(at(30)));
+    reconcile_once(&fake, &ctx, "tiny").await.unwrap();
+    let st = fake.deployment("tiny").status.unwrap();
+    assert_eq!(st.desired_replicas, 1);
+    assert_eq!(
+        st.autoscaling
+            .as_ref()
+            .unwrap()
+            .draining
+            .as_ref()
+            .map(|d| d.index),
+        Some(1)
+    );
+    assert_eq!(st.groups[1].state, GroupState::Draining);
+    let leader: Pod = fake.get("tiny-g1-0").unwrap();
+    assert_eq!(
+        leader.metadata.labels.unwrap()[render::SERVING_LABEL],
+        "false"
+    );
+    let other: Pod = fake.get("tiny-g0-0").unwrap();
+    assert_eq!(
+        other.metadata.labels.unwrap()[render::SERVING_LABEL],
+        "true"
+    );
+    assert_eq!(
+        fake.names::<StatefulSet>(),
+        ["tiny-g0", "tiny-g1"],
+        "kept while draining"
+    );
+    let svc: Service = fake.get("tiny").unwrap();
+    assert_eq!(
+        svc.spec.unwrap().selector.unwrap()[render::SERVING_LABEL],
+        "true"
+    );
+
+    // Still one request in flight: the group stays.
+    ctx.set_clock(Some(at(45)));
+    reconcile_once(&fake, &ctx, "tiny").await.unwrap();
+    assert_eq!(fake.names::<StatefulSet>(), ["tiny-g0", "tiny-g1"]);
+
+    // Drained: deleted.
+    reader.0.lock().unwrap().insert(1, reading(0.0, 0.0, 0.0));
+    ctx.set_clock(Some(at(60)));
+    let before = fake.calls().len();
+    reconcile_once(&fake, &ctx, "tiny").await.unwrap();
+    assert_eq!(fake.names::<StatefulSet>(), ["tiny-g0"]);
+    assert!(
+        events(&fake, before).len() >= 2,
+        "GroupDrained and GroupsDeleted Events"
+    );
+    fake.run_statefulsets();
+    ctx.set_clock(Some(at(75)));
+    reconcile_once(&fake, &ctx, "tiny").await.unwrap();
+    let st = fake.deployment("tiny").status.unwrap();
+    assert_eq!(
+        (st.desired_replicas, st.replicas, st.ready_replicas),
+        (1, 1, 1)
+    );
+    assert!(st.autoscaling.unwrap().draining.is_none());
+    assert_eq!(fake.names::<Pod>(), ["tiny-g0-0", "tiny-g0-1"]);
 }

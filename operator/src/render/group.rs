@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::model::ModelMount;
 use super::{
     COMPONENT_ENGINE, CONFIG_DIR, CONFIG_FILE, GROUP_LABEL, HTTP_PORT, HTTP_PORT_NAME, Owner,
-    RANK_LABEL, RANK_PORT, RANK_PORT_NAME, REVISION_ANNOTATION, REVISION_LABEL,
+    RANK_LABEL, RANK_PORT, RANK_PORT_NAME, REVISION_ANNOTATION, REVISION_LABEL, SERVING_LABEL,
 };
 use crate::api::DeepSeekDeploymentSpec;
 use crate::api::validate::{GPU_RESOURCE, is_reserved_key};
@@ -46,6 +46,7 @@ pub fn group_pod_template(
     labels.extend(owner.group_selector(index));
     if let Some(rev) = revision {
         labels.insert(REVISION_LABEL.into(), rev.into());
+        labels.insert(SERVING_LABEL.into(), "true".into());
     }
     let annotations = (!spec.pod_annotations.is_empty()).then(|| spec.pod_annotations.clone());
 

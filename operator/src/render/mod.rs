@@ -57,6 +57,10 @@ pub const REVISION_LABEL: &str = "serving.deepseek.dev/revision";
 /// Rank of a pod within its group. The StatefulSet controller sets this label to the pod's
 /// ordinal, which is the rank, so the serving Service can select rank 0.
 pub const RANK_LABEL: &str = "apps.kubernetes.io/pod-index";
+/// Our label on engine pods: `true` while the pod may receive traffic from the serving
+/// Service, `false` while its group drains before removal. Not part of the revision hash, so
+/// adding it never restarts a group; the controller sets it on existing leader pods.
+pub const SERVING_LABEL: &str = "serving.deepseek.dev/serving";
 /// Annotation holding the hash of everything the operator applied to an object.
 pub const APPLIED_HASH_ANNOTATION: &str = "serving.deepseek.dev/applied-hash";
 /// Annotation on a StatefulSet: the pod-template revision it was last applied with.
@@ -198,13 +202,20 @@ pub struct Desired {
     pub config_map: ConfigMap,
     /// The serving Service.
     pub service: Service,
-    /// One entry per group, index `0..spec.replicas`.
+    /// One entry per group, by index.
     pub groups: Vec<GroupObjects>,
 }
 
-/// Renders every object a valid `DeepSeekDeployment` asks for. Fails with
-/// [`Error::InvalidSpec`] when the spec breaks a rule (see [`validate::validate`]).
+/// Renders every object a valid `DeepSeekDeployment` asks for, with groups `0..spec.replicas`.
+/// Fails with [`Error::InvalidSpec`] when the spec breaks a rule (see [`validate::validate`]).
 pub fn desired(dsd: &DeepSeekDeployment) -> Result<Desired> {
+    let indices: Vec<i32> = (0..dsd.spec.replicas.max(0)).collect();
+    desired_groups(dsd, &indices)
+}
+
+/// As [`desired`], for the given group indices (the autoscaler fills free indices and removes
+/// the drained group, so the set can have holes).
+pub fn desired_groups(dsd: &DeepSeekDeployment, indices: &[i32]) -> Result<Desired> {
     let owner = Owner::of(dsd)?;
     let spec = &dsd.spec;
     validate::validate(&owner.name, spec)
@@ -214,7 +225,7 @@ pub fn desired(dsd: &DeepSeekDeployment) -> Result<Desired> {
 
     let revision = hash::revision(&group_pod_template(&owner, spec, &mount, 0, None))?;
     let mut groups = Vec::new();
-    for index in 0..spec.replicas {
+    for &index in indices {
         let template = group_pod_template(&owner, spec, &mount, index, Some(&revision));
         let mut sts = statefulset(&owner, spec, index, template, &revision);
         let mut svc = headless_service(&owner, index);

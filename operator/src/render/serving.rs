@@ -10,13 +10,14 @@ use super::model::ModelMount;
 use super::{
     APP_NAME, COMPONENT_CONFIG, COMPONENT_ENGINE, COMPONENT_LABEL, COMPONENT_SERVING, CONFIG_FILE,
     HTTP_PORT, HTTP_PORT_NAME, INSTANCE_LABEL, NAME_LABEL, Owner, RANK_LABEL, RANK_PORT,
+    SERVING_LABEL,
 };
 use crate::Result;
 use crate::api::DeepSeekDeploymentSpec;
 use crate::api::validate::ModelSource;
 
-/// The Service clients call: it selects the rank-0 pod of every group, and Kubernetes only
-/// routes to the ready ones.
+/// The Service clients call: it selects the rank-0 pod of every group that is not draining
+/// ([`SERVING_LABEL`]), and Kubernetes only routes to the ready ones.
 pub fn serving_service(owner: &Owner, spec: &DeepSeekDeploymentSpec) -> Service {
     let mut meta = owner.meta(owner.name.clone(), owner.labels(COMPONENT_SERVING));
     if !spec.service.annotations.is_empty() {
@@ -31,6 +32,7 @@ pub fn serving_service(owner: &Owner, spec: &DeepSeekDeploymentSpec) -> Service 
                 (INSTANCE_LABEL.to_string(), owner.name.clone()),
                 (COMPONENT_LABEL.to_string(), COMPONENT_ENGINE.to_string()),
                 (RANK_LABEL.to_string(), "0".to_string()),
+                (SERVING_LABEL.to_string(), "true".to_string()),
             ])),
             ports: Some(vec![ServicePort {
                 name: Some(HTTP_PORT_NAME.into()),

@@ -1,0 +1,254 @@
+//! The autoscaler's place in a reconcile: read the leaders' signals once per poll interval,
+//! run the pure [`decide`] and [`plan_groups`], and turn the results into the group set, the
+//! status block and Events. The recommendation window lives in memory: after an operator
+//! restart a scale-down waits one full window again, which only errs on the safe side.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::Context;
+use super::observed::Observed;
+use crate::api::{AutoscalingStatus, DeepSeekDeployment, DrainingGroup, ScaleEvent};
+use crate::autoscale::decide::{Decision, GroupSignals, Phase, Policy, Window, decide};
+use crate::autoscale::drain::{Draining, plan_groups};
+use crate::autoscale::scrape::{Request, Target};
+use crate::render;
+
+/// Scale events kept in `status.autoscaling.history`.
+const HISTORY: usize = 10;
+
+/// Per-deployment autoscaler memory.
+#[derive(Clone, Debug, Default)]
+pub struct AutoscalerState {
+    window: Window,
+    last_poll: Option<Timestamp>,
+    signals: Vec<GroupSignals>,
+    decision: Option<Decision>,
+}
+
+/// What the autoscaler decided for this reconcile.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// Groups that should exist.
+    pub indices: BTreeSet<i32>,
+    /// Groups asked for.
+    pub desired: i32,
+    /// The group out of the Service.
+    pub draining: Option<i32>,
+    /// `status.autoscaling`.
+    pub status: AutoscalingStatus,
+    /// Why the count is not what the autoscaler wanted.
+    pub limited: Option<String>,
+    /// Leader load progress by group.
+    pub load: BTreeMap<i32, f64>,
+    /// (reason, note) of the Events to publish.
+    pub events: Vec<(&'static str, String)>,
+    /// When to look again.
+    pub requeue: Duration,
+}
+
+fn round3(v: Option<f64>) -> Option<f64> {
+    v.map(|x| (x * 1000.0).round() / 1000.0)
+}
+
+/// One autoscaler step for `dsd`.
+pub async fn step(
+    dsd: &DeepSeekDeployment,
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    observed: &Observed,
+    pods_per_group: i32,
+    now: Timestamp,
+) -> Outcome {
+    let a = &dsd.spec.autoscaling;
+    let policy = Policy::from(a);
+    let previous = dsd.status.as_ref().and_then(|s| s.autoscaling.clone());
+    let current = match &previous {
+        Some(_) => dsd.status.as_ref().map_or(0, |s| s.desired_replicas),
+        None => policy.clamp(dsd.spec.replicas),
+    };
+    let draining = previous
+        .as_ref()
+        .and_then(|p| p.draining.as_ref())
+        .map(|d| Draining {
+            group: d.index,
+            since: d.since.0,
+        });
+    let live: BTreeSet<i32> = observed
+        .groups
+        .values()
+        .filter(|g| g.statefulset)
+        .map(|g| g.index)
+        .collect();
+    let key = format!("{ns}/{name}");
+    let mut state = ctx
+        .autoscalers
+        .lock()
+        .expect("autoscaler lock")
+        .get(&key)
+        .cloned()
+        .unwrap_or_default();
+    let poll = Duration::from_secs(a.poll_interval_seconds.max(1) as u64);
+    let due = state
+        .last_poll
+        .is_none_or(|t| now.duration_since(t) >= SignedDuration::from_secs(poll.as_secs() as i64));
+
+    let mut status = previous.clone().unwrap_or_default();
+    let mut events = Vec::new();
+    let mut desired = current;
+    if due {
+        let targets: Vec<Target> = live
+            .iter()
+            .filter_map(|i| observed.group(*i))
+            .filter_map(|g| {
+                let leader = g.leader()?;
+                Some(Target {
+                    group: g.index,
+                    pod: leader.name.clone(),
+                    ip: leader.ip.clone(),
+                })
+            })
+            .collect();
+        let req = Request {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+            prometheus: a.prometheus.clone(),
+            timeout: Duration::from_secs(a.metrics_timeout_seconds.max(1) as u64),
+            targets,
+        };
+        let readings = ctx.reader.read(&req).await;
+        let signals: Vec<GroupSignals> = live
+            .iter()
+            .map(|&i| {
+                let g = observed.group(i);
+                let r = readings.get(&i).cloned().unwrap_or_default();
+                let phase = if draining.as_ref().is_some_and(|d| d.group == i) {
+                    Phase::Draining
+                } else if g.is_some_and(|g| g.is_ready(pods_per_group) && !g.terminating()) {
+                    Phase::Ready
+                } else if g.is_none_or(|g| g.live_count() == 0 || g.any_pending()) {
+                    Phase::Pending
+                } else {
+                    Phase::Loading
+                };
+                GroupSignals {
+                    index: i,
+                    phase,
+                    kv_cache_usage: r.kv_cache_usage,
+                    projected_kv_cache_usage: r.projected_kv_cache_usage,
+                    requests_waiting: r.requests_waiting,
+                    requests_running: r.requests_running,
+                    load_progress: r.load_progress,
+                }
+            })
+            .collect();
+        let d = decide(&policy, current, &signals, &mut state.window, now);
+        desired = d.desired;
+        if desired != current {
+            let ev = ScaleEvent {
+                from: current,
+                to: desired,
+                reason: d.reason.clone(),
+                time: Time(now),
+            };
+            events.push((
+                "Scaled",
+                format!("{current} -> {desired} groups: {}", d.reason),
+            ));
+            status.history.push(ev.clone());
+            let over = status.history.len().saturating_sub(HISTORY);
+            status.history.drain(..over);
+            status.last_scale = Some(ev);
+        }
+        status.last_poll_time = Some(Time(now));
+        status.kv_cache_usage = round3(d.averages.kv_cache_usage);
+        status.projected_kv_cache_usage = round3(d.averages.projected_kv_cache_usage);
+        status.requests_waiting_per_group = round3(d.averages.requests_waiting);
+        status.requests_running = round3(d.averages.requests_running);
+        status.ready_groups = d.averages.ready;
+        status.reporting_groups = d.averages.reporting;
+        status.reason = Some(d.reason.clone());
+        state.last_poll = Some(now);
+        state.signals = signals;
+        state.decision = Some(d);
+    }
+
+    let set = plan_groups(
+        desired,
+        &live,
+        draining.as_ref(),
+        &state.signals,
+        i64::from(a.drain_timeout_seconds.max(0)),
+        now,
+    );
+    if let Some(g) = set.started {
+        events.push((
+            "GroupDraining",
+            format!("group {g} left the serving Service; deleting it once its requests finish"),
+        ));
+    }
+    if let Some((g, why)) = &set.removed {
+        events.push(("GroupDrained", format!("deleting group {g}: {why}")));
+    }
+    if let Some(g) = set.cancelled {
+        events.push((
+            "GroupDrainCancelled",
+            format!("group {g} is wanted again and is back in the serving Service"),
+        ));
+    }
+    status.draining = set.draining.as_ref().map(|d| DrainingGroup {
+        index: d.group,
+        since: Time(d.since),
+    });
+    let load = state
+        .signals
+        .iter()
+        .filter_map(|s| Some((s.index, s.load_progress?)))
+        .collect();
+    let limited = state.decision.as_ref().and_then(|d| d.limited.clone());
+    ctx.autoscalers
+        .lock()
+        .expect("autoscaler lock")
+        .insert(key, state);
+    // A drain is checked again soon; otherwise at the next poll.
+    let requeue = if set.draining.is_some() {
+        poll.min(Duration::from_secs(5))
+    } else {
+        poll
+    };
+    Outcome {
+        indices: set.indices,
+        desired,
+        draining: set.draining.map(|d| d.group),
+        status,
+        limited,
+        load,
+        events,
+        requeue,
+    }
+}
+
+/// Leader pods whose serving label must change: (pod, value).
+pub fn serving_label_changes(observed: &Observed, draining: Option<i32>) -> Vec<(String, String)> {
+    observed
+        .groups
+        .values()
+        .filter_map(|g| {
+            let leader = g.leader()?;
+            let want = if draining == Some(g.index) {
+                "false"
+            } else {
+                "true"
+            };
+            (leader.serving.as_deref() != Some(want))
+                .then(|| (leader.name.clone(), want.to_string()))
+        })
+        .collect()
+}
+
+/// Label key written by [`serving_label_changes`].
+pub const LABEL: &str = render::SERVING_LABEL;
