@@ -151,12 +151,21 @@ fn examples() -> Vec<(String, Value)> {
         let path = entry.unwrap().path();
         if path.extension().and_then(|e| e.to_str()) == Some("yaml") {
             let text = std::fs::read_to_string(&path).unwrap();
-            let value: Value =
-                serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            out.push((
-                path.file_name().unwrap().to_string_lossy().into_owned(),
-                value,
-            ));
+            // A file may hold several documents (an HPA or KEDA object beside the deployment);
+            // the DeepSeekDeployments among them are checked.
+            let mut found = false;
+            for doc in text.split("\n---\n") {
+                let value: Value = serde_saphyr::from_str(doc)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                if value["kind"] == "DeepSeekDeployment" {
+                    found = true;
+                    out.push((
+                        path.file_name().unwrap().to_string_lossy().into_owned(),
+                        value,
+                    ));
+                }
+            }
+            assert!(found, "{}: no DeepSeekDeployment", path.display());
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
