@@ -185,3 +185,67 @@ pub mod http {
         }
     }
 }
+
+/// Path of binary `bin` of workspace package `package`, built from the current sources.
+///
+/// `cargo test --workspace` builds every package's binaries next to the test executables
+/// (`target/<profile>/`) before any test runs, so that copy is current and used. When it is
+/// missing (only this crate tested), the binary is built here, into a separate target
+/// directory: the running `cargo test` may still hold the lock on its own. A copy older than
+/// the package's sources is used with a warning (`cargo build -p PACKAGE` refreshes it).
+pub fn workspace_binary(package: &str, bin: &str) -> std::path::PathBuf {
+    let file = format!("{bin}{}", std::env::consts::EXE_SUFFIX);
+    let exe = std::env::current_exe().expect("test executable path");
+    // Test executables live in `target/<profile>/deps/`.
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target/<profile>/deps");
+    let beside = profile_dir.join(&file);
+    let package_dir = repo_root().join(package.trim_start_matches("deepseek-"));
+    let sources =
+        newest_mtime(&package_dir.join("src")).max(newest_mtime(&package_dir.join("Cargo.toml")));
+    let fresh = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| Some(t) >= sources)
+    };
+    if beside.exists() {
+        if !fresh(&beside) {
+            eprintln!(
+                "warning: {} is older than {package}'s sources; run `cargo build -p {package}`",
+                beside.display()
+            );
+        }
+        return beside;
+    }
+    let target_dir = profile_dir.join("e2e-bin");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .current_dir(repo_root())
+        .args(["build", "-p", package, "--bin", bin, "--target-dir"])
+        .arg(&target_dir)
+        .status()
+        .expect("running cargo build");
+    assert!(status.success(), "cargo build -p {package} failed");
+    let built = target_dir.join("debug").join(&file);
+    assert!(
+        built.exists(),
+        "{} is missing after cargo build",
+        built.display()
+    );
+    built
+}
+
+/// Newest modification time of a file, or of any file below a directory.
+fn newest_mtime(path: &std::path::Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.is_file() {
+        return meta.modified().ok();
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| newest_mtime(&e.path()))
+        .max()
+}

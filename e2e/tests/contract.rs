@@ -11,11 +11,11 @@
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use deepseek_e2e::{http, read_repo_file, repo_root};
+use deepseek_e2e::{http, read_repo_file, workspace_binary};
 use deepseek_operator::api::DeepSeekDeployment;
 use deepseek_operator::render::{self, RANK_LABEL};
 use k8s_openapi::api::core::v1::{Container, Probe};
@@ -71,33 +71,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("a free local port")
         .port()
-}
-
-/// The engine binary built from this workspace. `cargo test --workspace` builds it (the engine
-/// has integration tests); when only this crate is tested it is built here.
-fn engine_binary() -> PathBuf {
-    // Test executables live in `target/<profile>/deps/`; binaries one level up.
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    let bin = profile_dir.join(format!("deepseek-engine{}", std::env::consts::EXE_SUFFIX));
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(repo_root())
-            .args(["build", "-p", "deepseek-engine", "--bin", "deepseek-engine"])
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "cargo build -p deepseek-engine failed");
-    }
-    assert!(
-        bin.exists(),
-        "{} is missing; run `cargo build -p deepseek-engine`",
-        bin.display()
-    );
-    bin
 }
 
 fn cpu_demo() -> DeepSeekDeployment {
@@ -247,7 +220,7 @@ fn the_engine_serves_the_group_exactly_as_the_operator_renders_it() {
     );
 
     // One local process per rank; the cluster's names and ports mapped to this host.
-    let binary = engine_binary();
+    let binary = workspace_binary("deepseek-engine", "deepseek-engine");
     let logs = std::env::temp_dir().join(format!("deepseek-contract-{}", std::process::id()));
     std::fs::create_dir_all(&logs).expect("log dir");
     let local_rank_port = free_port();

@@ -6,10 +6,9 @@
 //! references, the CRD file) can be read as text.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::process::Command;
 
-use deepseek_e2e::{read_repo_file, repo_root, yaml_documents, yaml_to_json};
+use deepseek_e2e::{read_repo_file, repo_root, workspace_binary, yaml_documents, yaml_to_json};
 use deepseek_operator::api::DeepSeekDeployment;
 use deepseek_operator::render;
 use k8s_openapi::Resource as _;
@@ -545,36 +544,9 @@ fn the_operator_runs_non_root_on_a_read_only_root_with_probes_and_requests() {
     assert_eq!(values["leaderElection"]["enabled"], true);
 }
 
-/// The operator binary built from this workspace (built here when missing).
-fn operator_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join(format!("deepseek-operator{}", std::env::consts::EXE_SUFFIX));
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let ok = Command::new(cargo)
-            .current_dir(repo_root())
-            .args([
-                "build",
-                "-p",
-                "deepseek-operator",
-                "--bin",
-                "deepseek-operator",
-            ])
-            .status()
-            .expect("cargo build")
-            .success();
-        assert!(ok, "cargo build -p deepseek-operator failed");
-    }
-    bin
-}
-
 #[test]
 fn the_operator_accepts_the_flags_the_manifests_pass() {
-    let bin = operator_binary();
+    let bin = workspace_binary("deepseek-operator", "deepseek-operator");
     let help = Command::new(&bin).args(["run", "--help"]).output().unwrap();
     assert!(help.status.success());
     let help = String::from_utf8_lossy(&help.stdout).to_string();
@@ -644,10 +616,18 @@ fn examples() -> Vec<(String, DeepSeekDeployment)> {
     for entry in std::fs::read_dir(repo_root().join("examples")).unwrap() {
         let p = entry.unwrap().path();
         if p.extension().is_some_and(|e| e == "yaml") {
+            // An example may carry other objects (a Secret, a KEDA ScaledObject) beside its
+            // DeepSeekDeployment.
             let text = std::fs::read_to_string(&p).unwrap();
-            let dsd: DeepSeekDeployment =
-                serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            out.push((p.file_name().unwrap().to_string_lossy().into_owned(), dsd));
+            let docs = yaml_documents(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            for doc in docs
+                .into_iter()
+                .filter(|d| d["kind"] == "DeepSeekDeployment")
+            {
+                let dsd: DeepSeekDeployment =
+                    serde_json::from_value(doc).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                out.push((p.file_name().unwrap().to_string_lossy().into_owned(), dsd));
+            }
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
