@@ -987,3 +987,68 @@ fn install_md_lists_every_exported_metric() {
         );
     }
 }
+
+/// Builds each kustomization with `kubectl kustomize` where kubectl is installed (it needs no
+/// cluster), so transformer and patch mistakes show up before anyone applies them.
+#[test]
+fn the_kustomizations_build_with_kubectl_where_it_is_installed() {
+    let Ok(version) = Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+    else {
+        println!("skipped: kubectl is not installed");
+        return;
+    };
+    assert!(version.status.success());
+    let expect: [(&str, &[&str]); 3] = [
+        (
+            "deploy",
+            &[
+                "Namespace",
+                "CustomResourceDefinition",
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+                "Deployment",
+                "Service",
+            ],
+        ),
+        ("deploy/cpu-demo", &["DeepSeekDeployment", "Deployment"]),
+        (
+            "deploy/monitoring",
+            &["ServiceMonitor", "PodMonitor", "PrometheusRule"],
+        ),
+    ];
+    for (dir, kinds) in expect {
+        let out = Command::new("kubectl")
+            .arg("kustomize")
+            .arg(repo_root().join(dir))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kubectl kustomize {dir}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let docs = yaml_documents(&String::from_utf8_lossy(&out.stdout)).unwrap();
+        let built: BTreeSet<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+        for kind in kinds {
+            assert!(built.contains(kind), "{dir} builds no {kind}: {built:?}");
+        }
+        if dir == "deploy/cpu-demo" {
+            let operator = docs
+                .iter()
+                .find(|d| d["kind"] == "Deployment")
+                .expect("operator Deployment");
+            assert_eq!(operator["metadata"]["namespace"], "deepseek-system");
+            assert_eq!(operator["spec"]["replicas"], 1, "the demo runs one replica");
+            let dsd = docs
+                .iter()
+                .find(|d| d["kind"] == "DeepSeekDeployment")
+                .unwrap();
+            assert_eq!(dsd["metadata"]["namespace"], "deepseek-demo");
+        }
+    }
+}
