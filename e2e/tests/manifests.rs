@@ -416,10 +416,11 @@ fn rbac_grants_exactly_the_kinds_and_verbs_the_controller_uses() {
     expected.insert((group.clone(), plural.clone()), set(&["list", "watch"]));
     expected.insert((group.clone(), format!("{plural}/status")), set(&["patch"]));
     expected.insert((group, format!("{plural}/finalizers")), set(&["update"]));
-    // Engine pods: watched; a group's pods are deleted together.
+    // Engine pods: watched; a group's pods are deleted together; a draining group's leader is
+    // relabelled out of the serving Service.
     expected.insert(
         (String::new(), "pods".into()),
-        set(&["list", "watch", "deletecollection"]),
+        set(&["list", "watch", "deletecollection", "patch"]),
     );
     // Events through kube's Recorder (events.k8s.io/v1): created, then patched as a series.
     expected.insert(
