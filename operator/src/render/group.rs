@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, LocalObjectReference, ObjectFieldSelector, PodAffinity,
-    PodAffinityTerm, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, Service, ServicePort,
-    ServiceSpec, Volume, VolumeMount,
+    Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, LocalObjectReference, ObjectFieldSelector, PodAffinity,
+    PodAffinityTerm, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -205,7 +205,26 @@ fn engine_container(
             ..http_probe("/ready", 3)
         }),
         volume_mounts: Some(mounts),
+        security_context: Some(restricted_security_context()),
         ..Container::default()
+    }
+}
+
+/// What the `restricted` Pod Security Standard asks of a container; the engine image runs as
+/// an unprivileged user and needs no capabilities (GPUs come through the device plugin).
+pub fn restricted_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Capabilities::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..SeccompProfile::default()
+        }),
+        ..SecurityContext::default()
     }
 }
 

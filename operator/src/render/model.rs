@@ -99,6 +99,7 @@ impl ModelMount {
 
 fn download_container(spec: &DeepSeekDeploymentSpec) -> Container {
     Container {
+        security_context: Some(super::group::restricted_security_context()),
         name: DOWNLOAD_CONTAINER.into(),
         image: Some(spec.engine.image.clone()),
         image_pull_policy: Some(spec.engine.image_pull_policy.as_str().into()),

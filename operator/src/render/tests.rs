@@ -589,3 +589,35 @@ fn the_applied_hash_changes_with_content_only() {
     assert_eq!(hash::fnv1a_hex(b""), "cbf29ce484222325");
     assert_eq!(hash::fnv1a_hex(b"a"), "af63dc4c8601ec8c");
 }
+
+#[test]
+fn engine_and_download_containers_meet_the_restricted_pod_security_standard() {
+    for dsd in [DeepSeekDeployment::test(), DeepSeekDeployment::full()] {
+        let d = render(&dsd);
+        let pod = pod_spec(&d, 0);
+        for c in pod
+            .containers
+            .iter()
+            .chain(pod.init_containers.iter().flatten())
+        {
+            let sc = c
+                .security_context
+                .as_ref()
+                .unwrap_or_else(|| panic!("{} has no securityContext", c.name));
+            assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
+            assert_eq!(sc.run_as_non_root, Some(true), "{}", c.name);
+            assert_eq!(
+                sc.capabilities.as_ref().unwrap().drop,
+                Some(vec!["ALL".to_string()]),
+                "{}",
+                c.name
+            );
+            assert_eq!(
+                sc.seccomp_profile.as_ref().unwrap().type_,
+                "RuntimeDefault",
+                "{}",
+                c.name
+            );
+        }
+    }
+}
