@@ -181,6 +181,7 @@ pub fn spawn(
                 index_topk,
                 ready: thread_ready.clone(),
                 broken: false,
+                expert_counters: Vec::new(),
             };
             lp.run(rx);
             thread_ready.store(false, Ordering::Release);
@@ -206,6 +207,8 @@ struct Loop {
     ready: Arc<AtomicBool>,
     /// The group is gone; the loop ends and new submissions see the engine as down.
     broken: bool,
+    /// Per-expert counter handles, resolved once (label lookups are not for every step).
+    expert_counters: Vec<prometheus::IntCounter>,
 }
 
 impl Loop {
@@ -222,6 +225,7 @@ impl Loop {
             }
             self.step();
             self.update_gauges();
+            self.sync_expert_counters();
             if self.broken {
                 return;
             }
@@ -474,18 +478,32 @@ impl Loop {
         self.live.get(&id).map_or(0, |l| l.prompt_len)
     }
 
+    /// Brings the per-expert routed-token counters up to the executor's counts; after steps
+    /// only, since admissions route no tokens.
+    fn sync_expert_counters(&mut self) {
+        let Some(counts) = self.executor.expert_routed_tokens() else {
+            return;
+        };
+        if self.expert_counters.len() != counts.len() {
+            self.expert_counters = (0..counts.len())
+                .map(|e| {
+                    self.metrics
+                        .expert_routed_tokens
+                        .with_label_values(&[&e.to_string()])
+                })
+                .collect();
+        }
+        for (c, n) in self.expert_counters.iter().zip(counts) {
+            c.inc_by(n.saturating_sub(c.get()));
+        }
+    }
+
     fn update_gauges(&self) {
         let m = &self.metrics;
         m.num_requests_running.set(self.sched.num_running() as i64);
         m.num_requests_waiting.set(self.sched.num_waiting() as i64);
         m.kv_cache_usage_perc.set(self.sched.kv_usage());
         m.projected_kv_usage.set(self.sched.projected_kv_usage());
-        if let Some(counts) = self.executor.expert_routed_tokens() {
-            for (e, n) in counts.iter().enumerate() {
-                let c = m.expert_routed_tokens.with_label_values(&[&e.to_string()]);
-                c.inc_by(n.saturating_sub(c.get()));
-            }
-        }
         let s = &self.sched.stats;
         m.num_preemptions
             .inc_by(s.preemptions.saturating_sub(m.num_preemptions.get()));
