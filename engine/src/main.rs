@@ -201,9 +201,6 @@ struct ServeArgs {
     kv_cache_memory_gb: f64,
     #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
     block_size: usize,
-    /// KV-cache element type on GPUs (fp8, bf16 or auto); the CPU backend stores f32.
-    #[arg(long, default_value = "auto")]
-    kv_cache_dtype: String,
     #[arg(long)]
     no_prefix_caching: bool,
 }
@@ -225,6 +222,35 @@ struct ModelArgs {
     /// GPU ordinal for the CUDA backend.
     #[arg(long, default_value_t = 0)]
     device: usize,
+    /// Weight storage on GPUs: fp8 (E4M3 with 128x128 block scales), bf16, f32, or auto (fp8
+    /// for FP8 checkpoints, else bf16). The CPU backend computes in f32.
+    #[arg(long, default_value = "auto")]
+    weight_dtype: String,
+    /// KV-cache storage on GPUs: fp8 (656-byte latent rows and 132-byte indexer keys for
+    /// DeepSeek-V3.2), bf16, f32, or auto (bf16). The CPU backend stores f32.
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: String,
+}
+
+/// The GPU's weight and cache storage chosen by `--weight-dtype` and `--kv-cache-dtype`.
+fn gpu_dtypes(args: &ModelArgs, fp8_checkpoint: bool) -> Result<(DType, DType)> {
+    let parse = |flag: &str, v: &str, auto: DType| -> Result<DType> {
+        if v == "auto" {
+            return Ok(auto);
+        }
+        DType::parse(v).with_context(|| format!("{flag} must be fp8, bf16, f32 or auto, got {v:?}"))
+    };
+    let weights = parse(
+        "--weight-dtype",
+        &args.weight_dtype,
+        if fp8_checkpoint {
+            DType::Fp8
+        } else {
+            DType::Bf16
+        },
+    )?;
+    let cache = parse("--kv-cache-dtype", &args.kv_cache_dtype, DType::Bf16)?;
+    Ok((weights, cache))
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -298,13 +324,16 @@ fn single_executor(
     if !use_cuda(args)? {
         return Ok(Box::new(CpuExecutor::new(model, geometry)));
     }
-    // cuBLAS on bf16 tensor cores for serving; the tiled kernel is the exact-check path.
+    // Tensor cores for serving (cuBLAS bf16, or the FP8 block-scaled kernel); the tiled
+    // kernels are the exact-check path.
+    let (weights, cache) = gpu_dtypes(args, model.config.quantization.is_some())?;
     let opts = CudaOptions {
-        weights: DType::Bf16,
-        cache: DType::Bf16,
+        weights,
+        cache,
         gemm: Gemm::Cublas,
         ..CudaOptions::default()
     };
+    tracing::info!(weights = ?weights, kv_cache = ?cache, "GPU storage");
     let geometry = if auto_blocks {
         let plan = CudaExecutor::plan_for(&model, args.device, geometry.block_size, opts)?;
         KvGeometry {
@@ -550,8 +579,11 @@ fn main() -> Result<()> {
                         Ok((a.parse()?, b.parse()?))
                     })
                     .collect::<Result<Vec<(usize, usize)>>>()?;
+                let (weights, cache) = gpu_dtypes(&model, true)?;
                 let opts = cuda::bench::BenchOptions {
                     device: model.device,
+                    weights,
+                    cache,
                     dense_layers: gpu.dense_layers,
                     moe_layers: gpu.moe_layers,
                     gemm: match gpu.gemm {
@@ -580,13 +612,7 @@ fn main() -> Result<()> {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
-    match args.kv_cache_dtype.as_str() {
-        "bf16" | "auto" => {}
-        "fp8" => tracing::warn!(
-            "--kv-cache-dtype fp8: the FP8 cache format is not implemented yet; storing bf16 (f32 on the CPU)"
-        ),
-        other => bail!("--kv-cache-dtype must be bf16, fp8 or auto, got {other:?}"),
-    }
+    gpu_dtypes(&args.model, false)?;
     let config = model_config(&args.model)?;
     let group = role(&args.model)?;
     let model_name = args.served_model_name.clone().unwrap_or_else(|| {

@@ -40,6 +40,8 @@ pub struct RopeConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fp8Config {
     pub block: [usize; 2],
+    /// `scale_fmt: ue8m0`: activation scales are powers of two (DeepSeek-V3.2).
+    pub pow2_scales: bool,
 }
 
 /// The validated model configuration.
@@ -534,7 +536,8 @@ fn parse_quant(v: &Value) -> Result<Fp8Config, ModelError> {
             }
         }
     };
-    Ok(Fp8Config { block })
+    let pow2_scales = v.get("scale_fmt").and_then(Value::as_str) == Some("ue8m0");
+    Ok(Fp8Config { block, pow2_scales })
 }
 
 #[cfg(test)]
@@ -562,7 +565,13 @@ mod tests {
         assert_eq!(y.mscale_all_dim, 0.8);
         assert!(c.quantization.is_none());
         let f = fixture_config("tiny-fp8");
-        assert_eq!(f.quantization, Some(Fp8Config { block: [128, 128] }));
+        assert_eq!(
+            f.quantization,
+            Some(Fp8Config {
+                block: [128, 128],
+                pow2_scales: true
+            })
+        );
     }
 
     #[test]

@@ -129,12 +129,14 @@ impl Loader<'_> {
         self.src.f32_tensor(name, &[len])
     }
     fn linear(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear, ModelError> {
-        Ok(Linear::new(
-            self.src
-                .f32_tensor(&format!("{name}.weight"), &[out_dim, in_dim])?,
+        let name = format!("{name}.weight");
+        let mut l = Linear::new(
+            self.src.f32_tensor(&name, &[out_dim, in_dim])?,
             out_dim,
             in_dim,
-        ))
+        );
+        l.fp8 = self.src.fp8_tensor(&name).map(std::sync::Arc::new);
+        Ok(l)
     }
     fn mlp(&self, prefix: &str, hidden: usize, inter: usize) -> Result<Mlp, ModelError> {
         Ok(Mlp {

@@ -13,6 +13,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
 use super::ModelError;
+use crate::backend::cpu::fp8::Fp8Weight;
 
 /// Where the model's tensors come from: a checkpoint on disk, or generated weights for the
 /// built-in demo model. Shapes are `[out, in]` for linears, as in the checkpoint.
@@ -20,6 +21,11 @@ pub trait TensorSource {
     /// The tensor as f32 (dequantized if stored as FP8), checked against `shape`.
     fn f32_tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError>;
     fn contains(&self, name: &str) -> bool;
+    /// The tensor's E4M3 codes and block scales when it is stored in FP8, `None` otherwise.
+    /// Call after [`TensorSource::f32_tensor`] of the same name, which checks the shapes.
+    fn fp8_tensor(&self, _name: &str) -> Option<Fp8Weight> {
+        None
+    }
 }
 
 struct Shard {
@@ -252,6 +258,29 @@ impl Checkpoint {
 impl TensorSource for Checkpoint {
     fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
+    }
+
+    fn fp8_tensor(&self, name: &str) -> Option<Fp8Weight> {
+        let (e, bytes) = self.raw(name)?;
+        if e.dtype != Dtype::F8_E4M3 || e.shape.len() != 2 {
+            return None;
+        }
+        let (rows, cols) = (e.shape[0], e.shape[1]);
+        let [br, bc] = self.fp8_block;
+        let (se, sbytes) = self.raw(&format!("{name}_scale_inv"))?;
+        if se.dtype != Dtype::F32 || se.shape != [rows.div_ceil(br), cols.div_ceil(bc)] {
+            return None;
+        }
+        Some(Fp8Weight {
+            codes: bytes.to_vec(),
+            scale_inv: sbytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            rows,
+            cols,
+            block: self.fp8_block,
+        })
     }
 
     fn f32_tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {

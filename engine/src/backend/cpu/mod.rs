@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+pub mod fp8;
 mod kv_cache;
 pub use kv_cache::CpuKvCache;
 
@@ -12,6 +13,9 @@ pub struct Linear {
     pub weight: Vec<f32>,
     pub out_dim: usize,
     pub in_dim: usize,
+    /// The checkpoint's E4M3 codes and block scales when the tensor was stored in FP8 (`weight`
+    /// is their exact dequantization), so a GPU backend can keep the weight in FP8.
+    pub fp8: Option<std::sync::Arc<fp8::Fp8Weight>>,
 }
 
 impl Linear {
@@ -21,6 +25,7 @@ impl Linear {
             weight,
             out_dim,
             in_dim,
+            fp8: None,
         }
     }
 

@@ -30,6 +30,9 @@ pub struct BenchOptions {
     pub dense_layers: usize,
     pub moe_layers: usize,
     pub gemm: Gemm,
+    /// Weight storage (FP8 as the released checkpoint, by default).
+    pub weights: DType,
+    pub cache: DType,
     /// Prefill shapes: (sequences, tokens each).
     pub prefill: Vec<(usize, usize)>,
     pub decode_batches: Vec<usize>,
@@ -49,6 +52,8 @@ impl Default for BenchOptions {
             dense_layers: 1,
             moe_layers: 3,
             gemm: Gemm::Cublas,
+            weights: DType::Fp8,
+            cache: DType::Bf16,
             prefill: vec![(1, 4096), (4, 1024)],
             decode_batches: vec![1, 8, 32, 64],
             contexts: vec![1024, 8192, 32768, 131072],
@@ -133,6 +138,54 @@ pub fn ceilings(dev: &Device) -> Result<(f64, f64), CudaError> {
     Ok((copy, flops))
 }
 
+/// The linear layers' rates at model shapes: FP8 block-scaled (activation quantization
+/// included) and bf16 cuBLAS (activation cast included), both with f32 outputs.
+fn time_gemms(dev: &Device, mm_flops: f64) -> Result<Vec<Value>, CudaError> {
+    // (tokens, out, in): an expert's gate/up and down at decode batch 64 and a prefill chunk,
+    // q_b_proj and o_proj over a 4096-token prefill.
+    let shapes = [
+        (64usize, 2048usize, 7168usize),
+        (64, 7168, 2048),
+        (4096, 2048, 7168),
+        (4096, 24576, 1536),
+        (4096, 7168, 16384),
+    ];
+    let mut out = Vec::new();
+    for (i, &(n, o, k)) in shapes.iter().enumerate() {
+        let x = super::weights::DevBuf::random(dev, n * k, DType::F32, 99 + i as u64, 1.0)?;
+        let y = dev.alloc::<f32>(n * o)?;
+        let mut rec = json!({"tokens": n, "out": o, "in": k});
+        for dtype in [DType::Fp8, DType::Bf16] {
+            let w = super::weights::random_linear(dev, o, k, dtype, 7 + i as u64)?;
+            let mut times = Vec::new();
+            for rep in 0..12 {
+                dev.stream.synchronize()?;
+                let t = Instant::now();
+                ops::linear(dev, dev.ptr(&y, 0), x.ptr(dev), &w, n)?;
+                dev.stream.synchronize()?;
+                if rep >= 2 {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+            }
+            let s = median(times);
+            let tflops = 2.0 * (n * o * k) as f64 / s / 1e12;
+            rec[dtype.suffix()] = json!({"us": s * 1e6, "tflops": tflops});
+        }
+        let (f8, b16) = (
+            rec["fp8"]["tflops"].as_f64(),
+            rec["bf16"]["tflops"].as_f64(),
+        );
+        if let (Some(f8), Some(b16)) = (f8, b16) {
+            // Hopper's dense FP8 rate is twice its bf16 rate.
+            rec["fp8_of_fp8_peak"] = json!(f8 * 1e12 / (2.0 * mm_flops));
+            rec["fp8_over_bf16_cublas"] = json!(f8 / b16);
+        }
+        tracing::info!(n, o, k, record = %rec, "GEMM timed");
+        out.push(rec);
+    }
+    Ok(out)
+}
+
 /// Bytes of the weights a step must read: everything but the routed experts, plus `touched`
 /// routed experts.
 fn step_weight_bytes(cfg: &ModelConfig, touched: usize, dtype: DType) -> f64 {
@@ -142,9 +195,11 @@ fn step_weight_bytes(cfg: &ModelConfig, touched: usize, dtype: DType) -> f64 {
         .iter()
         .filter(|k| **k == MlpKind::Moe)
         .count();
-    let expert = (3 * cfg.hidden_size * cfg.moe_intermediate_size * dtype.bytes()) as f64;
+    let expert = 3.0
+        * super::weights::linear_bytes(cfg.moe_intermediate_size, cfg.hidden_size, dtype, true)
+            as f64;
     // The embedding table is gathered by row, not read whole.
-    let embed = (cfg.vocab_size * cfg.hidden_size * dtype.bytes()) as f64;
+    let embed = (cfg.vocab_size * cfg.hidden_size * dtype.dense().bytes()) as f64;
     all - embed - (moe_layers * cfg.n_routed_experts) as f64 * expert + touched as f64 * expert
 }
 
@@ -177,8 +232,8 @@ pub fn run(opts: &BenchOptions) -> Result<Value, CudaError> {
         .max()
         .unwrap_or(1);
     let options = CudaOptions {
-        weights: DType::Bf16,
-        cache: DType::Bf16,
+        weights: opts.weights,
+        cache: opts.cache,
         max_batch_tokens: max_tokens,
         gemm: opts.gemm,
     };
@@ -188,6 +243,8 @@ pub fn run(opts: &BenchOptions) -> Result<Value, CudaError> {
     let build_s = t0.elapsed().as_secs_f64();
     let (free, total) = exec.device().mem_info()?;
     let (copy_bw, mm_flops) = ceilings(exec.device())?;
+    exec.device().set_gemm(opts.gemm)?;
+    let gemms = time_gemms(exec.device(), mm_flops)?;
     let hv = 2.0 * (cfg.hidden_size * cfg.vocab_size) as f64;
     let fwd = |exec: &mut CudaExecutor, chunks: &[SeqChunk]| -> Result<f64, CudaError> {
         let t = Instant::now();
@@ -276,12 +333,12 @@ pub fn run(opts: &BenchOptions) -> Result<Value, CudaError> {
             let touched = touched.iter().sum::<usize>() / touched.len().max(1);
             let flops = batch as f64 * cfg.flops_per_token(ctx);
             let layers = cfg.mlp_layer_types.len() as f64;
+            let (latent_row, index_row) = super::weights::cache_row_len(&cfg, opts.cache);
             let kv = batch as f64
                 * layers
-                * ((ctx * cfg.index_head_dim) as f64
-                    + (ctx.min(cfg.index_topk) * cfg.latent_dim()) as f64)
-                * 2.0;
-            let bytes = step_weight_bytes(&cfg, touched, DType::Bf16) + kv;
+                * ((ctx * index_row) as f64 + (ctx.min(cfg.index_topk) * latent_row) as f64)
+                * opts.cache.bytes() as f64;
+            let bytes = step_weight_bytes(&cfg, touched, opts.weights) + kv;
             decode.push(json!({
                 "context": ctx, "batch": batch, "ms_per_step": s * 1e3,
                 "tokens_per_s": batch as f64 / s, "tflops": flops / s / 1e12,
@@ -296,8 +353,10 @@ pub fn run(opts: &BenchOptions) -> Result<Value, CudaError> {
         "device": exec.device().name, "arch": exec.device().arch,
         "gemm": format!("{:?}", opts.gemm),
         "layers": {"dense": opts.dense_layers, "moe": opts.moe_layers},
-        "weights": "bf16 (random, generated on the device)", "cache": "bf16",
-        "weight_gib": super::weights::config_weight_bytes(&cfg, DType::Bf16) as f64 / (1u64 << 30) as f64,
+        "weights": format!("{:?} (random, generated on the device)", opts.weights),
+        "cache": format!("{:?}", opts.cache),
+        "weight_gib": super::weights::config_weight_bytes(&cfg, opts.weights) as f64 / (1u64 << 30) as f64,
+        "gemms": gemms,
         "memory_gib": {"free_after_build": free as f64 / (1u64 << 30) as f64, "total": total as f64 / (1u64 << 30) as f64},
         "build_s": build_s,
         "ceilings": {"copy_gb_per_s": copy_bw / 1e9, "bf16_matmul_tflops": mm_flops / 1e12},

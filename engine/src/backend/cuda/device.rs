@@ -29,10 +29,11 @@ pub enum Family {
     Indexer,
     Attention,
     Moe,
+    Fp8,
 }
 
 impl Family {
-    pub const ALL: [Family; 7] = [
+    pub const ALL: [Family; 8] = [
         Family::Linear,
         Family::Norm,
         Family::Rope,
@@ -40,6 +41,7 @@ impl Family {
         Family::Indexer,
         Family::Attention,
         Family::Moe,
+        Family::Fp8,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +53,7 @@ impl Family {
             Family::Indexer => "indexer",
             Family::Attention => "attention",
             Family::Moe => "moe",
+            Family::Fp8 => "fp8",
         }
     }
 
@@ -63,6 +66,7 @@ impl Family {
             Family::Indexer => include_str!("kernels/indexer.cu"),
             Family::Attention => include_str!("kernels/attention.cu"),
             Family::Moe => include_str!("kernels/moe.cu"),
+            Family::Fp8 => include_str!("kernels/fp8.cu"),
         }
     }
 
@@ -282,6 +286,7 @@ impl Device {
                 Family::Indexer => "topk_select",
                 Family::Attention => "sparse_mla_f32",
                 Family::Moe => "moe_route",
+                Family::Fp8 => "fp8_linear_mma",
             };
             self.function(f, probe)?;
         }

@@ -5,7 +5,9 @@
 //! o_proj, RMSNorm and the dense MLP or routed + shared experts; final norm and lm_head on the
 //! rows whose logits were asked for.
 //!
-//! Activations are f32; weights and the caches are f32 or bf16 ([`CudaOptions`]). MoE routing is
+//! Activations are f32; weights are f32, bf16 or FP8 (E4M3 with 128×128 block scales, activations
+//! quantized per token and 128 channels) and the caches f32, bf16 or FP8 (the 656-byte latent
+//! row and the 132-byte indexer key of DeepSeek-V3.2) ([`CudaOptions`]). MoE routing is
 //! computed on the device and copied back once per MoE layer to group tokens by expert; each
 //! expert then runs its three linears over its own tokens.
 
@@ -63,7 +65,15 @@ pub struct CudaExecutor {
     experts_touched: std::sync::atomic::AtomicUsize,
 }
 
-fn check_shapes(cfg: &ModelConfig) -> Result<(), CudaError> {
+fn check_shapes(cfg: &ModelConfig, options: &CudaOptions) -> Result<(), CudaError> {
+    if options.cache == DType::Fp8
+        && (!cfg.kv_lora_rank.is_multiple_of(4) || !cfg.index_head_dim.is_multiple_of(4))
+    {
+        return Err(CudaError::Unsupported(format!(
+            "the FP8 caches need kv_lora_rank ({}) and index_head_dim ({}) to be multiples of 4",
+            cfg.kv_lora_rank, cfg.index_head_dim
+        )));
+    }
     let rd = cfg.qk_rope_head_dim;
     if !rd.is_multiple_of(2) || rd > cfg.index_head_dim {
         return Err(CudaError::Unsupported(format!(
@@ -101,7 +111,7 @@ impl CudaExecutor {
         options: CudaOptions,
     ) -> Result<Self, CudaError> {
         let cfg = model.config.clone();
-        check_shapes(&cfg)?;
+        check_shapes(&cfg, &options)?;
         let dev = Device::new(device_ordinal)?;
         let (free, total) = dev.mem_info()?;
         let plan = plan::plan(
@@ -157,19 +167,12 @@ impl CudaExecutor {
     ) -> Result<Self, CudaError> {
         let slots = geometry.num_slots();
         let layers = cfg.mlp_layer_types.len();
+        let (latent_row, index_row) = weights::cache_row_len(&cfg, options.cache);
         let mut latent = Vec::with_capacity(layers);
         let mut index_k = Vec::with_capacity(layers);
         for _ in 0..layers {
-            latent.push(DevBuf::zeros(
-                &dev,
-                slots * cfg.latent_dim(),
-                options.cache,
-            )?);
-            index_k.push(DevBuf::zeros(
-                &dev,
-                slots * cfg.index_head_dim,
-                options.cache,
-            )?);
+            latent.push(DevBuf::zeros(&dev, slots * latent_row, options.cache)?);
+            index_k.push(DevBuf::zeros(&dev, slots * index_row, options.cache)?);
         }
         dev.stream.synchronize()?;
         Ok(CudaExecutor {
@@ -206,7 +209,7 @@ impl CudaExecutor {
     ) -> Result<Self, CudaError> {
         cfg.validate()
             .map_err(|e| CudaError::Unsupported(format!("config: {e}")))?;
-        check_shapes(cfg)?;
+        check_shapes(cfg, &options)?;
         let dev = Device::new(device_ordinal)?;
         let (free, _) = dev.mem_info()?;
         let plan = plan::plan(
@@ -267,7 +270,7 @@ impl CudaExecutor {
         block_size: usize,
         options: CudaOptions,
     ) -> Result<MemoryPlan, CudaError> {
-        check_shapes(&model.config)?;
+        check_shapes(&model.config, &options)?;
         let dev = Device::new(device_ordinal)?;
         let (free, _) = dev.mem_info()?;
         plan::plan(

@@ -6,7 +6,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::CudaError;
 use super::device::{Device, Family};
-use super::weights::{DType, DevBuf, DevLinear};
+use super::weights::{DType, DevBuf, DevLinear, index_fp8_stride, latent_fp8_stride};
 use crate::backend::cpu::Linear;
 
 /// One kernel argument.
@@ -171,11 +171,116 @@ fn linear_cublas(dev: &Device, y: u64, x: u64, w: &DevLinear, n: usize) -> Resul
             (x, CuType::F32, k),
             (y, CuType::F32, o),
         ),
+        DType::Fp8 => linear_fp8(dev, y, x, w, n),
+    }
+}
+
+/// Per-token, per-128-channel E4M3 quantization of `x[n, k]` into `codes[n, k]` and
+/// `scales[n, ceil(k/128)]`.
+pub fn act_quant(
+    dev: &Device,
+    codes: u64,
+    scales: u64,
+    x: u64,
+    n: usize,
+    k: usize,
+    pow2: bool,
+) -> Result<(), CudaError> {
+    launch(
+        dev,
+        Family::Fp8,
+        "act_quant",
+        (n as u32, blocks(k, 128), 1),
+        32,
+        0,
+        &[
+            Arg::P(codes),
+            Arg::P(scales),
+            Arg::P(x),
+            i(n),
+            i(k),
+            i(pow2 as usize),
+        ],
+    )
+}
+
+/// E4M3 codes and `amax / 448` scales per 128×128 block of the f32 matrix `w[rows, cols]`.
+pub fn quant_weight_blocks(
+    dev: &Device,
+    codes: u64,
+    scale_inv: u64,
+    w: u64,
+    rows: usize,
+    cols: usize,
+) -> Result<(), CudaError> {
+    launch(
+        dev,
+        Family::Fp8,
+        "quant_weight_blocks",
+        (blocks(rows, 128), blocks(cols, 128), 1),
+        256,
+        0,
+        &[
+            Arg::P(codes),
+            Arg::P(scale_inv),
+            Arg::P(w),
+            i(rows),
+            i(cols),
+        ],
+    )
+}
+
+/// The FP8 linear: activations quantized per token and 128 channels, then the block-scaled
+/// GEMM, on the tensor cores ([`super::Gemm::Cublas`], the serving path) or in the reference
+/// order on the CUDA cores ([`super::Gemm::Tiled`]).
+fn linear_fp8(dev: &Device, y: u64, x: u64, w: &DevLinear, n: usize) -> Result<(), CudaError> {
+    let (o, k) = (w.out_dim, w.in_dim);
+    let scale_inv = w
+        .scale_inv
+        .as_ref()
+        .ok_or_else(|| CudaError::Unsupported("an FP8 weight without its block scales".into()))?;
+    let xa = dev.alloc::<u8>(n * k)?;
+    let sa = dev.alloc::<f32>(n * k.div_ceil(128))?;
+    let (pxa, psa) = (dev.ptr(&xa, 0), dev.ptr(&sa, 0));
+    act_quant(dev, pxa, psa, x, n, k, w.pow2_act)?;
+    let args = [
+        Arg::P(y),
+        Arg::P(pxa),
+        Arg::P(psa),
+        Arg::P(w.w.ptr(dev)),
+        Arg::P(dev.ptr(scale_inv, 0)),
+        i(n),
+        i(o),
+        i(k),
+    ];
+    if dev.gemm() == super::Gemm::Cublas {
+        launch(
+            dev,
+            Family::Fp8,
+            "fp8_linear_mma",
+            (blocks(o, 128), blocks(n, 32), 1),
+            128,
+            0,
+            &args,
+        )
+    } else {
+        launch(
+            dev,
+            Family::Fp8,
+            "fp8_linear_simple",
+            (blocks(o, 8), n as u32, 1),
+            256,
+            0,
+            &args,
+        )
     }
 }
 
 /// `y[n, out] = x[n, in] · Wᵀ`, by the device's [`super::Gemm`] path.
 pub fn linear(dev: &Device, y: u64, x: u64, w: &DevLinear, n: usize) -> Result<(), CudaError> {
+    if w.w.dtype() == DType::Fp8 {
+        return linear_fp8(dev, y, x, w, n);
+    }
     if dev.gemm() == super::Gemm::Cublas {
         return linear_cublas(dev, y, x, w, n);
     }
@@ -369,6 +474,21 @@ pub fn kv_store(
     eps: f32,
 ) -> Result<(), CudaError> {
     let name = format!("kv_store_{}", cache.dtype().suffix());
+    let mut args = vec![
+        Arg::P(cache.ptr(dev)),
+        Arg::P(kv),
+        Arg::P(norm_w),
+        Arg::P(slots),
+        Arg::P(pos),
+        Arg::P(inv_freq),
+        Arg::F(factor),
+        i(kvr),
+        i(rd),
+        Arg::F(eps),
+    ];
+    if cache.dtype() == DType::Fp8 {
+        args.push(i(latent_fp8_stride(kvr, rd)));
+    }
     launch(
         dev,
         Family::KvCache,
@@ -376,18 +496,7 @@ pub fn kv_store(
         (n as u32, 1, 1),
         256,
         ((kvr + rd) * 4) as u32,
-        &[
-            Arg::P(cache.ptr(dev)),
-            Arg::P(kv),
-            Arg::P(norm_w),
-            Arg::P(slots),
-            Arg::P(pos),
-            Arg::P(inv_freq),
-            Arg::F(factor),
-            i(kvr),
-            i(rd),
-            Arg::F(eps),
-        ],
+        &args,
     )
 }
 
@@ -409,6 +518,22 @@ pub fn index_key_store(
     eps: f32,
 ) -> Result<(), CudaError> {
     let name = format!("index_key_store_{}", cache.dtype().suffix());
+    let mut args = vec![
+        Arg::P(cache.ptr(dev)),
+        Arg::P(k),
+        Arg::P(w),
+        Arg::P(b),
+        Arg::P(slots),
+        Arg::P(pos),
+        Arg::P(inv_freq),
+        Arg::F(factor),
+        i(id),
+        i(rd),
+        Arg::F(eps),
+    ];
+    if cache.dtype() == DType::Fp8 {
+        args.push(i(index_fp8_stride(id)));
+    }
     launch(
         dev,
         Family::KvCache,
@@ -416,19 +541,7 @@ pub fn index_key_store(
         (n as u32, 1, 1),
         128,
         (id * 4) as u32,
-        &[
-            Arg::P(cache.ptr(dev)),
-            Arg::P(k),
-            Arg::P(w),
-            Arg::P(b),
-            Arg::P(slots),
-            Arg::P(pos),
-            Arg::P(inv_freq),
-            Arg::F(factor),
-            i(id),
-            i(rd),
-            Arg::F(eps),
-        ],
+        &args,
     )
 }
 
@@ -455,6 +568,21 @@ pub fn indexer_scores(
             "indexer queries of {heads}×{dim} floats exceed 48 KiB of shared memory"
         )));
     }
+    let mut args = vec![
+        Arg::P(scores),
+        Arg::P(q),
+        Arg::P(w),
+        Arg::P(kcache.ptr(dev)),
+        Arg::P(slots),
+        Arg::P(slot_base),
+        Arg::P(ctx_len),
+        i(heads),
+        i(dim),
+        i(max_ctx),
+    ];
+    if kcache.dtype() == DType::Fp8 {
+        args.push(i(index_fp8_stride(dim)));
+    }
     launch(
         dev,
         Family::Indexer,
@@ -462,18 +590,7 @@ pub fn indexer_scores(
         (n as u32, blocks(max_ctx, 64), 1),
         256,
         smem as u32,
-        &[
-            Arg::P(scores),
-            Arg::P(q),
-            Arg::P(w),
-            Arg::P(kcache.ptr(dev)),
-            Arg::P(slots),
-            Arg::P(slot_base),
-            Arg::P(ctx_len),
-            i(heads),
-            i(dim),
-            i(max_ctx),
-        ],
+        &args,
     )
 }
 
@@ -605,6 +722,26 @@ pub fn sparse_mla(
             d.kvr + d.rd
         )));
     }
+    let mut args = vec![
+        Arg::P(o_lat),
+        Arg::P(q_lat),
+        Arg::P(q),
+        Arg::P(lcache.ptr(dev)),
+        Arg::P(sel),
+        Arg::P(sel_count),
+        Arg::P(slots),
+        Arg::P(slot_base),
+        i(d.heads),
+        i(d.kvr),
+        i(d.rd),
+        i(d.qk()),
+        i(d.nope),
+        i(k),
+        Arg::F(scale),
+    ];
+    if lcache.dtype() == DType::Fp8 {
+        args.push(i(latent_fp8_stride(d.kvr, d.rd)));
+    }
     launch(
         dev,
         Family::Attention,
@@ -612,23 +749,7 @@ pub fn sparse_mla(
         (n as u32, d.heads as u32, 1),
         256,
         smem as u32,
-        &[
-            Arg::P(o_lat),
-            Arg::P(q_lat),
-            Arg::P(q),
-            Arg::P(lcache.ptr(dev)),
-            Arg::P(sel),
-            Arg::P(sel_count),
-            Arg::P(slots),
-            Arg::P(slot_base),
-            i(d.heads),
-            i(d.kvr),
-            i(d.rd),
-            i(d.qk()),
-            i(d.nope),
-            i(k),
-            Arg::F(scale),
-        ],
+        &args,
     )
 }
 
@@ -715,7 +836,27 @@ pub fn moe_combine(
 
 // ---- host-to-host wrappers (op-level tests) ----
 
-/// `x[n, in] · Wᵀ` on the device with the weight stored as `dtype`.
+/// `len` f32 NaNs: an output buffer in which any element an op fails to write stays NaN.
+pub fn poisoned(dev: &Device, len: usize) -> Result<cudarc::driver::CudaSlice<f32>, CudaError> {
+    let buf = dev.alloc::<f32>(len)?;
+    launch(
+        dev,
+        Family::Norm,
+        "fill_const_f32",
+        (blocks(len, 256).clamp(1, 65_535), 1, 1),
+        256,
+        0,
+        &[
+            Arg::P(dev.ptr(&buf, 0)),
+            Arg::L(len as i64),
+            Arg::F(f32::NAN),
+        ],
+    )?;
+    Ok(buf)
+}
+
+/// `x[n, in] · Wᵀ` on the device with the weight stored as `dtype` (FP8: `w.fp8`'s codes when
+/// set, else quantized per 128×128 block; activation scales powers of two).
 pub fn linear_host(
     dev: &Device,
     x: &[f32],
@@ -723,9 +864,9 @@ pub fn linear_host(
     dtype: DType,
 ) -> Result<Vec<f32>, CudaError> {
     let n = x.len() / w.in_dim.max(1);
-    let dw = DevLinear::upload(dev, w, dtype)?;
+    let dw = DevLinear::upload(dev, w, dtype, true, true)?;
     let dx = dev.upload(x)?;
-    let dy = dev.alloc::<f32>(n * w.out_dim)?;
+    let dy = poisoned(dev, n * w.out_dim)?;
     linear(dev, dev.ptr(&dy, 0), dev.ptr(&dx, 0), &dw, n)?;
     dev.download(&dy, n * w.out_dim)
 }
@@ -893,8 +1034,12 @@ pub fn cache_store_host(
     let n = slots.len();
     let (width, id) = (kv.len() / n, keys.len() / n);
     let (rd, kvr) = (2 * inv_freq.len(), kv.len() / n - 2 * inv_freq.len());
-    let lat = DevBuf::zeros(dev, num_slots * width, dtype)?;
-    let idx = DevBuf::zeros(dev, num_slots * id, dtype)?;
+    let (lat_len, idx_len) = match dtype {
+        DType::Fp8 => (latent_fp8_stride(kvr, rd), index_fp8_stride(id)),
+        _ => (width, id),
+    };
+    let lat = DevBuf::zeros(dev, num_slots * lat_len, dtype)?;
+    let idx = DevBuf::zeros(dev, num_slots * idx_len, dtype)?;
     let to_i = |v: &[usize]| v.iter().map(|x| *x as i32).collect::<Vec<i32>>();
     let (d_slots, d_pos) = (dev.upload(&to_i(slots))?, dev.upload(&to_i(positions))?);
     let (d_kv, d_keys, d_freq) = (dev.upload(kv)?, dev.upload(keys)?, dev.upload(inv_freq)?);
@@ -937,7 +1082,7 @@ pub fn cache_store_host(
         rd,
         1e-6,
     )?;
-    let read = |b: &DevBuf, len: usize| -> Result<Vec<f32>, CudaError> {
+    let read = |b: &DevBuf, len: usize, q: usize, tail: usize| -> Result<Vec<f32>, CudaError> {
         Ok(match b {
             DevBuf::F32(s) => dev.download(s, len)?,
             DevBuf::Bf16(s) => dev
@@ -945,7 +1090,13 @@ pub fn cache_store_host(
                 .into_iter()
                 .map(|v| half::bf16::from_bits(v).to_f32())
                 .collect(),
+            DevBuf::Fp8(s) => {
+                super::weights::decode_fp8_rows(&dev.download(s, len)?, len / num_slots, q, tail)
+            }
         })
     };
-    Ok((read(&lat, num_slots * width)?, read(&idx, num_slots * id)?))
+    Ok((
+        read(&lat, num_slots * lat_len, kvr, rd)?,
+        read(&idx, num_slots * idx_len, id, 0)?,
+    ))
 }

@@ -39,7 +39,8 @@ impl MemoryPlan {
 
 /// Bytes of one token slot of the latent (`[c_kv | k_pe]`) and indexer-key caches, all layers.
 pub fn kv_bytes_per_slot(cfg: &ModelConfig, cache: DType) -> usize {
-    cfg.num_hidden_layers * (cfg.latent_dim() + cfg.index_head_dim) * cache.bytes()
+    let (latent, index) = super::weights::cache_row_len(cfg, cache);
+    cfg.num_hidden_layers * (latent + index) * cache.bytes()
 }
 
 /// Activation bytes of a step of `tokens` tokens whose longest context is `context`: the widest
@@ -126,6 +127,13 @@ mod tests {
         // 576 latent + 128 indexer values, 2 bytes each, 61 layers.
         assert_eq!(kv_bytes_per_slot(&released(), DType::Bf16), 61 * 704 * 2);
         assert_eq!(kv_bytes_per_slot(&released(), DType::F32), 61 * 704 * 4);
+    }
+
+    #[test]
+    fn an_fp8_slot_takes_the_656_byte_latent_row_and_the_132_byte_key() {
+        // FlashMLA's V3.2 row (512 E4M3 + 4 f32 scales + 64 bf16) and DeepGEMM's indexer key
+        // (128 E4M3 + 1 f32 scale): 48.1 KB per token over 61 layers.
+        assert_eq!(kv_bytes_per_slot(&released(), DType::Fp8), 61 * (656 + 132));
     }
 
     #[test]

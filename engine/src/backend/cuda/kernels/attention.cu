@@ -1,6 +1,6 @@
 // Sparse MLA in the absorbed (MQA) form, over the paged latent cache:
 // absorb_q_{f32,bf16}: q_lat[t, h, :] = Σ_d q_nope[t, h, d] · W_UK[h, d, :];
-// sparse_mla_{f32,bf16}: softmax over the selected keys of (q_lat·c_kv + q_pe·k_pe)·scale, then
+// sparse_mla_{f32,bf16,fp8}: softmax over the selected keys of (q_lat·c_kv + q_pe·k_pe)·scale, then
 //   o_lat[t, h, :] = Σ_j p_j · c_kv_j; grid (tokens, heads); dynamic shared memory holds the
 //   576-wide query and one probability per selected key;
 // absorb_v_{f32,bf16}: out[t, h·vd + r] = W_UV[h, r, :] · o_lat[t, h, :].
@@ -35,8 +35,8 @@ __device__ void absorb_v_impl(float* out, const float* o_lat, const W* wkvb, int
     }
 }
 
-template <typename C>
-__device__ void sparse_mla_impl(float* o_lat, const float* q_lat, const float* q, const C* lcache,
+template <typename R>
+__device__ void sparse_mla_impl(float* o_lat, const float* q_lat, const float* q, R lcache,
                                 const int* sel, const int* sel_count, const int* slots,
                                 const int* slot_base, int heads, int kvr, int rd, int qk, int nope,
                                 int k, float scale) {
@@ -56,10 +56,10 @@ __device__ void sparse_mla_impl(float* o_lat, const float* q_lat, const float* q
     const int* sl = slots + slot_base[t];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     for (int j = warp; j < m; j += nw) {
-        const C* row = lcache + (long long)sl[st[j]] * width;
+        long long slot = sl[st[j]];
         float a = 0.f, b = 0.f;
-        for (int i = lane; i < kvr; i += 32) a += qs[i] * to_f(row[i]);
-        for (int i = lane; i < rd; i += 32) b += qs[kvr + i] * to_f(row[kvr + i]);
+        for (int i = lane; i < kvr; i += 32) a += qs[i] * lcache.at(slot, i);
+        for (int i = lane; i < rd; i += 32) b += qs[kvr + i] * lcache.at(slot, kvr + i);
         a = warp_sum(a);
         b = warp_sum(b);
         if (lane == 0) p[j] = (a + b) * scale;
@@ -79,7 +79,7 @@ __device__ void sparse_mla_impl(float* o_lat, const float* q_lat, const float* q
     float* dst = o_lat + ((long long)t * heads + h) * kvr;
     for (int c = threadIdx.x; c < kvr; c += blockDim.x) {
         float acc = 0.f;
-        for (int j = 0; j < m; j++) acc += (p[j] * inv) * to_f(lcache[(long long)sl[st[j]] * width + c]);
+        for (int j = 0; j < m; j++) acc += (p[j] * inv) * lcache.at(sl[st[j]], c);
         dst[c] = acc;
     }
 }
@@ -99,10 +99,16 @@ extern "C" __global__ void absorb_v_bf16(float* out, const float* o_lat, const b
 extern "C" __global__ void sparse_mla_f32(float* o_lat, const float* q_lat, const float* q, const float* lcache,
                                           const int* sel, const int* sel_count, const int* slots, const int* slot_base,
                                           int heads, int kvr, int rd, int qk, int nope, int k, float scale) {
-    sparse_mla_impl<float>(o_lat, q_lat, q, lcache, sel, sel_count, slots, slot_base, heads, kvr, rd, qk, nope, k, scale);
+    sparse_mla_impl(o_lat, q_lat, q, RowsF32{lcache, kvr + rd}, sel, sel_count, slots, slot_base, heads, kvr, rd, qk, nope, k, scale);
 }
 extern "C" __global__ void sparse_mla_bf16(float* o_lat, const float* q_lat, const float* q, const bf16_t* lcache,
                                            const int* sel, const int* sel_count, const int* slots, const int* slot_base,
                                            int heads, int kvr, int rd, int qk, int nope, int k, float scale) {
-    sparse_mla_impl<bf16_t>(o_lat, q_lat, q, lcache, sel, sel_count, slots, slot_base, heads, kvr, rd, qk, nope, k, scale);
+    sparse_mla_impl(o_lat, q_lat, q, RowsBf16{lcache, kvr + rd}, sel, sel_count, slots, slot_base, heads, kvr, rd, qk, nope, k, scale);
+}
+extern "C" __global__ void sparse_mla_fp8(float* o_lat, const float* q_lat, const float* q, const fp8_t* lcache,
+                                          const int* sel, const int* sel_count, const int* slots, const int* slot_base,
+                                          int heads, int kvr, int rd, int qk, int nope, int k, float scale, int stride) {
+    RowsFp8 r{lcache, kvr, kvr + 4 * ((kvr + 127) / 128), stride};
+    sparse_mla_impl(o_lat, q_lat, q, r, sel, sel_count, slots, slot_base, heads, kvr, rd, qk, nope, k, scale);
 }

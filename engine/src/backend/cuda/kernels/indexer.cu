@@ -1,6 +1,6 @@
 // The lightning indexer and DSA's top-k selection.
 //
-// indexer_scores_{f32,bf16}: scores[t, j] = Σ_h w[t, h] · ReLU(q[t, h] · k_j) for every position
+// indexer_scores_{f32,bf16,fp8}: scores[t, j] = Σ_h w[t, h] · ReLU(q[t, h] · k_j) for every position
 // j < ctx_len[t] of token t's sequence, keys read from the paged indexer cache through
 // slots[slot_base[t] + j]. Grid (tokens, ceil(max_ctx / KEYS)); 8 warps, one key per warp at a
 // time; the token's queries sit in dynamic shared memory (heads · head_dim floats).
@@ -11,8 +11,8 @@
 
 #define KEYS 64
 
-template <typename C>
-__device__ void indexer_scores_impl(float* scores, const float* q, const float* w, const C* kcache,
+template <typename R>
+__device__ void indexer_scores_impl(float* scores, const float* q, const float* w, R kcache,
                                     const int* slots, const int* slot_base, const int* ctx_len,
                                     int heads, int dim, int max_ctx) {
     extern __shared__ float qs[];
@@ -27,11 +27,11 @@ __device__ void indexer_scores_impl(float* scores, const float* q, const float* 
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     int j1 = min(j0 + KEYS, len);
     for (int j = j0 + warp; j < j1; j += nw) {
-        const C* k = kcache + (long long)slots[slot_base[t] + j] * dim;
+        long long slot = slots[slot_base[t] + j];
         float acc = 0.f;
         for (int h = 0; h < heads; h++) {
             float d = 0.f;
-            for (int i = lane; i < dim; i += 32) d += qs[h * dim + i] * to_f(k[i]);
+            for (int i = lane; i < dim; i += 32) d += qs[h * dim + i] * kcache.at(slot, i);
             d = warp_sum(d);
             acc += wt[h] * fmaxf(d, 0.f);
         }
@@ -42,13 +42,20 @@ __device__ void indexer_scores_impl(float* scores, const float* q, const float* 
 extern "C" __global__ void indexer_scores_f32(float* scores, const float* q, const float* w, const float* kcache,
                                               const int* slots, const int* slot_base, const int* ctx_len,
                                               int heads, int dim, int max_ctx) {
-    indexer_scores_impl<float>(scores, q, w, kcache, slots, slot_base, ctx_len, heads, dim, max_ctx);
+    indexer_scores_impl(scores, q, w, RowsF32{kcache, dim}, slots, slot_base, ctx_len, heads, dim, max_ctx);
 }
 
 extern "C" __global__ void indexer_scores_bf16(float* scores, const float* q, const float* w, const bf16_t* kcache,
                                                const int* slots, const int* slot_base, const int* ctx_len,
                                                int heads, int dim, int max_ctx) {
-    indexer_scores_impl<bf16_t>(scores, q, w, kcache, slots, slot_base, ctx_len, heads, dim, max_ctx);
+    indexer_scores_impl(scores, q, w, RowsBf16{kcache, dim}, slots, slot_base, ctx_len, heads, dim, max_ctx);
+}
+
+extern "C" __global__ void indexer_scores_fp8(float* scores, const float* q, const float* w, const fp8_t* kcache,
+                                              const int* slots, const int* slot_base, const int* ctx_len,
+                                              int heads, int dim, int max_ctx, int stride) {
+    RowsFp8 r{kcache, dim, dim + 4 * ((dim + 127) / 128), stride};
+    indexer_scores_impl(scores, q, w, r, slots, slot_base, ctx_len, heads, dim, max_ctx);
 }
 
 // Maps a float to an unsigned key with the same order as Rust's f32::total_cmp.

@@ -101,3 +101,12 @@ extern "C" __global__ void cast_f32_bf16(bf16_t* out, const float* x, long long 
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         store_as(out + i, x[i]);
 }
+
+// out[i] uniform in [lo, hi] with range = lo << 8 | hi (random FP8 cache rows for benchmarks).
+extern "C" __global__ void fill_bytes(unsigned char* out, long long n, unsigned long long seed, int range) {
+    int lo = (range >> 8) & 0xff, hi = range & 0xff;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float u = 0.5f * (uniform_pm1(seed, i) + 1.f);
+        out[i] = (unsigned char)min(hi, lo + (int)(u * (float)(hi - lo + 1)));
+    }
+}

@@ -1,0 +1,174 @@
+// FP8 E4M3 linear layers with DeepSeek's block scaling (weights: one scale per 128×128 block;
+// activations: one per token per 128 channels; f32 promotion once per 128-wide K block).
+//
+// act_quant: codes[n, k] and scales[n, ceil(k/128)] of f32 activations; grid (n, groups), one
+//   warp per group.
+// quant_weight_blocks: E4M3 codes and scale_inv = amax/448 per 128×128 block of an f32 matrix
+//   (random benchmark weights, or weights a checkpoint stored in higher precision).
+// fp8_linear_simple: y = Σ_kb sa·sw·(a_kb · w_kb) on the CUDA cores, one warp per output, the
+//   reference order of the host's `fp8_linear`.
+// fp8_linear_mma: the same on the tensor cores (mma.sync m16n8k32 e4m3, sm_89+): a 32×128 output
+//   tile per block of 4 warps, each K block's partial sums promoted to f32 with both scales.
+
+extern "C" __global__ void act_quant(fp8_t* codes, float* scales, const float* x, int n, int k, int pow2) {
+    int r = blockIdx.x, g = blockIdx.y, groups = gridDim.y;
+    int k0 = g * 128;
+    int len = min(128, k - k0);
+    const float* src = x + (long long)r * k + k0;
+    float s = warp_quantize_group(src, codes + (long long)r * k + k0, len, pow2);
+    if (threadIdx.x == 0) scales[(long long)r * groups + g] = s;
+}
+
+extern "C" __global__ void quant_weight_blocks(fp8_t* codes, float* scale_inv, const float* w, int rows, int cols) {
+    __shared__ float sh[32];
+    int r0 = blockIdx.x * 128, c0 = blockIdx.y * 128;
+    int rn = min(128, rows - r0), cn = min(128, cols - c0);
+    float amax = 0.f;
+    for (int i = threadIdx.x; i < rn * cn; i += blockDim.x)
+        amax = fmaxf(amax, fabsf(w[(long long)(r0 + i / cn) * cols + c0 + i % cn]));
+    amax = block_max(amax, sh);
+    float s = amax > 0.f ? amax / 448.f : 1.f;
+    for (int i = threadIdx.x; i < rn * cn; i += blockDim.x) {
+        long long at = (long long)(r0 + i / cn) * cols + c0 + i % cn;
+        codes[at] = f_to_e4m3(w[at] / s);
+    }
+    if (threadIdx.x == 0) scale_inv[blockIdx.x * gridDim.y + blockIdx.y] = s;
+}
+
+// Grid (ceil(out / 8), n); 8 warps, one output each.
+extern "C" __global__ void fp8_linear_simple(float* y, const fp8_t* xa, const float* sa, const fp8_t* w,
+                                             const float* sw, int n, int out, int k) {
+    int m = blockIdx.y, o = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (o >= out) return;
+    int groups = (k + 127) / 128;
+    const fp8_t* xr = xa + (long long)m * k;
+    const fp8_t* wr = w + (long long)o * k;
+    float acc = 0.f;
+    for (int g = 0; g < groups; g++) {
+        float p = 0.f;
+        int end = min(k, g * 128 + 128);
+        for (int i = g * 128 + lane; i < end; i += 32) p += e4m3_to_f(xr[i]) * e4m3_to_f(wr[i]);
+        acc += p * (sa[(long long)m * groups + g] * sw[(long long)(o >> 7) * groups + g]);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) y[(long long)m * out + o] = acc;
+}
+
+#define FM 32
+#define FN 128
+#define FS 144  // shared row stride in bytes: 16-byte aligned, conflict-free fragment reads
+
+struct alignas(16) Bytes16 {
+    unsigned v[4];
+};
+
+// Copies rows [row0, row0 + tile_rows) × bytes [k0, k0 + 128) of a [rows, k] byte matrix into
+// shared memory, zero outside the matrix. vec16: k is a multiple of 16 (16-byte loads).
+__device__ __forceinline__ void load_tile(fp8_t* sm, const fp8_t* g, int tile_rows, int row0, int rows,
+                                          int k0, int k, bool vec16) {
+    for (int v = threadIdx.x; v < tile_rows * 8; v += blockDim.x) {
+        int r = v >> 3, c = (v & 7) * 16;
+        int gr = row0 + r, gk = k0 + c;
+        Bytes16 val;
+        val.v[0] = val.v[1] = val.v[2] = val.v[3] = 0u;
+        if (gr < rows && gk < k) {
+            const fp8_t* src = g + (long long)gr * k + gk;
+            if (vec16) {
+                val = *(const Bytes16*)src;
+            } else {
+                for (int j = 0; j < 16 && gk + j < k; j++)
+                    val.v[j >> 2] |= ((unsigned)src[j]) << (8 * (j & 3));
+            }
+        }
+        *(Bytes16*)(sm + r * FS + c) = val;
+    }
+}
+
+__device__ __forceinline__ void mma_e4m3(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Grid (ceil(out / 128), ceil(n / 32)), 128 threads.
+extern "C" __global__ void __launch_bounds__(128) fp8_linear_mma(float* y, const fp8_t* xa, const float* sa,
+                                                                 const fp8_t* w, const float* sw, int n, int out,
+                                                                 int k) {
+    __shared__ alignas(16) fp8_t as_[FM * FS];
+    __shared__ alignas(16) fp8_t bs_[FN * FS];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    int m0 = blockIdx.y * FM, n0 = blockIdx.x * FN;
+    int groups = (k + 127) / 128;
+    bool vec16 = (k & 15) == 0;
+    float acc[2][4][4], part[2][4][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
+    for (int kb = 0; kb < groups; kb++) {
+        int k0 = kb * 128;
+        load_tile(as_, xa, FM, m0, n, k0, k, vec16);
+        load_tile(bs_, w, FN, n0, out, k0, k, vec16);
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) part[i][j][e] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < 4; ks++) {
+            unsigned a[2][4], b[4][2];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                int base = (mt * 16 + g) * FS + ks * 32 + t4 * 4;
+                a[mt][0] = *(const unsigned*)(as_ + base);
+                a[mt][1] = *(const unsigned*)(as_ + base + 8 * FS);
+                a[mt][2] = *(const unsigned*)(as_ + base + 16);
+                a[mt][3] = *(const unsigned*)(as_ + base + 8 * FS + 16);
+            }
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                int base = (warp * 32 + nt * 8 + g) * FS + ks * 32 + t4 * 4;
+                b[nt][0] = *(const unsigned*)(bs_ + base);
+                b[nt][1] = *(const unsigned*)(bs_ + base + 16);
+            }
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++) mma_e4m3(part[mt][nt], a[mt], b[nt]);
+        }
+        float ws = sw[(long long)blockIdx.x * groups + kb];
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++) {
+            int r0 = m0 + mt * 16 + g, r1 = r0 + 8;
+            float s0 = r0 < n ? sa[(long long)r0 * groups + kb] * ws : 0.f;
+            float s1 = r1 < n ? sa[(long long)r1 * groups + kb] * ws : 0.f;
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                acc[mt][nt][0] += part[mt][nt][0] * s0;
+                acc[mt][nt][1] += part[mt][nt][1] * s0;
+                acc[mt][nt][2] += part[mt][nt][2] * s1;
+                acc[mt][nt][3] += part[mt][nt][3] * s1;
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {
+            int c = n0 + warp * 32 + nt * 8 + t4 * 2;
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                int r = m0 + mt * 16 + g + 8 * half;
+                if (r >= n) continue;
+                if (c < out) y[(long long)r * out + c] = acc[mt][nt][2 * half];
+                if (c + 1 < out) y[(long long)r * out + c + 1] = acc[mt][nt][2 * half + 1];
+            }
+        }
+    }
+}
