@@ -9,6 +9,11 @@ them, plus the shared expert); lm_head on one row per sequence. Attention and th
 are left out, so this is a lower bound on a PyTorch forward of the same shapes.
 Routed tokens are spread evenly over min(256, 8 x tokens) experts.
 
+It also times single linear layers at the benchmark's GEMM shapes: bf16 `x @ W.T`, and FP8 with
+DeepSeek's scaling (activations per token per 128 channels, weights per 128x128 block) through
+`torch._scaled_mm`'s block-wise mode, with and without quantizing the activations in the timed
+region.
+
     python3 scripts/cuda_peer.py [--dense 1] [--moe 3] > peer.json
 """
 import argparse
@@ -78,6 +83,78 @@ def time_ms(fn, reps=5):
     return out[len(out) // 2]
 
 
+GEMM_SHAPES = [(64, 2048, 7168), (64, 7168, 2048), (4096, 2048, 7168), (4096, 24576, 1536),
+               (4096, 7168, 16384)]
+
+
+def quant_rows(x):
+    """Per-row, per-128-column E4M3 codes and power-of-two scales (DeepSeek's act_quant)."""
+    n, k = x.shape
+    g = x.float().view(n, k // 128, 128)
+    s = (g.abs().amax(-1).clamp(min=1e-4) / 448.0)
+    s = torch.exp2(torch.ceil(torch.log2(s)))
+    q = (g / s.unsqueeze(-1)).clamp(-448, 448).to(torch.float8_e4m3fn).view(n, k)
+    return q, s
+
+
+def quant_blocks(w):
+    o, k = w.shape
+    b = w.float().view(o // 128, 128, k // 128, 128)
+    s = b.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    q = (b / s[:, None, :, None]).to(torch.float8_e4m3fn).view(o, k)
+    return q, s
+
+
+# Scale layouts torch versions have accepted for the 1x128 / 128x128 block-wise modes; the first
+# that runs and reproduces the product is used (and named in the output).
+SCALE_LAYOUTS = {
+    "a_mmajor_b_kn": lambda sa, sw: (sa.t().contiguous().t(), sw.t().contiguous()),
+    "a_mmajor_b_kn_view": lambda sa, sw: (sa.t().contiguous().t(), sw.t()),
+    "a_mmajor_b_nk": lambda sa, sw: (sa.t().contiguous().t(), sw.contiguous()),
+    "a_rowmajor_b_kn": lambda sa, sw: (sa.contiguous(), sw.t().contiguous()),
+    "a_rowmajor_b_nk": lambda sa, sw: (sa.contiguous(), sw.contiguous()),
+}
+
+
+def scaled_mm_blockwise(q, sa, wq, sw, layout):
+    a, b = SCALE_LAYOUTS[layout](sa, sw)
+    return torch._scaled_mm(q, wq.t(), scale_a=a, scale_b=b, out_dtype=torch.bfloat16)
+
+
+def gemms():
+    out = []
+    for n, o, k in GEMM_SHAPES:
+        x, w = rnd(n, k), rnd(o, k)
+        flop = 2.0 * n * o * k
+        rec = {"tokens": n, "out": o, "in": k}
+        ms = time_ms(lambda: x @ w.T, reps=10)
+        rec["bf16"] = {"us": ms * 1e3, "tflops": flop / ms / 1e9}
+        q, sa = quant_rows(x)
+        wq, sw = quant_blocks(w)
+        ref = x.float() @ w.float().T
+        errors = {}
+        for layout in SCALE_LAYOUTS:
+            try:
+                got = scaled_mm_blockwise(q, sa, wq, sw, layout).float()
+                err = float((got - ref).norm() / ref.norm())
+                if err > 0.1:
+                    errors[layout] = f"l2 error {err:.3f}"
+                    continue
+                ms = time_ms(lambda: scaled_mm_blockwise(q, sa, wq, sw, layout), reps=10)
+                ms_q = time_ms(lambda: scaled_mm_blockwise(*quant_rows(x), wq, sw, layout), reps=10)
+                rec["fp8_blockwise"] = {"layout": layout, "us": ms * 1e3, "tflops": flop / ms / 1e9,
+                                        "us_with_act_quant": ms_q * 1e3,
+                                        "tflops_with_act_quant": flop / ms_q / 1e9,
+                                        "l2_rel_vs_f32": err}
+                break
+            except Exception as e:  # this layout refused, or no block scaling in this build
+                errors[layout] = str(e).splitlines()[0][:200]
+        if "fp8_blockwise" not in rec:
+            rec["fp8_blockwise"] = {"errors": errors}
+        out.append(rec)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dense", type=int, default=1)
@@ -98,7 +175,8 @@ def main():
                     "moe_layer_ms": moe_ms, "lm_head_ms": head_ms, "step_ms": step,
                     "tokens_per_s": n / step * 1e3})
     print(json.dumps({"peer": "torch " + torch.__version__, "device": torch.cuda.get_device_name(),
-                      "layers": {"dense": a.dense, "moe": a.moe}, "results": res}, indent=1))
+                      "layers": {"dense": a.dense, "moe": a.moe}, "results": res, "gemms": gemms()},
+                     indent=1))
 
 
 if __name__ == "__main__":

@@ -230,6 +230,18 @@ pub fn quant_weight_blocks(
     )
 }
 
+/// How to split K (in 128-wide blocks) so `tiles` output tiles keep every SM busy: (K blocks
+/// per split, splits). No split when the tiles alone fill about two waves of a 132-SM GPU.
+pub fn split_k(tiles: usize, k_blocks: usize) -> (usize, usize) {
+    const TARGET_BLOCKS: usize = 264;
+    if tiles >= TARGET_BLOCKS / 2 || k_blocks < 4 {
+        return (k_blocks.max(1), 1);
+    }
+    let splits = TARGET_BLOCKS.div_ceil(tiles).min(k_blocks / 2).max(1);
+    let per = k_blocks.div_ceil(splits);
+    (per, k_blocks.div_ceil(per))
+}
+
 /// The FP8 linear: activations quantized per token and 128 channels, then the block-scaled
 /// GEMM, on the tensor cores ([`super::Gemm::Cublas`], the serving path) or in the reference
 /// order on the CUDA cores ([`super::Gemm::Tiled`]).
@@ -243,37 +255,78 @@ fn linear_fp8(dev: &Device, y: u64, x: u64, w: &DevLinear, n: usize) -> Result<(
     let sa = dev.alloc::<f32>(n * k.div_ceil(128))?;
     let (pxa, psa) = (dev.ptr(&xa, 0), dev.ptr(&sa, 0));
     act_quant(dev, pxa, psa, x, n, k, w.pow2_act)?;
-    let args = [
-        Arg::P(y),
-        Arg::P(pxa),
-        Arg::P(psa),
-        Arg::P(w.w.ptr(dev)),
-        Arg::P(dev.ptr(scale_inv, 0)),
-        i(n),
-        i(o),
-        i(k),
-    ];
-    if dev.gemm() == super::Gemm::Cublas {
-        launch(
-            dev,
-            Family::Fp8,
-            "fp8_linear_mma",
-            (blocks(o, 128), blocks(n, 32), 1),
-            128,
-            0,
-            &args,
-        )
-    } else {
-        launch(
+    let (wptr, sptr) = (w.w.ptr(dev), dev.ptr(scale_inv, 0));
+    if dev.gemm() != super::Gemm::Cublas {
+        return launch(
             dev,
             Family::Fp8,
             "fp8_linear_simple",
             (blocks(o, 8), n as u32, 1),
             256,
             0,
-            &args,
-        )
+            &[
+                Arg::P(y),
+                Arg::P(pxa),
+                Arg::P(psa),
+                Arg::P(wptr),
+                Arg::P(sptr),
+                i(n),
+                i(o),
+                i(k),
+            ],
+        );
     }
+    // The pipelined kernel needs 16-byte rows (K a multiple of 16); odd K takes the plain one.
+    let (name, rows, threads) = if k.is_multiple_of(16) {
+        ("fp8_linear_pipe", 64, 128)
+    } else if n > 32 {
+        ("fp8_linear_mma_m64", 64, 256)
+    } else {
+        ("fp8_linear_mma", 32, 128)
+    };
+    let (kbs, splits) = split_k(blocks(o, 128) as usize * n.div_ceil(rows), k.div_ceil(128));
+    let parts = if splits > 1 {
+        Some(dev.alloc::<f32>(splits * n * o)?)
+    } else {
+        None
+    };
+    let dst = parts.as_ref().map(|p| dev.ptr(p, 0)).unwrap_or(y);
+    launch(
+        dev,
+        Family::Fp8,
+        name,
+        (blocks(o, 128), blocks(n, rows), splits as u32),
+        threads,
+        0,
+        &[
+            Arg::P(dst),
+            Arg::P(pxa),
+            Arg::P(psa),
+            Arg::P(wptr),
+            Arg::P(sptr),
+            i(n),
+            i(o),
+            i(k),
+            i(kbs),
+        ],
+    )?;
+    if let Some(p) = &parts {
+        launch(
+            dev,
+            Family::Fp8,
+            "sum_splits",
+            (blocks(n * o, 256).clamp(1, 65_535), 1, 1),
+            256,
+            0,
+            &[
+                Arg::P(y),
+                Arg::P(dev.ptr(p, 0)),
+                Arg::L((n * o) as i64),
+                i(splits),
+            ],
+        )?;
+    }
+    Ok(())
 }
 
 /// `y[n, out] = x[n, in] · Wᵀ`, by the device's [`super::Gemm`] path.
@@ -1099,4 +1152,32 @@ pub fn cache_store_host(
         read(&lat, num_slots * lat_len, kvr, rd)?,
         read(&idx, num_slots * idx_len, id, 0)?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_k;
+
+    #[test]
+    fn k_is_split_only_when_the_output_tiles_cannot_fill_the_gpu() {
+        // A decode expert projection: 16 tiles of 128 outputs over 56 K blocks.
+        let (per, splits) = split_k(16, 56);
+        assert_eq!((per, splits), (4, 14));
+        assert!(per * splits >= 56 && per * (splits - 1) < 56);
+        // A prefill projection fills the GPU alone.
+        assert_eq!(split_k(2048, 56), (56, 1));
+        // Too few K blocks to split.
+        assert_eq!(split_k(1, 3), (3, 1));
+        // Every split keeps at least two K blocks.
+        for tiles in 1..140 {
+            for kb in 1..200 {
+                let (per, splits) = split_k(tiles, kb);
+                assert!(
+                    per * splits >= kb && per * (splits - 1) < kb,
+                    "{tiles} {kb}"
+                );
+                assert!(splits == 1 || per >= 2, "{tiles} {kb}: {per}");
+            }
+        }
+    }
 }

@@ -7,8 +7,11 @@
 //   (random benchmark weights, or weights a checkpoint stored in higher precision).
 // fp8_linear_simple: y = Σ_kb sa·sw·(a_kb · w_kb) on the CUDA cores, one warp per output, the
 //   reference order of the host's `fp8_linear`.
-// fp8_linear_mma: the same on the tensor cores (mma.sync m16n8k32 e4m3, sm_89+): a 32×128 output
-//   tile per block of 4 warps, each K block's partial sums promoted to f32 with both scales.
+// fp8_linear_mma{,_m64}: the same on the tensor cores (mma.sync m16n8k32 e4m3, sm_89+): a 32×128
+//   (64×128) output tile per block of 4 (8) warps, each K block's partial sums promoted to f32
+//   with both scales; K optionally split over blocks when the output tiles cannot fill the GPU.
+// fp8_linear_pipe: the serving kernel for K a multiple of 16: 64×128 tiles, cp.async double
+//   buffering, swizzled shared rows (below).
 
 extern "C" __global__ void act_quant(fp8_t* codes, float* scales, const float* x, int n, int k, int pow2) {
     int r = blockIdx.x, g = blockIdx.y, groups = gridDim.y;
@@ -91,15 +94,20 @@ __device__ __forceinline__ void mma_e4m3(float* d, const unsigned* a, const unsi
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// Grid (ceil(out / 128), ceil(n / 32)), 128 threads.
-extern "C" __global__ void __launch_bounds__(128) fp8_linear_mma(float* y, const fp8_t* xa, const float* sa,
-                                                                 const fp8_t* w, const float* sw, int n, int out,
-                                                                 int k) {
-    __shared__ alignas(16) fp8_t as_[FM * FS];
+// Grid (ceil(out / 128), ceil(n / (32·WM)), splits); 128·WM threads: WM × 4 warps of 32×32
+// outputs. Split z sums K blocks [z·kbs, (z+1)·kbs) into y + z·n·out (the caller reduces the
+// splits in order when there are several, so results do not depend on scheduling).
+template <int WM>
+__device__ void fp8_linear_mma_impl(float* y, const fp8_t* xa, const float* sa, const fp8_t* w,
+                                    const float* sw, int n, int out, int k, int kbs) {
+    __shared__ alignas(16) fp8_t as_[32 * WM * FS];
     __shared__ alignas(16) fp8_t bs_[FN * FS];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-    int m0 = blockIdx.y * FM, n0 = blockIdx.x * FN;
+    int wm = warp >> 2, wn = warp & 3;
+    int m0 = blockIdx.y * 32 * WM, n0 = blockIdx.x * FN;
     int groups = (k + 127) / 128;
+    int kb0 = blockIdx.z * kbs, kb1 = min(groups, kb0 + kbs);
+    y += (long long)blockIdx.z * n * out;
     bool vec16 = (k & 15) == 0;
     float acc[2][4][4], part[2][4][4];
 #pragma unroll
@@ -108,9 +116,9 @@ extern "C" __global__ void __launch_bounds__(128) fp8_linear_mma(float* y, const
         for (int j = 0; j < 4; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
-    for (int kb = 0; kb < groups; kb++) {
+    for (int kb = kb0; kb < kb1; kb++) {
         int k0 = kb * 128;
-        load_tile(as_, xa, FM, m0, n, k0, k, vec16);
+        load_tile(as_, xa, 32 * WM, m0, n, k0, k, vec16);
         load_tile(bs_, w, FN, n0, out, k0, k, vec16);
         __syncthreads();
 #pragma unroll
@@ -124,7 +132,7 @@ extern "C" __global__ void __launch_bounds__(128) fp8_linear_mma(float* y, const
             unsigned a[2][4], b[4][2];
 #pragma unroll
             for (int mt = 0; mt < 2; mt++) {
-                int base = (mt * 16 + g) * FS + ks * 32 + t4 * 4;
+                int base = (wm * 32 + mt * 16 + g) * FS + ks * 32 + t4 * 4;
                 a[mt][0] = *(const unsigned*)(as_ + base);
                 a[mt][1] = *(const unsigned*)(as_ + base + 8 * FS);
                 a[mt][2] = *(const unsigned*)(as_ + base + 16);
@@ -132,7 +140,7 @@ extern "C" __global__ void __launch_bounds__(128) fp8_linear_mma(float* y, const
             }
 #pragma unroll
             for (int nt = 0; nt < 4; nt++) {
-                int base = (warp * 32 + nt * 8 + g) * FS + ks * 32 + t4 * 4;
+                int base = (wn * 32 + nt * 8 + g) * FS + ks * 32 + t4 * 4;
                 b[nt][0] = *(const unsigned*)(bs_ + base);
                 b[nt][1] = *(const unsigned*)(bs_ + base + 16);
             }
@@ -144,7 +152,7 @@ extern "C" __global__ void __launch_bounds__(128) fp8_linear_mma(float* y, const
         float ws = sw[(long long)blockIdx.x * groups + kb];
 #pragma unroll
         for (int mt = 0; mt < 2; mt++) {
-            int r0 = m0 + mt * 16 + g, r1 = r0 + 8;
+            int r0 = m0 + wm * 32 + mt * 16 + g, r1 = r0 + 8;
             float s0 = r0 < n ? sa[(long long)r0 * groups + kb] * ws : 0.f;
             float s1 = r1 < n ? sa[(long long)r1 * groups + kb] * ws : 0.f;
 #pragma unroll
@@ -161,10 +169,10 @@ extern "C" __global__ void __launch_bounds__(128) fp8_linear_mma(float* y, const
     for (int mt = 0; mt < 2; mt++) {
 #pragma unroll
         for (int nt = 0; nt < 4; nt++) {
-            int c = n0 + warp * 32 + nt * 8 + t4 * 2;
+            int c = n0 + wn * 32 + nt * 8 + t4 * 2;
 #pragma unroll
             for (int half = 0; half < 2; half++) {
-                int r = m0 + mt * 16 + g + 8 * half;
+                int r = m0 + wm * 32 + mt * 16 + g + 8 * half;
                 if (r >= n) continue;
                 if (c < out) y[(long long)r * out + c] = acc[mt][nt][2 * half];
                 if (c + 1 < out) y[(long long)r * out + c + 1] = acc[mt][nt][2 * half + 1];
@@ -172,3 +180,160 @@ extern "C" __global__ void __launch_bounds__(128) fp8_linear_mma(float* y, const
         }
     }
 }
+
+extern "C" __global__ void __launch_bounds__(128) fp8_linear_mma(float* y, const fp8_t* xa, const float* sa,
+                                                                 const fp8_t* w, const float* sw, int n, int out,
+                                                                 int k, int kbs) {
+    fp8_linear_mma_impl<1>(y, xa, sa, w, sw, n, out, k, kbs);
+}
+
+extern "C" __global__ void __launch_bounds__(256) fp8_linear_mma_m64(float* y, const fp8_t* xa, const float* sa,
+                                                                     const fp8_t* w, const float* sw, int n, int out,
+                                                                     int k, int kbs) {
+    fp8_linear_mma_impl<2>(y, xa, sa, w, sw, n, out, k, kbs);
+}
+
+// y[i] = Σ_z parts[z·len + i], splits summed in order.
+extern "C" __global__ void sum_splits(float* y, const float* parts, long long len, int splits) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += (long long)gridDim.x * blockDim.x) {
+        float s = 0.f;
+        for (int z = 0; z < splits; z++) s += parts[(long long)z * len + i];
+        y[i] = s;
+    }
+}
+
+// ---- the pipelined tensor-core kernel (K a multiple of 16) ----
+// 64×128 outputs per block of 4 warps (2 × 2, 32×64 each); each 128-wide K block of A (64 rows)
+// and W (128 rows) is copied by cp.async into one of two 24 KiB stages while the other is
+// multiplied. Rows are 128 bytes with their 16-byte chunks XOR-swizzled by (row & 7), so the
+// fragment reads hit 32 distinct banks without padding.
+
+#define PM 64
+#define PN 128
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
+}
+
+__device__ __forceinline__ int swz(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
+
+__device__ __forceinline__ void stage_tile(fp8_t* sm, const fp8_t* g, int tile_rows, int row0, int rows, int k0, int k) {
+    for (int v = threadIdx.x; v < tile_rows * 8; v += blockDim.x) {
+        int r = v >> 3, c = v & 7;
+        int gr = row0 + r, gk = k0 + c * 16;
+        bool in = gr < rows && gk < k;
+        cp_async16(sm + swz(r, c), in ? (const void*)(g + (long long)gr * k + gk) : (const void*)g, in ? 16 : 0);
+    }
+}
+
+// NT n-tiles of 8 per warp: NT = 8 is 2 × 2 warps of 32×64 (2 × 4 warps of 32×32, NT = 4, measured
+// slower on an H200: more warps, but less fragment reuse).
+template <int NT>
+__device__ void fp8_linear_pipe_impl(float* y, const fp8_t* xa, const float* sa, const fp8_t* w,
+                                     const float* sw, int n, int out, int k, int kbs) {
+    constexpr int WN = PN / (8 * NT);
+    __shared__ alignas(128) fp8_t smem[2 * (PM + PN) * 128];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    int wm = warp / WN, wn = warp % WN;
+    int m0 = blockIdx.y * PM, n0 = blockIdx.x * PN;
+    int groups = (k + 127) / 128;
+    int kb0 = blockIdx.z * kbs, kb1 = min(groups, kb0 + kbs);
+    y += (long long)blockIdx.z * n * out;
+    float acc[2][NT][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
+    if (kb0 < kb1) {
+        stage_tile(smem, xa, PM, m0, n, kb0 * 128, k);
+        stage_tile(smem + PM * 128, w, PN, n0, out, kb0 * 128, k);
+    }
+    asm volatile("cp.async.commit_group;");
+    for (int kb = kb0; kb < kb1; kb++) {
+        int cur = (kb - kb0) & 1;
+        fp8_t* as_ = smem + cur * (PM + PN) * 128;
+        fp8_t* bs_ = as_ + PM * 128;
+        if (kb + 1 < kb1) {
+            fp8_t* nxt = smem + (cur ^ 1) * (PM + PN) * 128;
+            stage_tile(nxt, xa, PM, m0, n, (kb + 1) * 128, k);
+            stage_tile(nxt + PM * 128, w, PN, n0, out, (kb + 1) * 128, k);
+        }
+        asm volatile("cp.async.commit_group;");
+        asm volatile("cp.async.wait_group 1;");
+        __syncthreads();
+        float part[2][NT][4];
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+#pragma unroll
+            for (int j = 0; j < NT; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) part[i][j][e] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < 4; ks++) {
+            unsigned a[2][4], b[NT][2];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                int r = wm * 32 + mt * 16 + g;
+                a[mt][0] = *(const unsigned*)(as_ + swz(r, 2 * ks) + t4 * 4);
+                a[mt][1] = *(const unsigned*)(as_ + swz(r + 8, 2 * ks) + t4 * 4);
+                a[mt][2] = *(const unsigned*)(as_ + swz(r, 2 * ks + 1) + t4 * 4);
+                a[mt][3] = *(const unsigned*)(as_ + swz(r + 8, 2 * ks + 1) + t4 * 4);
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                int r = wn * 8 * NT + nt * 8 + g;
+                b[nt][0] = *(const unsigned*)(bs_ + swz(r, 2 * ks) + t4 * 4);
+                b[nt][1] = *(const unsigned*)(bs_ + swz(r, 2 * ks + 1) + t4 * 4);
+            }
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) mma_e4m3(part[mt][nt], a[mt], b[nt]);
+        }
+        float ws = sw[(long long)blockIdx.x * groups + kb];
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++) {
+            int r0 = m0 + wm * 32 + mt * 16 + g, r1 = r0 + 8;
+            float s0 = r0 < n ? sa[(long long)r0 * groups + kb] * ws : 0.f;
+            float s1 = r1 < n ? sa[(long long)r1 * groups + kb] * ws : 0.f;
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                acc[mt][nt][0] += part[mt][nt][0] * s0;
+                acc[mt][nt][1] += part[mt][nt][1] * s0;
+                acc[mt][nt][2] += part[mt][nt][2] * s1;
+                acc[mt][nt][3] += part[mt][nt][3] * s1;
+            }
+        }
+        __syncthreads();
+    }
+    asm volatile("cp.async.wait_group 0;");
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            int c = n0 + wn * 8 * NT + nt * 8 + t4 * 2;
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                int r = m0 + wm * 32 + mt * 16 + g + 8 * half;
+                if (r >= n) continue;
+                if (c < out) y[(long long)r * out + c] = acc[mt][nt][2 * half];
+                if (c + 1 < out) y[(long long)r * out + c + 1] = acc[mt][nt][2 * half + 1];
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) fp8_linear_pipe(float* y, const fp8_t* xa, const float* sa,
+                                                                  const fp8_t* w, const float* sw, int n, int out,
+                                                                  int k, int kbs) {
+    fp8_linear_pipe_impl<8>(y, xa, sa, w, sw, n, out, k, kbs);
+}
+
