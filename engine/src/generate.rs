@@ -145,6 +145,163 @@ pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
     order[probs.len() - 1]
 }
 
+/// What one sampled row asks for: its parameters, its generator (advanced by each draw) and how
+/// many top logprobs to return.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    pub params: SamplingParams,
+    pub rng: Rng,
+    pub logprobs: Option<usize>,
+}
+
+/// A sampled token with its logprob and the row's top logprobs when they were asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: Option<f32>,
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// Samples a whole row of logits on the host (the reference every device sampler matches).
+pub fn sample_row(logits: &[f32], s: &mut Sampler) -> Sampled {
+    let token = sample(logits, &s.params, &mut s.rng);
+    let (logprob, top_logprobs) = match s.logprobs {
+        None => (None, Vec::new()),
+        Some(k) => {
+            let lp = log_softmax(logits);
+            let mut order: Vec<u32> = (0..lp.len() as u32).collect();
+            order.sort_unstable_by(|a, b| {
+                lp[*b as usize].total_cmp(&lp[*a as usize]).then(a.cmp(b))
+            });
+            (
+                Some(lp[token as usize]),
+                order
+                    .into_iter()
+                    .take(k)
+                    .map(|t| (t, lp[t as usize]))
+                    .collect(),
+            )
+        }
+    };
+    Sampled {
+        token,
+        logprob,
+        top_logprobs,
+    }
+}
+
+/// What a device computes over a whole row so the host needs only its best candidates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowSummary {
+    /// The largest logit.
+    pub max: f32,
+    /// Σ exp(l - max), for logprobs.
+    pub sum_exp: f64,
+    /// Σ exp((l - max) / T) with [`sample`]'s rounding (f32 difference and division, f64 exp);
+    /// the normalizer of temperature sampling without top-k.
+    pub sum_exp_t: f64,
+}
+
+/// [`sample_row`] from a row's `candidates` (the largest logits, ties to the lower id; any
+/// order) and its [`RowSummary`]: the same token, drawn with the same generator values, when
+/// the candidates decide it. `None` when they cannot (a top-k, nucleus or draw reaching past
+/// them); `s.rng` is then untouched and the caller samples the whole row.
+pub fn sample_candidates(
+    candidates: &[(u32, f32)],
+    vocab: usize,
+    summary: &RowSummary,
+    s: &mut Sampler,
+) -> Option<Sampled> {
+    if candidates.is_empty() {
+        return None;
+    }
+    let mut order = candidates.to_vec();
+    order.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let complete = order.len() >= vocab;
+    if s.logprobs.is_some_and(|k| k > order.len() && !complete) {
+        return None;
+    }
+    let p = &s.params;
+    let mut rng = s.rng.clone();
+    let token = if p.temperature == 0.0 || vocab <= 1 {
+        order[0].0
+    } else {
+        let mut kept = order.clone();
+        // Whether every token that can be drawn is among the candidates.
+        let closed = complete || p.top_k > 0;
+        if p.top_k > 0 {
+            if p.top_k > order.len() && !complete {
+                return None;
+            }
+            kept.truncate(p.top_k);
+        }
+        let m = kept[0].1;
+        let mut probs: Vec<f64> = kept
+            .iter()
+            .map(|(_, l)| (((l - m) / p.temperature) as f64).exp())
+            .collect();
+        let total: f64 = if closed {
+            probs.iter().sum()
+        } else {
+            summary.sum_exp_t
+        };
+        probs.iter_mut().for_each(|q| *q /= total);
+        let mut exhaustive = closed;
+        if p.top_p < 1.0 {
+            let mut cum = 0.0;
+            let mut keep = None;
+            for (i, q) in probs.iter().enumerate() {
+                cum += q;
+                if cum >= p.top_p as f64 {
+                    keep = Some(i + 1);
+                    break;
+                }
+            }
+            let keep = match keep {
+                Some(k) => k,
+                None if closed => probs.len(),
+                None => return None,
+            };
+            probs.truncate(keep);
+            kept.truncate(keep);
+            let total: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|q| *q /= total);
+            exhaustive = true;
+        }
+        let mut u = rng.next_f64();
+        let mut chosen = None;
+        for (i, q) in probs.iter().enumerate() {
+            if u < *q {
+                chosen = Some(kept[i].0);
+                break;
+            }
+            u -= q;
+        }
+        match chosen {
+            Some(t) => t,
+            None if exhaustive => kept[probs.len() - 1].0,
+            None => return None,
+        }
+    };
+    s.rng = rng;
+    let lse = summary.max + (summary.sum_exp.ln() as f32);
+    let (logprob, top_logprobs) = match s.logprobs {
+        None => (None, Vec::new()),
+        Some(k) => {
+            let l = order.iter().find(|(t, _)| *t == token).map(|(_, l)| *l)?;
+            (
+                Some(l - lse),
+                order.iter().take(k).map(|(t, l)| (*t, l - lse)).collect(),
+            )
+        }
+    };
+    Some(Sampled {
+        token,
+        logprob,
+        top_logprobs,
+    })
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// A stop token was generated (it is included in the output).
@@ -452,6 +609,78 @@ mod tests {
             .validate()
             .is_err()
         );
+    }
+
+    #[test]
+    fn candidate_sampling_draws_what_whole_row_sampling_draws() {
+        let vocab = 3000;
+        let mut g = Rng::new(5);
+        let mut decided = 0;
+        for case in 0..400 {
+            let spread = [0.5f64, 2.0, 8.0][case % 3];
+            let logits: Vec<f32> = (0..vocab)
+                .map(|_| ((g.next_f64() - 0.5) * spread) as f32)
+                .collect();
+            let params = SamplingParams {
+                temperature: [0.0, 0.7, 1.0, 1.3][case % 4],
+                top_p: [1.0, 0.9, 0.5, 0.05][(case / 4) % 4],
+                top_k: [0, 5, 50, 400][(case / 16) % 4],
+                seed: None,
+            };
+            let logprobs = [None, Some(0), Some(5)][case % 3];
+            let mut host = Sampler {
+                params: params.clone(),
+                rng: Rng::new(case as u64),
+                logprobs,
+            };
+            let want = sample_row(&logits, &mut host);
+            let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let t = params.temperature;
+            let summary = RowSummary {
+                max: m,
+                sum_exp: logits.iter().map(|l| ((l - m) as f64).exp()).sum(),
+                sum_exp_t: if t > 0.0 {
+                    logits.iter().map(|l| (((l - m) / t) as f64).exp()).sum()
+                } else {
+                    0.0
+                },
+            };
+            let mut order: Vec<u32> = (0..vocab as u32).collect();
+            order.sort_by(|a, b| {
+                logits[*b as usize]
+                    .total_cmp(&logits[*a as usize])
+                    .then(a.cmp(b))
+            });
+            let cands: Vec<(u32, f32)> = order[..256]
+                .iter()
+                .map(|i| (*i, logits[*i as usize]))
+                .collect();
+            let mut dev = Sampler {
+                params: params.clone(),
+                rng: Rng::new(case as u64),
+                logprobs,
+            };
+            match sample_candidates(&cands, vocab, &summary, &mut dev) {
+                Some(got) => {
+                    decided += 1;
+                    assert_eq!(got.token, want.token, "case {case} {params:?}");
+                    assert_eq!(dev.rng.next_u64(), host.rng.next_u64(), "case {case}");
+                    if let (Some(a), Some(b)) = (got.logprob, want.logprob) {
+                        assert!((a - b).abs() < 1e-4, "{a} {b}");
+                    }
+                    let ids = |v: &[(u32, f32)]| v.iter().map(|x| x.0).collect::<Vec<_>>();
+                    assert_eq!(ids(&got.top_logprobs), ids(&want.top_logprobs));
+                }
+                None => {
+                    // Only a draw that can reach past the 256 candidates may refuse, and then
+                    // the generator is untouched.
+                    assert!(params.temperature > 0.0 && (params.top_k == 0 || params.top_k > 256));
+                    assert_eq!(dev.rng.next_u64(), Rng::new(case as u64).next_u64());
+                }
+            }
+        }
+        // Greedy, top-k within the candidates and most nucleus draws are decided by them.
+        assert!(decided > 250, "{decided} of 400 decided");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use crate::backend::Executor;
-use crate::generate::{FinishReason, Rng, SamplingParams, log_softmax, sample};
+use crate::generate::{FinishReason, Rng, Sampled, Sampler, SamplingParams};
 use crate::metrics::Metrics;
 use crate::model::{ForwardError, LogitsWanted, SeqChunk};
 use crate::sched::{AdmissionError, Scheduler, SeqId, SeqSpec};
@@ -147,9 +147,7 @@ impl EngineHandle {
 
 struct Live {
     events: tmpsc::UnboundedSender<SeqEvent>,
-    sampling: SamplingParams,
-    logprobs: Option<usize>,
-    rng: Rng,
+    sampler: Sampler,
     prompt_len: usize,
     arrival: Instant,
     last_token: Option<Instant>,
@@ -262,9 +260,11 @@ impl Loop {
                             id,
                             Live {
                                 events,
-                                sampling: req.sampling,
-                                logprobs: req.logprobs,
-                                rng,
+                                sampler: Sampler {
+                                    params: req.sampling,
+                                    rng,
+                                    logprobs: req.logprobs,
+                                },
                                 prompt_len: req.prompt.len(),
                                 arrival: Instant::now(),
                                 last_token: None,
@@ -308,11 +308,19 @@ impl Loop {
         let started = Instant::now();
         let mut selected = 0u64;
         let mut resident = 0u64;
+        // One sampler per chunk that ends in a sampled token (a copy; the advanced generator
+        // is written back below).
+        let mut samplers: Vec<Option<Sampler>> = Vec::with_capacity(plan.chunks.len());
         let chunks: Vec<SeqChunk> = plan
             .chunks
             .iter()
             .filter_map(|c| {
                 let tokens = self.sched.tokens(c.id)?;
+                samplers.push(
+                    c.sample
+                        .then(|| self.live.get(&c.id).map(|l| l.sampler.clone()))
+                        .flatten(),
+                );
                 for p in c.start..c.start + c.len {
                     selected += (p + 1).min(self.index_topk) as u64;
                     resident += (p + 1) as u64;
@@ -335,9 +343,9 @@ impl Loop {
             .filter(|c| c.len > 1 || c.start < self.prompt_len(c.id))
             .map(|c| c.len)
             .sum();
-        let result = self.executor.forward(&chunks);
+        let result = self.executor.forward_sample(&chunks, &mut samplers);
         drop(chunks);
-        let logits = match result {
+        let sampled_rows = match result {
             Ok(l) => l,
             Err(e) => {
                 // A lost rank breaks the group for good: fail everything and turn not-ready
@@ -381,32 +389,22 @@ impl Loop {
         let now = Instant::now();
         let mut sampled = Vec::new();
         let mut gone = Vec::new();
-        for (c, l) in plan.chunks.iter().zip(&logits) {
+        for ((c, row), sampler) in plan.chunks.iter().zip(sampled_rows).zip(samplers) {
             if !c.sample {
                 continue;
             }
             let Some(live) = self.live.get_mut(&c.id) else {
                 continue;
             };
-            let token = sample(l, &live.sampling, &mut live.rng);
-            let (logprob, top_logprobs) = match live.logprobs {
-                None => (None, Vec::new()),
-                Some(k) => {
-                    let lp = log_softmax(l);
-                    let mut order: Vec<u32> = (0..lp.len() as u32).collect();
-                    order.sort_unstable_by(|a, b| {
-                        lp[*b as usize].total_cmp(&lp[*a as usize]).then(a.cmp(b))
-                    });
-                    (
-                        Some(lp[token as usize]),
-                        order
-                            .into_iter()
-                            .take(k)
-                            .map(|t| (t, lp[t as usize]))
-                            .collect(),
-                    )
-                }
+            let (Some(row), Some(sampler)) = (row, sampler) else {
+                continue;
             };
+            live.sampler = sampler;
+            let Sampled {
+                token,
+                logprob,
+                top_logprobs,
+            } = row;
             match live.last_token {
                 None => self
                     .metrics

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use deepseek_engine::backend::cpu::{self, Linear};
 use deepseek_engine::backend::cuda::{self, CudaExecutor, CudaOptions, DType, Device, ops};
 use deepseek_engine::backend::{CpuExecutor, Executor};
-use deepseek_engine::generate;
+use deepseek_engine::generate::{self, Sampler, SamplingParams, sample_row};
 use deepseek_engine::kv::{BlockAllocator, BlockTable, KvGeometry};
 use deepseek_engine::model::forward::route_scores;
 use deepseek_engine::model::{FeedForward, LogitsWanted, Model, SeqChunk};
@@ -847,6 +847,58 @@ fn full_width_prefill_then_decode(cfg: &deepseek_engine::model::ModelConfig, opt
         .unwrap();
     assert!(next[0].iter().all(|v| v.is_finite()));
     assert_ne!(out[0], next[0]);
+    // Sampling on the device draws what the host draws from the whole row (129,280 logits:
+    // greedy, top-k, nuclei and plain temperature draws, some reaching past the device's
+    // candidates, which then fall back to the whole row).
+    let step = || SeqChunk {
+        tokens: &[11],
+        start_pos: 40,
+        blocks: &table,
+        logits: LogitsWanted::Last,
+    };
+    let host_logits = exec.forward(&[step()]).unwrap().remove(0);
+    for (i, params) in sampling_cases().into_iter().enumerate() {
+        for seed in 0..4u64 {
+            let sampler = Sampler {
+                params: params.clone(),
+                rng: generate::Rng::new(seed * 31 + i as u64),
+                logprobs: [None, Some(3)][seed as usize % 2],
+            };
+            let mut host = sampler.clone();
+            let want = sample_row(&host_logits, &mut host);
+            let mut dev = [Some(sampler)];
+            let got = exec.forward_sample(&[step()], &mut dev).unwrap();
+            let got = got[0].as_ref().expect("a sampled token");
+            assert_eq!(got.token, want.token, "{params:?} seed {seed}");
+            assert_eq!(dev[0].as_mut().unwrap().rng.next_u64(), host.rng.next_u64());
+            if let (Some(a), Some(b)) = (got.logprob, want.logprob) {
+                assert!((a - b).abs() < 1e-3, "logprob {a} vs {b}");
+            }
+        }
+    }
+    eprintln!(
+        "{:?} weights: {} of {} device-sampled rows needed the whole row",
+        opts.weights,
+        exec.whole_rows_sampled(),
+        4 * sampling_cases().len()
+    );
+}
+
+fn sampling_cases() -> Vec<SamplingParams> {
+    let p = |temperature, top_p, top_k| SamplingParams {
+        temperature,
+        top_p,
+        top_k,
+        seed: None,
+    };
+    vec![
+        p(0.0, 1.0, 0),
+        p(0.8, 1.0, 40),
+        p(1.0, 0.9, 0),
+        p(0.6, 0.95, 0),
+        p(1.0, 1.0, 0),
+        p(0.3, 0.5, 100),
+    ]
 }
 
 /// The full-width benchmark (not a check): `cargo test --release --test cuda -- --ignored

@@ -7,6 +7,7 @@ pub mod ep;
 
 use std::sync::Arc;
 
+use crate::generate::{Sampled, Sampler, sample_row};
 use crate::kv::KvGeometry;
 use crate::model::{ForwardError, Model, SeqChunk};
 
@@ -21,6 +22,25 @@ pub trait Executor: Send {
     /// Tokens routed to each expert so far, summed over MoE layers, if the backend counts them.
     fn expert_routed_tokens(&self) -> Option<Vec<u64>> {
         None
+    }
+    /// One step that also samples: for each chunk with a sampler (its logits must be
+    /// [`LogitsWanted::Last`](crate::model::LogitsWanted)), the sampled token. By default the
+    /// logits come back to the host and are sampled there; a device backend samples where the
+    /// logits are and returns only tokens.
+    fn forward_sample(
+        &mut self,
+        batch: &[SeqChunk],
+        samplers: &mut [Option<Sampler>],
+    ) -> Result<Vec<Option<Sampled>>, ForwardError> {
+        let logits = self.forward(batch)?;
+        Ok(logits
+            .iter()
+            .zip(samplers.iter_mut())
+            .map(|(l, s)| match s {
+                Some(s) if !l.is_empty() => Some(sample_row(l, s)),
+                _ => None,
+            })
+            .collect())
     }
 }
 

@@ -17,6 +17,7 @@ use super::ops::{self, MlaDims, RouteParams};
 use super::plan::{self, MemoryPlan};
 use super::weights::{self, DType, DevBuf, DevFeedForward, DevLayer, DevMlp, DevModel, DevMoe};
 use crate::backend::Executor;
+use crate::generate::{RowSummary, Sampled, Sampler, sample_candidates, sample_row};
 use crate::kv::KvGeometry;
 use crate::model::{ForwardError, LogitsWanted, Model, ModelConfig, SeqChunk};
 
@@ -63,6 +64,8 @@ pub struct CudaExecutor {
     /// Routed experts that ran (summed over MoE layers) since the last
     /// [`CudaExecutor::take_experts_touched`]: the weight traffic of a decode step.
     experts_touched: std::sync::atomic::AtomicUsize,
+    /// Sampled rows the device's candidates could not decide (copied whole to the host).
+    whole_rows_sampled: std::sync::atomic::AtomicUsize,
 }
 
 fn check_shapes(cfg: &ModelConfig, options: &CudaOptions) -> Result<(), CudaError> {
@@ -188,7 +191,14 @@ impl CudaExecutor {
             options,
             plan,
             experts_touched: Default::default(),
+            whole_rows_sampled: Default::default(),
         })
+    }
+
+    /// Sampled rows that had to be copied whole to the host since the executor was built.
+    pub fn whole_rows_sampled(&self) -> usize {
+        self.whole_rows_sampled
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Routed experts run since the last call, summed over MoE layers; resets the count.
@@ -292,7 +302,8 @@ impl CudaExecutor {
         self.options
     }
 
-    fn forward_impl(&mut self, batch: &[SeqChunk]) -> Result<Vec<Vec<f32>>, ForwardError> {
+    /// The step on the device; the requested rows' logits stay there.
+    fn forward_impl(&mut self, batch: &[SeqChunk]) -> Result<StepLogits, ForwardError> {
         let cfg = &self.cfg;
         let h = cfg.hidden_size;
         let num_slots = self.geometry.num_slots();
@@ -337,7 +348,10 @@ impl CudaExecutor {
         }
         let n = ids.len();
         if n == 0 {
-            return Ok(batch.iter().map(|_| Vec::new()).collect());
+            return Ok(StepLogits {
+                logits: None,
+                per_chunk: vec![0; batch.len()],
+            });
         }
         self.dev
             .ctx
@@ -410,37 +424,156 @@ impl CudaExecutor {
             row += len;
         }
         let v = cfg.vocab_size;
-        let logits = if rows.is_empty() {
-            Vec::new()
-        } else {
-            let m = rows.len();
-            let d_rows = dev.upload(&rows).map_err(backend)?;
-            let hs = dev.alloc::<f32>(m * h).map_err(backend)?;
-            let phs = dev.ptr(&hs, 0);
-            ops::gather_rows(dev, phs, px, dev.ptr(&d_rows, 0), m, h).map_err(backend)?;
-            ops::rms_norm(
-                dev,
-                phs,
-                phs,
-                dev.ptr(&self.w.norm, 0),
-                m,
-                h,
-                cfg.rms_norm_eps,
-            )
-            .map_err(backend)?;
-            let out = dev.alloc::<f32>(m * v).map_err(backend)?;
-            ops::linear(dev, dev.ptr(&out, 0), phs, &self.w.lm_head, m).map_err(backend)?;
-            dev.download(&out, m * v).map_err(backend)?
+        if rows.is_empty() {
+            return Ok(StepLogits {
+                logits: None,
+                per_chunk,
+            });
+        }
+        let m = rows.len();
+        let d_rows = dev.upload(&rows).map_err(backend)?;
+        let hs = dev.alloc::<f32>(m * h).map_err(backend)?;
+        let phs = dev.ptr(&hs, 0);
+        ops::gather_rows(dev, phs, px, dev.ptr(&d_rows, 0), m, h).map_err(backend)?;
+        ops::rms_norm(
+            dev,
+            phs,
+            phs,
+            dev.ptr(&self.w.norm, 0),
+            m,
+            h,
+            cfg.rms_norm_eps,
+        )
+        .map_err(backend)?;
+        let out = dev.alloc::<f32>(m * v).map_err(backend)?;
+        ops::linear(dev, dev.ptr(&out, 0), phs, &self.w.lm_head, m).map_err(backend)?;
+        Ok(StepLogits {
+            logits: Some(out),
+            per_chunk,
+        })
+    }
+
+    /// The step's logits copied to the host, per chunk.
+    fn download_logits(&self, step: &StepLogits) -> Result<Vec<Vec<f32>>, CudaError> {
+        let v = self.cfg.vocab_size;
+        let total: usize = step.per_chunk.iter().sum();
+        let host = match &step.logits {
+            Some(d) => self.dev.download(d, total * v)?,
+            None => Vec::new(),
         };
-        dev.stream
-            .synchronize()
-            .map_err(CudaError::from)
-            .map_err(backend)?;
-        let mut out = Vec::with_capacity(batch.len());
+        self.dev.stream.synchronize()?;
+        let mut out = Vec::with_capacity(step.per_chunk.len());
         let mut at = 0;
-        for cnt in per_chunk {
-            out.push(logits[at * v..(at + cnt) * v].to_vec());
+        for &cnt in &step.per_chunk {
+            out.push(host[at * v..(at + cnt) * v].to_vec());
             at += cnt;
+        }
+        Ok(out)
+    }
+
+    /// Samples the one-row chunks that have a sampler where their logits are: per row the max,
+    /// the softmax sums and the [`SAMPLE_CANDIDATES`] best logits are computed on the device and
+    /// only those come back; a row whose draw the candidates cannot decide (a nucleus or
+    /// top-k wider than them) is copied whole and sampled on the host, as are chunks without a
+    /// sampler (their logits are returned whole by [`Executor::forward`]).
+    fn sample_on_device(
+        &self,
+        step: &StepLogits,
+        samplers: &mut [Option<Sampler>],
+    ) -> Result<Vec<Option<Sampled>>, CudaError> {
+        let (dev, v) = (&self.dev, self.cfg.vocab_size);
+        let mut out: Vec<Option<Sampled>> = vec![None; step.per_chunk.len()];
+        let Some(logits) = &step.logits else {
+            return Ok(out);
+        };
+        // (chunk, row of the step's logits) of every row sampled here.
+        let mut picks = Vec::new();
+        let mut row = 0usize;
+        for (c, &cnt) in step.per_chunk.iter().enumerate() {
+            if cnt == 1 && samplers.get(c).is_some_and(|s| s.is_some()) {
+                picks.push((c, row));
+            }
+            row += cnt;
+        }
+        if picks.is_empty() {
+            return Ok(out);
+        }
+        let m = picks.len();
+        let k = SAMPLE_CANDIDATES.min(v);
+        let rows: Vec<i32> = picks.iter().map(|(_, r)| *r as i32).collect();
+        let temps: Vec<f32> = picks
+            .iter()
+            .map(|(c, _)| samplers[*c].as_ref().map_or(0.0, |s| s.params.temperature))
+            .collect();
+        let d_rows = dev.upload(&rows)?;
+        let d_temps = dev.upload(&temps)?;
+        let sel = dev.alloc::<f32>(m * v)?;
+        ops::gather_rows(
+            dev,
+            dev.ptr(&sel, 0),
+            dev.ptr(logits, 0),
+            dev.ptr(&d_rows, 0),
+            m,
+            v,
+        )?;
+        let maxes = dev.alloc::<f32>(m)?;
+        let sums = dev.alloc::<f64>(2 * m)?;
+        ops::row_softmax_stats(
+            dev,
+            dev.ptr(&maxes, 0),
+            dev.ptr(&sums, 0),
+            dev.ptr(&sel, 0),
+            dev.ptr(&d_temps, 0),
+            m,
+            v,
+        )?;
+        let lens = dev.upload(&vec![v as i32; m])?;
+        let ids = dev.alloc::<i32>(m * k)?;
+        let count = dev.alloc::<i32>(m)?;
+        ops::topk_select(
+            dev,
+            dev.ptr(&ids, 0),
+            dev.ptr(&count, 0),
+            dev.ptr(&sel, 0),
+            dev.ptr(&lens, 0),
+            m,
+            v,
+            k,
+        )?;
+        let vals = dev.alloc::<f32>(m * k)?;
+        ops::gather_candidates(
+            dev,
+            dev.ptr(&vals, 0),
+            dev.ptr(&sel, 0),
+            dev.ptr(&ids, 0),
+            m,
+            v,
+            k,
+        )?;
+        let (h_ids, h_vals) = (dev.download(&ids, m * k)?, dev.download(&vals, m * k)?);
+        let (h_max, h_sums) = (dev.download(&maxes, m)?, dev.download(&sums, 2 * m)?);
+        dev.stream.synchronize()?;
+        for (i, (c, _)) in picks.iter().enumerate() {
+            let Some(sampler) = samplers[*c].as_mut() else {
+                continue;
+            };
+            let cands: Vec<(u32, f32)> = (0..k)
+                .map(|j| (h_ids[i * k + j] as u32, h_vals[i * k + j]))
+                .collect();
+            let summary = RowSummary {
+                max: h_max[i],
+                sum_exp: h_sums[2 * i],
+                sum_exp_t: h_sums[2 * i + 1],
+            };
+            out[*c] = match sample_candidates(&cands, v, &summary, sampler) {
+                Some(s) => Some(s),
+                None => {
+                    self.whole_rows_sampled
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let full = dev.download(&sel, (i + 1) * v)?;
+                    Some(sample_row(&full[i * v..], sampler))
+                }
+            };
         }
         Ok(out)
     }
@@ -746,9 +879,29 @@ fn backend(e: CudaError) -> ForwardError {
     ForwardError::Backend(e.to_string())
 }
 
+/// The logits of one step's requested rows, on the device, and how many rows each chunk has.
+struct StepLogits {
+    logits: Option<cudarc::driver::CudaSlice<f32>>,
+    per_chunk: Vec<usize>,
+}
+
+/// Best logits per sampled row brought back to the host: covers any top-k up to this size and
+/// nearly every nucleus of a trained model.
+pub const SAMPLE_CANDIDATES: usize = 1024;
+
 impl Executor for CudaExecutor {
     fn forward(&mut self, batch: &[SeqChunk]) -> Result<Vec<Vec<f32>>, ForwardError> {
-        self.forward_impl(batch)
+        let step = self.forward_impl(batch)?;
+        self.download_logits(&step).map_err(backend)
+    }
+
+    fn forward_sample(
+        &mut self,
+        batch: &[SeqChunk],
+        samplers: &mut [Option<Sampler>],
+    ) -> Result<Vec<Option<Sampled>>, ForwardError> {
+        let step = self.forward_impl(batch)?;
+        self.sample_on_device(&step, samplers).map_err(backend)
     }
     fn kv_geometry(&self) -> KvGeometry {
         self.geometry

@@ -107,3 +107,50 @@ extern "C" __global__ void topk_select(int* out, int* count, const float* scores
         ties_seen += tie_total;
     }
 }
+
+// Sampling on the device (the same selection serves the logits of sampled rows):
+// row_softmax_stats: per row of x[m, v], the max and, in f64, Σ exp(x - max) and
+//   Σ exp((x - max) / T) with T = temps[row] (f32 difference and division, f64 exp: the host
+//   sampler's rounding; 0 when T = 0). Block of 256 threads per row.
+// gather_candidates: vals[r, j] = x[r, ids[r, j]].
+extern "C" __global__ void row_softmax_stats(float* maxes, double* sums, const float* x, const float* temps, int v) {
+    __shared__ float sh[32];
+    __shared__ double shd[2][32];
+    int r = blockIdx.x;
+    const float* row = x + (long long)r * v;
+    float mx = NEG_INF;
+    for (int i = threadIdx.x; i < v; i += blockDim.x) mx = fmaxf(mx, row[i]);
+    mx = block_max(mx, sh);
+    float t = temps[r];
+    double s1 = 0.0, st = 0.0;
+    for (int i = threadIdx.x; i < v; i += blockDim.x) {
+        s1 += exp((double)(row[i] - mx));
+        if (t > 0.f) st += exp((double)((row[i] - mx) / t));
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        s1 += __shfl_xor_sync(0xffffffffu, s1, o);
+        st += __shfl_xor_sync(0xffffffffu, st, o);
+    }
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    if (lane == 0) {
+        shd[0][w] = s1;
+        shd[1][w] = st;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double a = 0.0, b = 0.0;
+        for (int i = 0; i < nw; i++) {
+            a += shd[0][i];
+            b += shd[1][i];
+        }
+        maxes[r] = mx;
+        sums[2 * r] = a;
+        sums[2 * r + 1] = b;
+    }
+}
+
+extern "C" __global__ void gather_candidates(float* vals, const float* x, const int* ids, int v, int k) {
+    int r = blockIdx.x;
+    for (int j = threadIdx.x; j < k; j += blockDim.x)
+        vals[(long long)r * k + j] = x[(long long)r * v + ids[(long long)r * k + j]];
+}
