@@ -773,6 +773,79 @@ fn a_batch_of_mixed_lengths_equals_each_sequence_alone_on_the_gpu() {
     }
 }
 
+/// One step mixing a decode (one token after a 40-token prefix), a fresh prefill of 30 tokens
+/// (not a multiple of the block size) and a chunked prefill's second chunk (positions 20..35),
+/// on tiny-fp8 whose top-k (12) is below most contexts and above the first ones: each
+/// sequence's logits equal the full recompute of its own tokens alone.
+#[test]
+fn a_step_mixing_decode_prefill_and_a_prefill_chunk_equals_each_alone() {
+    if gpu().is_none() {
+        return;
+    }
+    let model = Model::load(&dir("tiny-fp8")).unwrap();
+    let (exp, _) = expected("tiny-fp8");
+    let p = &exp.prompt_ids;
+    let (a, b, c) = (&p[..41], &p[10..40], &p[30..65]);
+    for dtype in [DType::F32, DType::Bf16, DType::Fp8] {
+        let g = geometry(32, 16);
+        let mut exec = executor(&model, g, dtype);
+        let alone: Vec<Vec<f32>> = [a, b, c].iter().map(|q| score(&mut exec, q)).collect();
+        let mut alloc = BlockAllocator::new(g);
+        let mut tables: Vec<BlockTable> = Vec::new();
+        for q in [a, b, c] {
+            let mut t = BlockTable::default();
+            alloc.reserve(&mut t, q.len()).unwrap();
+            tables.push(t);
+        }
+        // Earlier steps: a's first 40 tokens, c's first chunk of 20.
+        exec.forward(&[
+            SeqChunk {
+                tokens: &a[..40],
+                start_pos: 0,
+                blocks: &tables[0],
+                logits: LogitsWanted::None,
+            },
+            SeqChunk {
+                tokens: &c[..20],
+                start_pos: 0,
+                blocks: &tables[2],
+                logits: LogitsWanted::None,
+            },
+        ])
+        .unwrap();
+        let mixed = exec
+            .forward(&[
+                SeqChunk {
+                    tokens: &a[40..],
+                    start_pos: 40,
+                    blocks: &tables[0],
+                    logits: LogitsWanted::All,
+                },
+                SeqChunk {
+                    tokens: b,
+                    start_pos: 0,
+                    blocks: &tables[1],
+                    logits: LogitsWanted::All,
+                },
+                SeqChunk {
+                    tokens: &c[20..],
+                    start_pos: 20,
+                    blocks: &tables[2],
+                    logits: LogitsWanted::All,
+                },
+            ])
+            .unwrap();
+        let v = model.config.vocab_size;
+        let want = [&alone[0][40 * v..], &alone[1][..], &alone[2][20 * v..]];
+        for (i, (got, want)) in mixed.iter().zip(want).enumerate() {
+            let e = rel_err(got, want);
+            eprintln!("{dtype:?} sequence {i}: mixed step vs alone {e:.2e}");
+            let tol = if dtype == DType::Fp8 { 2e-3 } else { 1e-4 };
+            assert!(e < tol, "{dtype:?} sequence {i}: {e}");
+        }
+    }
+}
+
 #[test]
 fn cublas_linears_match_the_tiled_kernel_within_bf16_rounding() {
     let Some(dev) = gpu() else { return };

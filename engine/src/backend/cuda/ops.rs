@@ -1048,8 +1048,9 @@ pub fn top_k_host(
     let ds = dev.upload(scores)?;
     let lens_i: Vec<i32> = lens.iter().map(|l| *l as i32).collect();
     let dl = dev.upload(&lens_i)?;
-    let out = dev.zeros::<i32>(n * k)?;
-    let count = dev.zeros::<i32>(n)?;
+    // Poisoned: an unwritten position reads -1 (and an unwritten count fails the slice).
+    let out = dev.upload(&vec![-1i32; n * k])?;
+    let count = dev.upload(&vec![-1i32; n])?;
     topk_select(
         dev,
         dev.ptr(&out, 0),
@@ -1061,14 +1062,17 @@ pub fn top_k_host(
         k,
     )?;
     let (o, c) = (dev.download(&out, n * k)?, dev.download(&count, n)?);
-    Ok((0..n)
+    (0..n)
         .map(|r| {
-            o[r * k..r * k + c[r] as usize]
-                .iter()
-                .map(|v| *v as u32)
-                .collect()
+            let cnt = usize::try_from(c[r])
+                .ok()
+                .filter(|c| *c <= k)
+                .ok_or_else(|| {
+                    CudaError::Unsupported(format!("top-k left row {r}'s count at {}", c[r]))
+                })?;
+            Ok(o[r * k..r * k + cnt].iter().map(|v| *v as u32).collect())
         })
-        .collect())
+        .collect()
 }
 
 /// One token's routing: expert ids (ascending) and their weights.
