@@ -741,6 +741,7 @@ const PROMQL_WORDS: &[&str] = &[
     "error",
     "reason",
     "finished_reason",
+    "direction",
     "model_name",
     "offset",
 ];

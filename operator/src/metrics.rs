@@ -1,19 +1,27 @@
 //! The operator's own Prometheus metrics and the HTTP endpoints `/metrics`, `/healthz` and
 //! `/readyz`.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::Error;
+use crate::api::DeepSeekDeploymentStatus;
+
+/// The group counts `deepseek_operator_groups` reports, by its `kind` label.
+const GROUP_KINDS: [&str; 4] = ["desired", "current", "ready", "updated"];
+/// The status conditions `deepseek_operator_condition` reports, by its `type` label.
+const CONDITION_TYPES: [&str; 4] = ["Available", "Progressing", "Degraded", "ScalingLimited"];
 
 /// Counters and timings of reconciles, registered in one registry.
 #[derive(Clone)]
@@ -28,6 +36,17 @@ pub struct Metrics {
     pub duration: HistogramVec,
     /// `deepseek_operator_leader`: 1 while this replica holds the leader lease.
     pub leader: IntGauge,
+    /// `deepseek_operator_groups{namespace,deployment,kind}`: engine groups per deployment
+    /// (`desired`, `current`, `ready`, `updated`), from the status last computed.
+    pub groups: IntGaugeVec,
+    /// `deepseek_operator_condition{namespace,deployment,type}`: 1 when the status condition
+    /// is `True`, else 0.
+    pub condition: IntGaugeVec,
+    /// `deepseek_operator_scale_events_total{namespace,deployment,direction}`: the built-in
+    /// autoscaler's changes of the group count (`up`, `down`).
+    pub scale_events: IntCounterVec,
+    /// Deployments (namespace, name) that have series, so deleted ones can be dropped.
+    known: Arc<Mutex<BTreeSet<(String, String)>>>,
 }
 
 impl Default for Metrics {
@@ -69,11 +88,38 @@ impl Metrics {
             "1 while this operator replica holds the leader lease",
         )
         .expect("valid metric");
+        let groups = IntGaugeVec::new(
+            Opts::new(
+                "deepseek_operator_groups",
+                "Engine groups of a DeepSeekDeployment: desired, current (with pods), ready, updated",
+            ),
+            &["namespace", "deployment", "kind"],
+        )
+        .expect("valid metric");
+        let condition = IntGaugeVec::new(
+            Opts::new(
+                "deepseek_operator_condition",
+                "1 when the DeepSeekDeployment's status condition of this type is True",
+            ),
+            &["namespace", "deployment", "type"],
+        )
+        .expect("valid metric");
+        let scale_events = IntCounterVec::new(
+            Opts::new(
+                "deepseek_operator_scale_events_total",
+                "Changes of a DeepSeekDeployment's group count made by the built-in autoscaler",
+            ),
+            &["namespace", "deployment", "direction"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(reconciliations.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(failures.clone()),
             Box::new(duration.clone()),
             Box::new(leader.clone()),
+            Box::new(groups.clone()),
+            Box::new(condition.clone()),
+            Box::new(scale_events.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -83,6 +129,67 @@ impl Metrics {
             failures,
             duration,
             leader,
+            groups,
+            condition,
+            scale_events,
+            known: Default::default(),
+        }
+    }
+
+    /// Publishes a deployment's group counts and conditions from its status.
+    pub fn observe_status(&self, namespace: &str, name: &str, st: &DeepSeekDeploymentStatus) {
+        if let Ok(mut k) = self.known.lock() {
+            k.insert((namespace.to_string(), name.to_string()));
+        }
+        let counts = [
+            st.desired_replicas,
+            st.replicas,
+            st.ready_replicas,
+            st.updated_replicas,
+        ];
+        for (kind, v) in GROUP_KINDS.iter().zip(counts) {
+            self.groups
+                .with_label_values(&[namespace, name, kind])
+                .set(v as i64);
+        }
+        for ty in CONDITION_TYPES {
+            let on = st
+                .conditions
+                .iter()
+                .any(|c| c.type_ == ty && c.status == "True");
+            self.condition
+                .with_label_values(&[namespace, name, ty])
+                .set(on as i64);
+        }
+    }
+
+    /// Counts one change of the group count from `from` to `to` by the autoscaler.
+    pub fn scaled(&self, namespace: &str, name: &str, from: i32, to: i32) {
+        let direction = if to > from { "up" } else { "down" };
+        if from != to {
+            self.scale_events
+                .with_label_values(&[namespace, name, direction])
+                .inc();
+        }
+    }
+
+    /// Drops the series of every deployment not in `live` (deleted since they were published).
+    pub fn retain_deployments(&self, live: &BTreeSet<(String, String)>) {
+        let Ok(mut known) = self.known.lock() else {
+            return;
+        };
+        let gone: Vec<(String, String)> = known.difference(live).cloned().collect();
+        for (ns, name) in gone {
+            for kind in GROUP_KINDS {
+                let _ = self.groups.remove_label_values(&[&ns, &name, kind]);
+            }
+            for ty in CONDITION_TYPES {
+                let _ = self.condition.remove_label_values(&[&ns, &name, ty]);
+            }
+            for dir in ["up", "down"] {
+                let _ = self.scale_events.remove_label_values(&[&ns, &name, dir]);
+            }
+            known.remove(&(ns, name));
         }
     }
 
@@ -169,5 +276,46 @@ mod tests {
         );
         assert!(text.contains("deepseek_operator_reconcile_duration_seconds_count 1"));
         assert!(text.contains("deepseek_operator_leader 0"));
+    }
+
+    #[test]
+    fn deployment_gauges_follow_the_status_and_go_away_with_the_deployment() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+        let m = Metrics::default();
+        let cond = |t: &str, s: &str| Condition {
+            type_: t.into(),
+            status: s.into(),
+            reason: "R".into(),
+            message: String::new(),
+            observed_generation: None,
+            last_transition_time: Time(jiff::Timestamp::UNIX_EPOCH),
+        };
+        let st = DeepSeekDeploymentStatus {
+            desired_replicas: 3,
+            replicas: 2,
+            ready_replicas: 1,
+            updated_replicas: 2,
+            conditions: vec![cond("Available", "True"), cond("Degraded", "False")],
+            ..Default::default()
+        };
+        m.observe_status("ml", "v32", &st);
+        m.scaled("ml", "v32", 2, 3);
+        m.scaled("ml", "v32", 3, 3);
+        let text = m.encode();
+        for line in [
+            r#"deepseek_operator_groups{deployment="v32",kind="desired",namespace="ml"} 3"#,
+            r#"deepseek_operator_groups{deployment="v32",kind="ready",namespace="ml"} 1"#,
+            r#"deepseek_operator_condition{deployment="v32",namespace="ml",type="Available"} 1"#,
+            r#"deepseek_operator_condition{deployment="v32",namespace="ml",type="Degraded"} 0"#,
+            r#"deepseek_operator_scale_events_total{deployment="v32",direction="up",namespace="ml"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        assert!(!text.contains(r#"direction="down""#));
+        m.observe_status("ml", "other", &st);
+        m.retain_deployments(&BTreeSet::from([("ml".to_string(), "other".to_string())]));
+        let text = m.encode();
+        assert!(!text.contains(r#"deployment="v32""#), "{text}");
+        assert!(text.contains(r#"deployment="other""#));
     }
 }

@@ -73,6 +73,22 @@ pub struct Context {
 }
 
 impl Context {
+    /// Drops the metric series, autoscaler memory and failure counts of deployments that are
+    /// not in `live` (namespace, name): they were deleted.
+    pub fn forget_deleted(&self, live: &BTreeSet<(String, String)>) {
+        self.metrics.retain_deployments(live);
+        let keep = |k: &String| {
+            k.split_once('/')
+                .is_some_and(|(ns, n)| live.contains(&(ns.to_string(), n.to_string())))
+        };
+        if let Ok(mut m) = self.autoscalers.lock() {
+            m.retain(|k, _| keep(k));
+        }
+        if let Ok(mut m) = self.failures.lock() {
+            m.retain(|k, _| keep(k));
+        }
+    }
+
     /// A context whose Events are reported as `deepseek-operator` from `instance`.
     pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
         let reporter = Reporter {
@@ -349,6 +365,14 @@ async fn apply(dsd: &DeepSeekDeployment, ctx: &Context, now: Timestamp) -> Resul
     if dsd.status.as_ref() != Some(&st) {
         write_status(dsd, ctx, &st).await?;
     }
+    ctx.metrics.observe_status(&ns, &name, &st);
+    if let Some(ev) = auto
+        .as_ref()
+        .filter(|o| o.events.iter().any(|(reason, _)| *reason == "Scaled"))
+        .and_then(|o| o.status.last_scale.as_ref())
+    {
+        ctx.metrics.scaled(&ns, &name, ev.from, ev.to);
+    }
     let n = indices.len() as i32;
     let converged = plan.is_empty() && st.ready_replicas == n && st.updated_replicas == n;
     let wait = if converged { RESYNC } else { PROGRESS_RECHECK };
@@ -394,6 +418,9 @@ async fn refuse(
         .is_some_and(|c| c.reason == "InvalidSpec" && c.message == message);
     if dsd.status.as_ref() != Some(&st) {
         write_status(dsd, ctx, &st).await?;
+    }
+    if let Some(ns) = dsd.namespace() {
+        ctx.metrics.observe_status(&ns, &dsd.name_any(), &st);
     }
     if !already {
         ctx.publish(dsd, EventType::Warning, "InvalidSpec", message)
@@ -621,31 +648,51 @@ pub async fn run(
     ));
     let pods =
         watcher::Config::default().labels(&format!("{}={}", render::NAME_LABEL, render::APP_NAME));
-    Controller::new(
+    let controller = Controller::new(
         api::<DeepSeekDeployment>(&client, namespace),
         watcher::Config::default().any_semantic(),
-    )
-    .owns(api::<StatefulSet>(&client, namespace), owned.clone())
-    .owns(api::<Service>(&client, namespace), owned.clone())
-    .owns(
-        api::<PodDisruptionBudget>(&client, namespace),
-        owned.clone(),
-    )
-    .owns(api::<ConfigMap>(&client, namespace), owned)
-    .watches(api::<Pod>(&client, namespace), pods, |pod: Pod| {
-        let name = pod.labels().get(render::INSTANCE_LABEL)?.clone();
-        let ns = pod.namespace()?;
-        Some(ObjectRef::<DeepSeekDeployment>::new(&name).within(&ns))
-    })
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, ctx)
-    .for_each(|res| async move {
-        match res {
-            Ok((obj, _)) => {
-                tracing::debug!(name = %obj.name, namespace = ?obj.namespace, "reconciled")
-            }
-            Err(e) => tracing::debug!(error = %e, "reconcile loop error"),
+    );
+    // Per-deployment series of deleted deployments are dropped against the controller's cache.
+    let store = controller.store();
+    let pruned = ctx.clone();
+    let pruner = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(METRICS_PRUNE_EVERY).await;
+            let live: BTreeSet<(String, String)> = store
+                .state()
+                .iter()
+                .filter_map(|d| Some((d.namespace()?, d.name_any())))
+                .collect();
+            pruned.forget_deleted(&live);
         }
-    })
-    .await;
+    });
+    controller
+        .owns(api::<StatefulSet>(&client, namespace), owned.clone())
+        .owns(api::<Service>(&client, namespace), owned.clone())
+        .owns(
+            api::<PodDisruptionBudget>(&client, namespace),
+            owned.clone(),
+        )
+        .owns(api::<ConfigMap>(&client, namespace), owned)
+        .watches(api::<Pod>(&client, namespace), pods, |pod: Pod| {
+            let name = pod.labels().get(render::INSTANCE_LABEL)?.clone();
+            let ns = pod.namespace()?;
+            Some(ObjectRef::<DeepSeekDeployment>::new(&name).within(&ns))
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => {
+                    tracing::debug!(name = %obj.name, namespace = ?obj.namespace, "reconciled")
+                }
+                Err(e) => tracing::debug!(error = %e, "reconcile loop error"),
+            }
+        })
+        .await;
+    pruner.abort();
 }
+
+/// How often per-deployment metric series and autoscaler memory are checked against the live
+/// deployments.
+const METRICS_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);

@@ -603,4 +603,20 @@ async fn the_autoscaler_scales_groups_up_and_drains_the_idlest_one_before_deleti
     );
     assert!(st.autoscaling.unwrap().draining.is_none());
     assert_eq!(fake.names::<Pod>(), ["tiny-g0-0", "tiny-g0-1"]);
+
+    // The operator's own metrics tell the same story: one scale-up, one scale-down, one group
+    // ready of one desired; and they go when the deployment does.
+    let text = ctx.metrics.encode();
+    for line in [
+        r#"deepseek_operator_scale_events_total{deployment="tiny",direction="up",namespace="ns"} 1"#,
+        r#"deepseek_operator_scale_events_total{deployment="tiny",direction="down",namespace="ns"} 1"#,
+        r#"deepseek_operator_groups{deployment="tiny",kind="desired",namespace="ns"} 1"#,
+        r#"deepseek_operator_groups{deployment="tiny",kind="ready",namespace="ns"} 1"#,
+        r#"deepseek_operator_condition{deployment="tiny",namespace="ns",type="Available"} 1"#,
+    ] {
+        let line = line.replace("\"ns\"", &format!("{NS:?}"));
+        assert!(text.contains(&line), "missing {line} in\n{text}");
+    }
+    ctx.forget_deleted(&Default::default());
+    assert!(!ctx.metrics.encode().contains(r#"deployment="tiny""#));
 }
