@@ -352,7 +352,8 @@ pub struct AutoscalingSpec {
     pub metrics_timeout_seconds: i32,
 
     /// Seconds a group taken out of the Service may take to finish its running requests before
-    /// it is deleted anyway.
+    /// it is deleted anyway. Applies to the built-in autoscaler's scale-ins and to scale-ins
+    /// from outside (a lower `spec.replicas`).
     #[serde(default = "default_drain_timeout")]
     #[schemars(range(min = 0, max = 86400))]
     pub drain_timeout_seconds: i32,

@@ -13,7 +13,7 @@ use super::Context;
 use super::observed::Observed;
 use crate::api::{AutoscalingStatus, DeepSeekDeployment, DrainingGroup, ScaleEvent};
 use crate::autoscale::decide::{Decision, GroupSignals, Phase, Policy, Window, decide};
-use crate::autoscale::drain::{Draining, plan_groups};
+use crate::autoscale::drain::{Draining, GroupSet, plan_groups};
 use crate::autoscale::scrape::{Request, Target};
 use crate::render;
 
@@ -101,51 +101,17 @@ pub async fn step(
     let mut events = Vec::new();
     let mut desired = current;
     if due {
-        let targets: Vec<Target> = live
-            .iter()
-            .filter_map(|i| observed.group(*i))
-            .filter_map(|g| {
-                let leader = g.leader()?;
-                Some(Target {
-                    group: g.index,
-                    pod: leader.name.clone(),
-                    ip: leader.ip.clone(),
-                })
-            })
-            .collect();
-        let req = Request {
-            namespace: ns.to_string(),
-            name: name.to_string(),
-            prometheus: a.prometheus.clone(),
-            timeout: Duration::from_secs(a.metrics_timeout_seconds.max(1) as u64),
-            targets,
-        };
-        let readings = ctx.reader.read(&req).await;
-        let signals: Vec<GroupSignals> = live
-            .iter()
-            .map(|&i| {
-                let g = observed.group(i);
-                let r = readings.get(&i).cloned().unwrap_or_default();
-                let phase = if draining.as_ref().is_some_and(|d| d.group == i) {
-                    Phase::Draining
-                } else if g.is_some_and(|g| g.is_ready(pods_per_group) && !g.terminating()) {
-                    Phase::Ready
-                } else if g.is_none_or(|g| g.live_count() == 0 || g.any_pending()) {
-                    Phase::Pending
-                } else {
-                    Phase::Loading
-                };
-                GroupSignals {
-                    index: i,
-                    phase,
-                    kv_cache_usage: r.kv_cache_usage,
-                    projected_kv_cache_usage: r.projected_kv_cache_usage,
-                    requests_waiting: r.requests_waiting,
-                    requests_running: r.requests_running,
-                    load_progress: r.load_progress,
-                }
-            })
-            .collect();
+        let signals = read_signals(
+            ctx,
+            dsd,
+            ns,
+            name,
+            observed,
+            &live,
+            draining.as_ref(),
+            pods_per_group,
+        )
+        .await;
         let d = decide(&policy, current, &signals, &mut state.window, now);
         desired = d.desired;
         if desired != current {
@@ -185,21 +151,7 @@ pub async fn step(
         i64::from(a.drain_timeout_seconds.max(0)),
         now,
     );
-    if let Some(g) = set.started {
-        events.push((
-            "GroupDraining",
-            format!("group {g} left the serving Service; deleting it once its requests finish"),
-        ));
-    }
-    if let Some((g, why)) = &set.removed {
-        events.push(("GroupDrained", format!("deleting group {g}: {why}")));
-    }
-    if let Some(g) = set.cancelled {
-        events.push((
-            "GroupDrainCancelled",
-            format!("group {g} is wanted again and is back in the serving Service"),
-        ));
-    }
+    events.extend(drain_events(&set));
     status.draining = set.draining.as_ref().map(|d| DrainingGroup {
         index: d.group,
         since: Time(d.since),
@@ -230,6 +182,170 @@ pub async fn step(
         events,
         requeue,
     }
+}
+
+/// The Events of a drain step.
+fn drain_events(set: &GroupSet) -> Vec<(&'static str, String)> {
+    let mut events = Vec::new();
+    if let Some(g) = set.started {
+        events.push((
+            "GroupDraining",
+            format!("group {g} left the serving Service; deleting it once its requests finish"),
+        ));
+    }
+    if let Some((g, why)) = &set.removed {
+        events.push(("GroupDrained", format!("deleting group {g}: {why}")));
+    }
+    if let Some(g) = set.cancelled {
+        events.push((
+            "GroupDrainCancelled",
+            format!("group {g} is wanted again and is back in the serving Service"),
+        ));
+    }
+    events
+}
+
+/// The group set of a deployment whose count is set from outside (`spec.replicas`, by a user,
+/// an HPA or KEDA through the scale subresource), or `None` when it is simply
+/// `0..spec.replicas` with nothing to drain. A scale-in drains like the built-in autoscaler's:
+/// the group with the least in-flight work leaves the serving Service and is deleted once idle
+/// or after `spec.autoscaling.drainTimeoutSeconds`, one group at a time; the leaders are read
+/// only while a group has to go.
+pub async fn external_scale(
+    dsd: &DeepSeekDeployment,
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    observed: &Observed,
+    pods_per_group: i32,
+    now: Timestamp,
+) -> Option<Outcome> {
+    let want = dsd.spec.replicas.max(0);
+    let live: BTreeSet<i32> = observed
+        .groups
+        .values()
+        .filter(|g| g.statefulset)
+        .map(|g| g.index)
+        .collect();
+    let draining = dsd
+        .status
+        .as_ref()
+        .and_then(|s| s.autoscaling.as_ref())
+        .and_then(|a| a.draining.as_ref())
+        .map(|d| Draining {
+            group: d.index,
+            since: d.since.0,
+        });
+    let plain: BTreeSet<i32> = (0..want).collect();
+    if draining.is_none() && live.is_subset(&plain) {
+        return None;
+    }
+    let shrinking = live.len() > want as usize || draining.is_some();
+    let signals = if shrinking {
+        read_signals(
+            ctx,
+            dsd,
+            ns,
+            name,
+            observed,
+            &live,
+            draining.as_ref(),
+            pods_per_group,
+        )
+        .await
+    } else {
+        Vec::new()
+    };
+    let a = &dsd.spec.autoscaling;
+    let set = plan_groups(
+        want,
+        &live,
+        draining.as_ref(),
+        &signals,
+        i64::from(a.drain_timeout_seconds.max(0)),
+        now,
+    );
+    let poll = Duration::from_secs(a.poll_interval_seconds.max(1) as u64);
+    let status = AutoscalingStatus {
+        draining: set.draining.as_ref().map(|d| DrainingGroup {
+            index: d.group,
+            since: Time(d.since),
+        }),
+        ..AutoscalingStatus::default()
+    };
+    Some(Outcome {
+        events: drain_events(&set),
+        desired: want,
+        draining: set.draining.as_ref().map(|d| d.group),
+        requeue: if set.draining.is_some() {
+            poll.min(Duration::from_secs(5))
+        } else {
+            poll
+        },
+        indices: set.indices,
+        status,
+        limited: None,
+        load: BTreeMap::new(),
+    })
+}
+
+/// Reads the group leaders' signals (one request per poll) for the groups in `live`.
+#[allow(clippy::too_many_arguments)]
+async fn read_signals(
+    ctx: &Context,
+    dsd: &DeepSeekDeployment,
+    ns: &str,
+    name: &str,
+    observed: &Observed,
+    live: &BTreeSet<i32>,
+    draining: Option<&Draining>,
+    pods_per_group: i32,
+) -> Vec<GroupSignals> {
+    let a = &dsd.spec.autoscaling;
+    let targets: Vec<Target> = live
+        .iter()
+        .filter_map(|i| observed.group(*i))
+        .filter_map(|g| {
+            let leader = g.leader()?;
+            Some(Target {
+                group: g.index,
+                pod: leader.name.clone(),
+                ip: leader.ip.clone(),
+            })
+        })
+        .collect();
+    let req = Request {
+        namespace: ns.to_string(),
+        name: name.to_string(),
+        prometheus: a.prometheus.clone(),
+        timeout: Duration::from_secs(a.metrics_timeout_seconds.max(1) as u64),
+        targets,
+    };
+    let readings = ctx.reader.read(&req).await;
+    live.iter()
+        .map(|&i| {
+            let g = observed.group(i);
+            let r = readings.get(&i).cloned().unwrap_or_default();
+            let phase = if draining.as_ref().is_some_and(|d| d.group == i) {
+                Phase::Draining
+            } else if g.is_some_and(|g| g.is_ready(pods_per_group) && !g.terminating()) {
+                Phase::Ready
+            } else if g.is_none_or(|g| g.live_count() == 0 || g.any_pending()) {
+                Phase::Pending
+            } else {
+                Phase::Loading
+            };
+            GroupSignals {
+                index: i,
+                phase,
+                kv_cache_usage: r.kv_cache_usage,
+                projected_kv_cache_usage: r.projected_kv_cache_usage,
+                requests_waiting: r.requests_waiting,
+                requests_running: r.requests_running,
+                load_progress: r.load_progress,
+            }
+        })
+        .collect()
 }
 
 /// Leader pods whose serving label must change: (pod, value).

@@ -298,7 +298,7 @@ async fn apply(dsd: &DeepSeekDeployment, ctx: &Context, now: Timestamp) -> Resul
     let auto = if dsd.spec.autoscaling.enabled {
         Some(autoscaling::step(dsd, ctx, &ns, &name, &observed, pods_per_group, now).await)
     } else {
-        None
+        autoscaling::external_scale(dsd, ctx, &ns, &name, &observed, pods_per_group, now).await
     };
     let indices: BTreeSet<i32> = match &auto {
         Some(o) => o.indices.clone(),

@@ -189,6 +189,15 @@ pub fn compute(
             "ScalingDown",
             format!("deleting groups {:?}", plan.delete),
         )
+    } else if let Some(g) = inputs.draining {
+        cond(
+            CONDITION_PROGRESSING,
+            true,
+            "DrainingGroup",
+            format!(
+                "group {g} is out of the serving Service and is deleted once its requests finish"
+            ),
+        )
     } else if !plan.create.is_empty() {
         cond(
             CONDITION_PROGRESSING,
@@ -256,7 +265,8 @@ pub fn compute(
             .cloned()
             .or_else(|| previous.and_then(|p| p.autoscaling.clone()))
     } else {
-        None
+        // A drain after an outside scale-in (only its `draining` is set), while it lasts.
+        inputs.autoscaling.filter(|a| a.draining.is_some()).cloned()
     };
     if spec.autoscaling.enabled {
         conditions.push(match inputs.limited {

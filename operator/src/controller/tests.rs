@@ -154,33 +154,110 @@ async fn a_changed_object_is_put_back_on_the_next_reconcile() {
     assert_eq!(sts.spec.replicas, Some(2));
 }
 
+/// A scale-in from outside (a user, an HPA or KEDA lowering `spec.replicas`) drains like the
+/// built-in autoscaler: the idlest group leaves the serving Service, waits a poll for the
+/// endpoints to drop it, and is deleted once idle; one group at a time, highest first on ties.
 #[tokio::test]
-async fn scaling_down_deletes_the_highest_groups_first() {
-    let (fake, ctx) = setup(DeepSeekDeployment::test().with_replicas(3));
+async fn scaling_down_drains_and_deletes_the_highest_idle_groups_one_at_a_time() {
+    let fake = FakeApiServer::default();
+    fake.insert(&DeepSeekDeployment::test().with_replicas(3));
+    let reader = Arc::new(ScriptedReader::default());
+    let ctx = Arc::new(
+        Arc::try_unwrap(fake.context())
+            .ok()
+            .unwrap()
+            .with_reader(reader.clone()),
+    );
+    let t0 = Timestamp::from_second(1_900_000_000).unwrap();
+    let at = |s: i64| t0 + jiff::SignedDuration::from_secs(s);
+    ctx.set_clock(Some(at(0)));
     converge(&fake, &ctx, "tiny").await;
+    assert!(
+        fake.deployment("tiny")
+            .status
+            .unwrap()
+            .autoscaling
+            .is_none(),
+        "no autoscaling block without a drain"
+    );
+    *reader.0.lock().unwrap() = (0..3).map(|g| (g, reading(0.1, 0.0, 0.0))).collect();
     fake.insert(&fake.deployment("tiny").edited(|s| s.replicas = 1));
+
+    let deleted = |before| -> Vec<String> {
+        fake.writes_since(before)
+            .into_iter()
+            .filter(|c| c.method == Method::DELETE && c.path.contains("statefulsets"))
+            .map(|c| c.path.rsplit('/').next().unwrap().to_string())
+            .collect()
+    };
+    // Group 2 leaves the Service first and is kept for one poll.
+    ctx.set_clock(Some(at(10)));
     let before = fake.calls().len();
     reconcile_once(&fake, &ctx, "tiny").await.unwrap();
+    assert!(deleted(before).is_empty());
+    let leader: Pod = fake.get("tiny-g2-0").unwrap();
+    assert_eq!(
+        leader.metadata.labels.unwrap()[render::SERVING_LABEL],
+        "false"
+    );
+    let st = fake.deployment("tiny").status.unwrap();
+    assert_eq!(st.desired_replicas, 1);
+    assert_eq!(st.groups[2].state, GroupState::Draining);
+    assert_eq!(
+        st.autoscaling.and_then(|a| a.draining).map(|d| d.index),
+        Some(2)
+    );
+    assert_eq!(
+        cond(&fake.deployment("tiny"), CONDITION_PROGRESSING).0,
+        "True"
+    );
 
-    let deletes: Vec<String> = fake
-        .writes_since(before)
-        .into_iter()
-        .filter(|c| c.method == Method::DELETE && c.path.contains("statefulsets"))
-        .map(|c| c.path.rsplit('/').next().unwrap().to_string())
-        .collect();
-    assert_eq!(deletes, ["tiny-g2", "tiny-g1"]);
+    // Still idle: deleted; then group 1 goes the same way.
+    ctx.set_clock(Some(at(25)));
+    let before = fake.calls().len();
+    reconcile_once(&fake, &ctx, "tiny").await.unwrap();
+    assert_eq!(deleted(before), ["tiny-g2"]);
+    ctx.set_clock(Some(at(40)));
+    reconcile_once(&fake, &ctx, "tiny").await.unwrap();
+    ctx.set_clock(Some(at(55)));
+    let before = fake.calls().len();
+    reconcile_once(&fake, &ctx, "tiny").await.unwrap();
+    assert_eq!(deleted(before), ["tiny-g1"]);
     assert_eq!(fake.names::<StatefulSet>(), ["tiny-g0"]);
     assert_eq!(fake.names::<Service>(), ["tiny", "tiny-g0"]);
     assert_eq!(fake.names::<PodDisruptionBudget>(), ["tiny-g0"]);
-    assert_eq!(
-        cond(&fake.deployment("tiny"), CONDITION_PROGRESSING),
-        ("True".into(), "ScalingDown".into())
-    );
 
     converge(&fake, &ctx, "tiny").await;
     let st = fake.deployment("tiny").status.unwrap();
     assert_eq!((st.replicas, st.ready_replicas), (1, 1));
+    assert!(
+        st.autoscaling.is_none(),
+        "the drain block goes with the drain"
+    );
     assert_eq!(fake.names::<Pod>(), ["tiny-g0-0", "tiny-g0-1"]);
+}
+
+/// Without readable engine metrics a group that must go is not cut off mid-request: it leaves
+/// the Service and is deleted when the drain timeout passes.
+#[tokio::test]
+async fn an_outside_scale_in_without_engine_metrics_waits_for_the_drain_timeout() {
+    let (fake, ctx) = setup(DeepSeekDeployment::test().with_replicas(2));
+    let t0 = Timestamp::from_second(1_900_000_000).unwrap();
+    let at = |s: i64| t0 + jiff::SignedDuration::from_secs(s);
+    ctx.set_clock(Some(at(0)));
+    converge(&fake, &ctx, "tiny").await;
+    fake.insert(&fake.deployment("tiny").edited(|s| {
+        s.replicas = 1;
+        s.autoscaling.drain_timeout_seconds = 120;
+    }));
+    ctx.set_clock(Some(at(10)));
+    reconcile_once(&fake, &ctx, "tiny").await.unwrap();
+    ctx.set_clock(Some(at(100)));
+    reconcile_once(&fake, &ctx, "tiny").await.unwrap();
+    assert_eq!(fake.names::<StatefulSet>(), ["tiny-g0", "tiny-g1"]);
+    ctx.set_clock(Some(at(131)));
+    reconcile_once(&fake, &ctx, "tiny").await.unwrap();
+    assert_eq!(fake.names::<StatefulSet>(), ["tiny-g0"]);
 }
 
 #[tokio::test]
