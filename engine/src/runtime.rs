@@ -27,12 +27,8 @@ pub struct SubmitRequest {
     pub logprobs: Option<usize>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenEvent {
-    pub token: u32,
-    pub logprob: Option<f32>,
-    pub top_logprobs: Vec<(u32, f32)>,
-}
+/// A generated token with its logprobs when asked for: what the sampler returned.
+pub type TokenEvent = Sampled;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct FinishInfo {
@@ -400,11 +396,7 @@ impl Loop {
                 continue;
             };
             live.sampler = sampler;
-            let Sampled {
-                token,
-                logprob,
-                top_logprobs,
-            } = row;
+            let token = row.token;
             match live.last_token {
                 None => self
                     .metrics
@@ -418,15 +410,7 @@ impl Loop {
             live.last_token = Some(now);
             live.generated += 1;
             self.metrics.generation_tokens.inc();
-            if live
-                .events
-                .send(SeqEvent::Token(TokenEvent {
-                    token,
-                    logprob,
-                    top_logprobs,
-                }))
-                .is_err()
-            {
+            if live.events.send(SeqEvent::Token(row)).is_err() {
                 gone.push(c.id);
             }
             sampled.push((c.id, token));
