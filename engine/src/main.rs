@@ -320,13 +320,21 @@ fn single_executor(
     geometry: KvGeometry,
     auto_blocks: bool,
 ) -> Result<Box<dyn Executor>> {
+    // Flags are checked before hundreds of gigabytes are read.
+    let (weights, cache) = gpu_dtypes(args, model_config(args)?.quantization.is_some())?;
     let model = Arc::new(load_shard(args, ExpertShard::WHOLE)?);
     if !use_cuda(args)? {
+        if args.weight_dtype != "auto" || args.kv_cache_dtype != "auto" {
+            tracing::warn!(
+                weight_dtype = %args.weight_dtype,
+                kv_cache_dtype = %args.kv_cache_dtype,
+                "--weight-dtype and --kv-cache-dtype apply to GPUs; the CPU backend computes and caches in f32"
+            );
+        }
         return Ok(Box::new(CpuExecutor::new(model, geometry)));
     }
     // Tensor cores for serving (cuBLAS bf16, or the FP8 block-scaled kernel); the tiled
     // kernels are the exact-check path.
-    let (weights, cache) = gpu_dtypes(args, model.config.quantization.is_some())?;
     let opts = CudaOptions {
         weights,
         cache,

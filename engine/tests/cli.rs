@@ -142,4 +142,16 @@ fn a_bad_model_directory_is_a_clear_error_not_a_panic() {
         !out.status.success() && err.contains("16 routed experts") && err.contains('3'),
         "{err}"
     );
+    // An unknown storage type is refused by name before the model is loaded.
+    let out = bin()
+        .args(["generate", "--prompt-ids", "1", "--backend", "cpu"])
+        .args(["--weight-dtype", "fp7"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--weight-dtype") && err.contains("fp7"),
+        "{err}"
+    );
+    assert!(!err.contains("model ready"), "{err}");
 }
