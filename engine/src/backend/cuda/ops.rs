@@ -811,7 +811,7 @@ pub fn sparse_mla(
     scale: f32,
 ) -> Result<(), CudaError> {
     let name = format!("sparse_mla_{}", lcache.dtype().suffix());
-    let smem = (d.kvr + d.rd + k) * 4;
+    let smem = (d.kvr + d.rd + 2 * k) * 4;
     if smem > 48 * 1024 {
         return Err(CudaError::Unsupported(format!(
             "sparse attention over {k} keys of width {} exceeds 48 KiB of shared memory",

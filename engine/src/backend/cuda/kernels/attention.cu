@@ -2,7 +2,7 @@
 // absorb_q_{f32,bf16}: q_lat[t, h, :] = Σ_d q_nope[t, h, d] · W_UK[h, d, :];
 // sparse_mla_{f32,bf16,fp8}: softmax over the selected keys of (q_lat·c_kv + q_pe·k_pe)·scale, then
 //   o_lat[t, h, :] = Σ_j p_j · c_kv_j; grid (tokens, heads); dynamic shared memory holds the
-//   576-wide query and one probability per selected key;
+//   576-wide query, one probability and the cache slot of each selected key;
 // absorb_v_{f32,bf16}: out[t, h·vd + r] = W_UV[h, r, :] · o_lat[t, h, :].
 // kv_b_proj is [heads · (nope + vd), kvr]: per head nope rows of W_UK, then vd rows of W_UV.
 
@@ -44,8 +44,9 @@ __device__ void sparse_mla_impl(float* o_lat, const float* q_lat, const float* q
     __shared__ float sh[32];
     int t = blockIdx.x, h = blockIdx.y;
     int width = kvr + rd;
-    float* qs = smem;            // [kvr + rd]
-    float* p = smem + width;     // [count]
+    float* qs = smem;                   // [kvr + rd]
+    float* p = smem + width;            // [k]
+    int* key_slot = (int*)(p + k);      // [k]: the cache slot of each selected key
     const float* ql = q_lat + ((long long)t * heads + h) * kvr;
     const float* qpe = q + ((long long)t * heads + h) * qk + nope;
     for (int i = threadIdx.x; i < kvr; i += blockDim.x) qs[i] = ql[i];
@@ -55,8 +56,10 @@ __device__ void sparse_mla_impl(float* o_lat, const float* q_lat, const float* q
     const int* st = sel + (long long)t * k;
     const int* sl = slots + slot_base[t];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int j = threadIdx.x; j < m; j += blockDim.x) key_slot[j] = sl[st[j]];
+    __syncthreads();
     for (int j = warp; j < m; j += nw) {
-        long long slot = sl[st[j]];
+        long long slot = key_slot[j];
         float a = 0.f, b = 0.f;
         for (int i = lane; i < kvr; i += 32) a += qs[i] * lcache.at(slot, i);
         for (int i = lane; i < rd; i += 32) b += qs[kvr + i] * lcache.at(slot, kvr + i);
@@ -79,7 +82,7 @@ __device__ void sparse_mla_impl(float* o_lat, const float* q_lat, const float* q
     float* dst = o_lat + ((long long)t * heads + h) * kvr;
     for (int c = threadIdx.x; c < kvr; c += blockDim.x) {
         float acc = 0.f;
-        for (int j = 0; j < m; j++) acc += (p[j] * inv) * lcache.at(sl[st[j]], c);
+        for (int j = 0; j < m; j++) acc += (p[j] * inv) * lcache.at(key_slot[j], c);
         dst[c] = acc;
     }
 }

@@ -10,6 +10,8 @@
 // one ordered pass with a block scan emits the winners. O(ctx) per token.
 
 #define KEYS 64
+// Key values each lane keeps in registers (index_head_dim up to 32 · KEY_REGS).
+#define KEY_REGS 4
 
 template <typename R>
 __device__ void indexer_scores_impl(float* scores, const float* q, const float* w, R kcache,
@@ -29,11 +31,31 @@ __device__ void indexer_scores_impl(float* scores, const float* q, const float* 
     for (int j = j0 + warp; j < j1; j += nw) {
         long long slot = slots[slot_base[t] + j];
         float acc = 0.f;
-        for (int h = 0; h < heads; h++) {
-            float d = 0.f;
-            for (int i = lane; i < dim; i += 32) d += qs[h * dim + i] * kcache.at(slot, i);
-            d = warp_sum(d);
-            acc += wt[h] * fmaxf(d, 0.f);
+        if (dim <= 32 * KEY_REGS) {
+            // The key is read (and decoded) once into registers and reused by every head.
+            float kr[KEY_REGS];
+#pragma unroll
+            for (int r = 0; r < KEY_REGS; r++) {
+                int i = lane + 32 * r;
+                kr[r] = i < dim ? kcache.at(slot, i) : 0.f;
+            }
+            for (int h = 0; h < heads; h++) {
+                float d = 0.f;
+#pragma unroll
+                for (int r = 0; r < KEY_REGS; r++) {
+                    int i = lane + 32 * r;
+                    if (i < dim) d += qs[h * dim + i] * kr[r];
+                }
+                d = warp_sum(d);
+                acc += wt[h] * fmaxf(d, 0.f);
+            }
+        } else {
+            for (int h = 0; h < heads; h++) {
+                float d = 0.f;
+                for (int i = lane; i < dim; i += 32) d += qs[h * dim + i] * kcache.at(slot, i);
+                d = warp_sum(d);
+                acc += wt[h] * fmaxf(d, 0.f);
+            }
         }
         if (lane == 0) scores[(long long)t * max_ctx + j] = acc;
     }
