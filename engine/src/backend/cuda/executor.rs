@@ -553,6 +553,8 @@ impl CudaExecutor {
         let (h_ids, h_vals) = (dev.download(&ids, m * k)?, dev.download(&vals, m * k)?);
         let (h_max, h_sums) = (dev.download(&maxes, m)?, dev.download(&sums, 2 * m)?);
         dev.stream.synchronize()?;
+        // Rows the candidates cannot decide are sampled whole; all rows come back at once.
+        let mut whole: Option<Vec<f32>> = None;
         for (i, (c, _)) in picks.iter().enumerate() {
             let Some(sampler) = samplers[*c].as_mut() else {
                 continue;
@@ -570,8 +572,11 @@ impl CudaExecutor {
                 None => {
                     self.whole_rows_sampled
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let full = dev.download(&sel, (i + 1) * v)?;
-                    Some(sample_row(&full[i * v..], sampler))
+                    if whole.is_none() {
+                        whole = Some(dev.download(&sel, m * v)?);
+                    }
+                    let rows = whole.as_deref().unwrap_or_default();
+                    Some(sample_row(&rows[i * v..(i + 1) * v], sampler))
                 }
             };
         }
