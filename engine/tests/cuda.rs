@@ -584,6 +584,19 @@ fn logits_match_the_cpu_backend_on_every_fixture() {
             };
             let mut exec = CudaExecutor::with_options(&model, geometry(8, 64), 0, opts).unwrap();
             let ours = score(&mut exec, prompt);
+            // Both sparse-attention kernels compute the reference's function.
+            exec.device().set_attention(cuda::Attention::SharedHeads);
+            let shared = score(&mut exec, prompt);
+            exec.device().set_attention(cuda::Attention::PerHead);
+            let per_head = score(&mut exec, prompt);
+            exec.device().set_attention(cuda::Attention::Auto);
+            for (kernel, l) in [("shared heads", &shared), ("per head", &per_head)] {
+                let e = rel_err(l, reference);
+                assert!(
+                    e < tol,
+                    "{name} {weights:?}/{cache:?} {kernel}: {e} >= {tol}"
+                );
+            }
             let e_cpu = rel_err(&ours, reference);
             eprintln!(
                 "{name} weights {weights:?} cache {cache:?}: max|diff|/max|ref| vs CPU {e_cpu:.2e}, vs CPU f32 {:.2e}, vs transformers {:.2e} ({} logits)",
@@ -629,6 +642,31 @@ fn logits_match_the_cpu_backend_on_every_fixture() {
             assert!(
                 mean > FP8_MEAN_COSINE,
                 "{name} FP8/{cache:?}: mean cosine {mean}"
+            );
+        }
+        // Both sparse-attention kernels read the FP8 rows alike: f32 weights, so only the cache
+        // is quantized. On tiny-sharded and tiny-fp8 the two agree to f32 rounding (5e-7 and
+        // 7e-7 measured on an H200). On tiny-deep a last-bit difference in one layer's attention
+        // sum moves a value of the next layer's cache rows across an E4M3 step (6%), far more
+        // than its indexer's top-k margins (2e-4), so selections and logits then diverge (0.12
+        // measured): reported, not bounded.
+        let opts = CudaOptions {
+            weights: DType::F32,
+            cache: DType::Fp8,
+            max_batch_tokens: 256,
+            gemm: cuda::Gemm::Tiled,
+        };
+        let mut exec = CudaExecutor::with_options(&model, geometry(8, 64), 0, opts).unwrap();
+        exec.device().set_attention(cuda::Attention::SharedHeads);
+        let shared = score(&mut exec, prompt);
+        exec.device().set_attention(cuda::Attention::PerHead);
+        let per_head = score(&mut exec, prompt);
+        let e = rel_err(&shared, &per_head);
+        eprintln!("{name} f32 weights, FP8 cache: shared-heads vs per-head kernel {e:.2e}");
+        if name != "tiny-deep" {
+            assert!(
+                e < 1e-4,
+                "{name}: shared-heads vs per-head kernel on the FP8 cache {e}"
             );
         }
     }

@@ -177,6 +177,19 @@ pub enum Gemm {
     Cublas,
 }
 
+/// Which sparse-attention kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Attention {
+    /// Shared heads when the step has enough tokens to fill the GPU with them, else per head.
+    #[default]
+    Auto = 0,
+    /// One block per (token, head), each reading every selected key: the most blocks, for
+    /// small decode batches.
+    PerHead = 1,
+    /// One block per (token, 8 heads) sharing each key read: less traffic, fewer blocks.
+    SharedHeads = 2,
+}
+
 /// A GPU with its stream and lazily loaded kernel modules.
 #[derive(Debug)]
 pub struct Device {
@@ -186,6 +199,7 @@ pub struct Device {
     pub name: String,
     modules: Mutex<[Option<Arc<CudaModule>>; Family::ALL.len()]>,
     gemm: AtomicU8,
+    attention: AtomicU8,
     blas: Mutex<Option<Arc<CudaBlas>>>,
 }
 
@@ -215,6 +229,7 @@ impl Device {
             stream,
             modules: Mutex::new(Default::default()),
             gemm: AtomicU8::new(0),
+            attention: AtomicU8::new(0),
             blas: Mutex::new(None),
         })
     }
@@ -234,6 +249,19 @@ impl Device {
         }
         self.gemm.store(gemm as u8, Ordering::Relaxed);
         Ok(())
+    }
+
+    pub fn attention(&self) -> Attention {
+        match self.attention.load(Ordering::Relaxed) {
+            1 => Attention::PerHead,
+            2 => Attention::SharedHeads,
+            _ => Attention::Auto,
+        }
+    }
+
+    /// Chooses the sparse-attention kernel (tests pin one to check each against the CPU).
+    pub fn set_attention(&self, a: Attention) {
+        self.attention.store(a as u8, Ordering::Relaxed);
     }
 
     /// The cuBLAS handle on this device's stream, created on first use.

@@ -22,7 +22,7 @@ pub mod weights;
 
 use thiserror::Error;
 
-pub use device::{Device, Gemm};
+pub use device::{Attention, Device, Gemm};
 pub use executor::{CudaExecutor, CudaOptions};
 pub use plan::MemoryPlan;
 pub use weights::DType;

@@ -115,3 +115,116 @@ extern "C" __global__ void sparse_mla_fp8(float* o_lat, const float* q_lat, cons
     RowsFp8 r{lcache, kvr, kvr + 4 * ((kvr + 127) / 128), stride};
     sparse_mla_impl(o_lat, q_lat, q, r, sel, sel_count, slots, slot_base, heads, kvr, rd, qk, nope, k, scale);
 }
+
+// sparse_mla_heads_{f32,bf16,fp8}: the same attention with HB heads of one token per block (one
+// warp each) sharing every selected key: keys are read (and decoded) into shared memory KT at a
+// time, once for HB heads, and each warp keeps an online softmax and its head's 512-wide output
+// in registers. Grid (tokens, ceil(heads / HB)), 256 threads; kv_lora_rank ≤ 32 · OUT_REGS.
+
+#define HB 8
+#define KT 8
+#define OUT_REGS 16
+
+template <typename R>
+__device__ void sparse_mla_heads_impl(float* o_lat, const float* q_lat, const float* q, R lcache,
+                                      const int* sel, const int* sel_count, const int* slots,
+                                      const int* slot_base, int heads, int kvr, int rd, int qk,
+                                      int nope, int k, float scale) {
+    extern __shared__ float smem[];
+    __shared__ int tile_slot[KT];
+    int width = kvr + rd;
+    float* qs = smem;               // [HB][width]
+    float* ks = smem + HB * width;  // [KT][width]
+    int t = blockIdx.x, h0 = blockIdx.y * HB;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int nh = min(HB, heads - h0);
+    for (int i = threadIdx.x; i < HB * width; i += blockDim.x) {
+        int hh = i / width, c = i % width;
+        float v = 0.f;
+        if (hh < nh) {
+            long long th = (long long)t * heads + h0 + hh;
+            v = c < kvr ? q_lat[th * kvr + c] : q[th * qk + nope + (c - kvr)];
+        }
+        qs[i] = v;
+    }
+    int m = sel_count[t];
+    const int* st = sel + (long long)t * k;
+    const int* sl = slots + slot_base[t];
+    const float* qh = qs + warp * width;
+    float mx = NEG_INF, l = 0.f;
+    float acc[OUT_REGS];
+#pragma unroll
+    for (int r = 0; r < OUT_REGS; r++) acc[r] = 0.f;
+    for (int j0 = 0; j0 < m; j0 += KT) {
+        int kn = min(KT, m - j0);
+        __syncthreads();
+        if (threadIdx.x < kn) tile_slot[threadIdx.x] = sl[st[j0 + threadIdx.x]];
+        __syncthreads();
+        for (int i = threadIdx.x; i < kn * width; i += blockDim.x) {
+            int jj = i / width, c = i % width;
+            ks[i] = lcache.at(tile_slot[jj], c);
+        }
+        __syncthreads();
+        if (warp >= nh) continue;
+        float sc[KT];
+        float tmax = NEG_INF;
+#pragma unroll
+        for (int jj = 0; jj < KT; jj++) {
+            float d = 0.f;
+            if (jj < kn) {
+                for (int c = lane; c < width; c += 32) d += qh[c] * ks[jj * width + c];
+                d = warp_sum(d) * scale;
+            }
+            sc[jj] = jj < kn ? d : NEG_INF;
+            tmax = fmaxf(tmax, sc[jj]);
+        }
+        float nm = fmaxf(mx, tmax);
+        float corr = expf(mx - nm);
+        l *= corr;
+#pragma unroll
+        for (int r = 0; r < OUT_REGS; r++) acc[r] *= corr;
+#pragma unroll
+        for (int jj = 0; jj < KT; jj++) {
+            if (jj >= kn) break;
+            float p = expf(sc[jj] - nm);
+            l += p;
+#pragma unroll
+            for (int r = 0; r < OUT_REGS; r++) {
+                int c = lane + 32 * r;
+                if (c < kvr) acc[r] += p * ks[jj * width + c];
+            }
+        }
+        mx = nm;
+    }
+    if (warp < nh) {
+        float inv = 1.f / l;
+        float* dst = o_lat + ((long long)t * heads + h0 + warp) * kvr;
+#pragma unroll
+        for (int r = 0; r < OUT_REGS; r++) {
+            int c = lane + 32 * r;
+            if (c < kvr) dst[c] = acc[r] * inv;
+        }
+    }
+}
+
+extern "C" __global__ void sparse_mla_heads_f32(float* o_lat, const float* q_lat, const float* q, const float* lcache,
+                                                const int* sel, const int* sel_count, const int* slots,
+                                                const int* slot_base, int heads, int kvr, int rd, int qk, int nope,
+                                                int k, float scale) {
+    sparse_mla_heads_impl(o_lat, q_lat, q, RowsF32{lcache, kvr + rd}, sel, sel_count, slots, slot_base, heads, kvr,
+                          rd, qk, nope, k, scale);
+}
+extern "C" __global__ void sparse_mla_heads_bf16(float* o_lat, const float* q_lat, const float* q, const bf16_t* lcache,
+                                                 const int* sel, const int* sel_count, const int* slots,
+                                                 const int* slot_base, int heads, int kvr, int rd, int qk, int nope,
+                                                 int k, float scale) {
+    sparse_mla_heads_impl(o_lat, q_lat, q, RowsBf16{lcache, kvr + rd}, sel, sel_count, slots, slot_base, heads, kvr,
+                          rd, qk, nope, k, scale);
+}
+extern "C" __global__ void sparse_mla_heads_fp8(float* o_lat, const float* q_lat, const float* q, const fp8_t* lcache,
+                                                const int* sel, const int* sel_count, const int* slots,
+                                                const int* slot_base, int heads, int kvr, int rd, int qk, int nope,
+                                                int k, float scale, int stride) {
+    RowsFp8 r{lcache, kvr, kvr + 4 * ((kvr + 127) / 128), stride};
+    sparse_mla_heads_impl(o_lat, q_lat, q, r, sel, sel_count, slots, slot_base, heads, kvr, rd, qk, nope, k, scale);
+}
