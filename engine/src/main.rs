@@ -24,7 +24,7 @@ use deepseek_engine::kv::{
 };
 use deepseek_engine::metrics::Metrics;
 use deepseek_engine::model::builtin::{BUILTIN_MODEL, RandomWeights, builtin_config, is_builtin};
-use deepseek_engine::model::{LogitsWanted, Model, ModelConfig, SeqChunk};
+use deepseek_engine::model::{LoadOptions, LogitsWanted, Model, ModelConfig, SeqChunk};
 use deepseek_engine::runtime;
 use deepseek_engine::sched::{Scheduler, SchedulerConfig};
 use deepseek_engine::server::{self, ServerState};
@@ -322,8 +322,13 @@ fn single_executor(
 ) -> Result<Box<dyn Executor>> {
     // Flags are checked before hundreds of gigabytes are read.
     let (weights, cache) = gpu_dtypes(args, model_config(args)?.quantization.is_some())?;
-    let model = Arc::new(load_shard(args, ExpertShard::WHOLE)?);
-    if !use_cuda(args)? {
+    let cuda = use_cuda(args)?;
+    // A GPU that keeps FP8 weights needs no f32 copy of them on the host.
+    let options = LoadOptions {
+        fp8_codes_only: cuda && weights == DType::Fp8,
+    };
+    let model = Arc::new(load_shard_with(args, ExpertShard::WHOLE, options)?);
+    if !cuda {
         if args.weight_dtype != "auto" || args.kv_cache_dtype != "auto" {
             tracing::warn!(
                 weight_dtype = %args.weight_dtype,
@@ -369,6 +374,10 @@ fn model_config(args: &ModelArgs) -> Result<ModelConfig> {
 
 /// Loads the routed experts of `shard` and everything replicated.
 fn load_shard(args: &ModelArgs, shard: ExpertShard) -> Result<Model> {
+    load_shard_with(args, shard, LoadOptions::default())
+}
+
+fn load_shard_with(args: &ModelArgs, shard: ExpertShard, options: LoadOptions) -> Result<Model> {
     let started = Instant::now();
     let model = if is_builtin(&args.model) {
         tracing::info!("building the built-in demo model (random weights)");
@@ -376,7 +385,8 @@ fn load_shard(args: &ModelArgs, shard: ExpertShard) -> Result<Model> {
     } else {
         let dir = PathBuf::from(&args.model);
         tracing::info!(model = %dir.display(), "loading model");
-        Model::load_sharded(&dir, shard).with_context(|| format!("loading {}", dir.display()))?
+        Model::load_with(&dir, shard, options)
+            .with_context(|| format!("loading {}", dir.display()))?
     };
     let c = &model.config;
     tracing::info!(

@@ -672,6 +672,36 @@ fn logits_match_the_cpu_backend_on_every_fixture() {
     }
 }
 
+/// An FP8 checkpoint loaded with its FP8 linears as codes only (no f32 copy on the host, as
+/// `serve --backend cuda` loads it for FP8 weights) computes exactly what the full load does.
+#[test]
+fn a_codes_only_fp8_load_computes_what_the_full_load_computes_on_the_gpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let full = Model::load(&dir("tiny-fp8")).unwrap();
+    let codes = Model::load_with(
+        &dir("tiny-fp8"),
+        deepseek_engine::dist::ExpertShard::WHOLE,
+        deepseek_engine::model::LoadOptions {
+            fp8_codes_only: true,
+        },
+    )
+    .unwrap();
+    let (exp, _) = expected("tiny-fp8");
+    let opts = CudaOptions {
+        weights: DType::Fp8,
+        cache: DType::Fp8,
+        max_batch_tokens: 256,
+        gemm: cuda::Gemm::Cublas,
+    };
+    let run = |m: &Model| {
+        let mut exec = CudaExecutor::with_options(m, geometry(8, 64), 0, opts).unwrap();
+        score(&mut exec, &exp.prompt_ids)
+    };
+    assert_eq!(run(&codes), run(&full));
+}
+
 #[test]
 fn greedy_tokens_match_transformers_on_every_fixture() {
     if gpu().is_none() {

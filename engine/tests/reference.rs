@@ -272,3 +272,48 @@ fn a_token_outside_the_vocabulary_is_an_error_not_a_panic() {
         .to_string();
     assert!(err.contains("100000"), "{err}");
 }
+
+/// An FP8 checkpoint loaded for a GPU that keeps its weights in FP8: every linear the checkpoint
+/// stores in FP8 holds its codes and scales only (no f32 copy), the same as a full load holds,
+/// and `kv_b_proj` keeps its f32 values.
+#[test]
+fn an_fp8_checkpoint_loaded_as_codes_only_keeps_the_codes_and_drops_the_f32_copy() {
+    use deepseek_engine::dist::ExpertShard;
+    use deepseek_engine::model::{FeedForward, LoadOptions};
+    let full = Model::load(&dir("tiny-fp8")).unwrap();
+    let codes = Model::load_with(
+        &dir("tiny-fp8"),
+        ExpertShard::WHOLE,
+        LoadOptions {
+            fp8_codes_only: true,
+        },
+    )
+    .unwrap();
+    let mut checked = 0;
+    for (a, b) in full.layers.iter().zip(&codes.layers) {
+        let (fa, fb) = (&a.self_attn, &b.self_attn);
+        for (x, y) in [
+            (&fa.q_a_proj, &fb.q_a_proj),
+            (&fa.q_b_proj, &fb.q_b_proj),
+            (&fa.kv_a_proj_with_mqa, &fb.kv_a_proj_with_mqa),
+            (&fa.o_proj, &fb.o_proj),
+        ] {
+            let (qx, qy) = (x.fp8.as_ref().unwrap(), y.fp8.as_ref().unwrap());
+            assert_eq!(qx, qy);
+            assert!(y.weight.is_empty() && !x.weight.is_empty());
+            assert_eq!(qy.dequantize(), x.weight);
+            checked += 1;
+        }
+        assert_eq!(fa.kv_b_proj.weight, fb.kv_b_proj.weight);
+        if let (FeedForward::Moe(ma), FeedForward::Moe(mb)) = (&a.mlp, &b.mlp) {
+            let (ea, eb) = (
+                ma.experts[0].as_ref().unwrap(),
+                mb.experts[0].as_ref().unwrap(),
+            );
+            assert!(eb.down_proj.weight.is_empty());
+            assert_eq!(ea.down_proj.fp8, eb.down_proj.fp8);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "{checked}");
+}

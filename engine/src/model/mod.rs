@@ -122,6 +122,18 @@ pub struct Model {
 
 struct Loader<'a> {
     src: &'a dyn TensorSource,
+    /// Keep FP8 linears as codes only (no f32 copy on the host).
+    fp8_codes_only: bool,
+}
+
+/// How a model is read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Keep the linears an FP8 checkpoint stores in FP8 as E4M3 codes and scales only, without
+    /// their f32 dequantization: a quarter of the host memory, for a GPU that keeps them in FP8.
+    /// Such a model can be uploaded to a GPU but not run by the CPU backend. `kv_b_proj` keeps
+    /// its f32 copy (the GPU multiplies by it in bf16).
+    pub fp8_codes_only: bool,
 }
 
 impl Loader<'_> {
@@ -130,6 +142,17 @@ impl Loader<'_> {
     }
     fn linear(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear, ModelError> {
         let name = format!("{name}.weight");
+        if self.fp8_codes_only
+            && !name.ends_with("kv_b_proj.weight")
+            && let Some(q) = self.src.fp8_codes(&name, &[out_dim, in_dim])?
+        {
+            return Ok(Linear {
+                weight: Vec::new(),
+                out_dim,
+                in_dim,
+                fp8: Some(std::sync::Arc::new(q)),
+            });
+        }
         let mut l = Linear::new(
             self.src.f32_tensor(&name, &[out_dim, in_dim])?,
             out_dim,
@@ -155,6 +178,15 @@ impl Model {
 
     /// Loads only this rank's routed experts (plus everything replicated).
     pub fn load_sharded(dir: &Path, shard: ExpertShard) -> Result<Self, ModelError> {
+        Self::load_with(dir, shard, LoadOptions::default())
+    }
+
+    /// [`Model::load_sharded`] with [`LoadOptions`].
+    pub fn load_with(
+        dir: &Path,
+        shard: ExpertShard,
+        options: LoadOptions,
+    ) -> Result<Self, ModelError> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let block = config
             .quantization
@@ -162,7 +194,7 @@ impl Model {
             .map(|q| q.block)
             .unwrap_or([128, 128]);
         let ckpt = Checkpoint::open(dir, block)?;
-        let model = Self::from_source_sharded(config, &ckpt, shard)?;
+        let model = Self::build(config, &ckpt, shard, options)?;
         let mtp_prefix = format!("model.layers.{}.", model.config.num_hidden_layers);
         let (mtp, other): (Vec<String>, Vec<String>) = ckpt
             .unconsumed()
@@ -199,13 +231,25 @@ impl Model {
         src: &dyn TensorSource,
         shard: ExpertShard,
     ) -> Result<Self, ModelError> {
+        Self::build(config, src, shard, LoadOptions::default())
+    }
+
+    fn build(
+        config: ModelConfig,
+        src: &dyn TensorSource,
+        shard: ExpertShard,
+        options: LoadOptions,
+    ) -> Result<Self, ModelError> {
         if shard.world > 1 && !config.n_routed_experts.is_multiple_of(shard.world) {
             return Err(ModelError::InvalidConfig(format!(
                 "n_routed_experts ({}) cannot be split over {} expert-parallel ranks",
                 config.n_routed_experts, shard.world
             )));
         }
-        let l = Loader { src };
+        let l = Loader {
+            src,
+            fp8_codes_only: options.fp8_codes_only,
+        };
         let c = &config;
         let h = c.hidden_size;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);

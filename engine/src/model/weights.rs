@@ -26,6 +26,11 @@ pub trait TensorSource {
     fn fp8_tensor(&self, _name: &str) -> Option<Fp8Weight> {
         None
     }
+    /// Instead of [`TensorSource::f32_tensor`]: the codes and scales of an FP8 tensor, checked
+    /// against `shape`, with no f32 copy; `Ok(None)` when the tensor is not stored in FP8.
+    fn fp8_codes(&self, _name: &str, _shape: &[usize]) -> Result<Option<Fp8Weight>, ModelError> {
+        Ok(None)
+    }
 }
 
 struct Shard {
@@ -260,6 +265,49 @@ impl TensorSource for Checkpoint {
         self.entries.contains_key(name)
     }
 
+    fn fp8_codes(&self, name: &str, shape: &[usize]) -> Result<Option<Fp8Weight>, ModelError> {
+        let Some((e, _)) = self.raw(name) else {
+            return Ok(None);
+        };
+        if e.dtype != Dtype::F8_E4M3 {
+            return Ok(None);
+        }
+        if e.shape != shape {
+            return Err(ModelError::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: e.shape.clone(),
+                path: self.path_of(e).to_path_buf(),
+            });
+        }
+        let [br, bc] = self.fp8_block;
+        let scale_name = format!("{name}_scale_inv");
+        let scale_shape = vec![shape[0].div_ceil(br), shape[1].div_ceil(bc)];
+        match self.raw(&scale_name) {
+            Some((se, _)) if se.dtype == Dtype::F32 && se.shape == scale_shape => {}
+            Some((se, _)) => {
+                return Err(ModelError::ShapeMismatch {
+                    name: scale_name,
+                    expected: scale_shape,
+                    found: se.shape.clone(),
+                    path: self.path_of(se).to_path_buf(),
+                });
+            }
+            None => {
+                return Err(ModelError::MissingTensor {
+                    name: scale_name,
+                    expected: scale_shape,
+                });
+            }
+        }
+        let q = self.fp8_tensor(name);
+        if let Some(q) = &q {
+            self.mark(name, q.codes.len());
+            self.mark(&scale_name, 4 * q.scale_inv.len());
+        }
+        Ok(q)
+    }
+
     fn fp8_tensor(&self, name: &str) -> Option<Fp8Weight> {
         let (e, bytes) = self.raw(name)?;
         if e.dtype != Dtype::F8_E4M3 || e.shape.len() != 2 {
@@ -454,6 +502,45 @@ mod tests {
         let err = ck.f32_tensor("w.weight", &[2, 2]).unwrap_err().to_string();
         assert!(
             err.contains("w.weight_scale_inv") && err.contains("[1, 1]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn fp8_codes_are_read_without_an_f32_copy_and_checked_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        write_safetensors(
+            &dir.path().join("model.safetensors"),
+            &[
+                (
+                    "w.weight",
+                    Dtype::F8_E4M3,
+                    vec![2, 3],
+                    vec![0x38, 0x40, 0xb8, 0, 1, 2],
+                ),
+                (
+                    "w.weight_scale_inv",
+                    Dtype::F32,
+                    vec![1, 1],
+                    0.5f32.to_le_bytes().to_vec(),
+                ),
+                ("v.weight", Dtype::F8_E4M3, vec![2, 2], vec![0x38; 4]),
+                ("b.weight", Dtype::F32, vec![1], 1f32.to_le_bytes().to_vec()),
+            ],
+        );
+        let ck = Checkpoint::open(dir.path(), [128, 128]).unwrap();
+        let q = ck.fp8_codes("w.weight", &[2, 3]).unwrap().unwrap();
+        assert_eq!(q.codes, [0x38, 0x40, 0xb8, 0, 1, 2]);
+        assert_eq!(q.scale_inv, [0.5]);
+        assert_eq!(q.dequantize()[..3], [0.5, 1.0, -0.5]);
+        assert!(ck.unconsumed().iter().all(|n| !n.starts_with("w.")));
+        // Not FP8: the caller reads it as f32.
+        assert!(ck.fp8_codes("b.weight", &[1]).unwrap().is_none());
+        let err = ck.fp8_codes("w.weight", &[3, 2]).unwrap_err().to_string();
+        assert!(err.contains("w.weight") && err.contains("[3, 2]"), "{err}");
+        let err = ck.fp8_codes("v.weight", &[2, 2]).unwrap_err().to_string();
+        assert!(
+            err.contains("v.weight_scale_inv") && err.contains("[1, 1]"),
             "{err}"
         );
     }

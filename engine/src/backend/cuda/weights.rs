@@ -202,7 +202,7 @@ impl DevLinear {
             let q = match &l.fp8 {
                 Some(q) if q.block == [128, 128] => std::borrow::Cow::Borrowed(q.as_ref()),
                 _ => std::borrow::Cow::Owned(Fp8Weight::quantize(
-                    &l.weight,
+                    &host_values(l),
                     l.out_dim,
                     l.in_dim,
                     [128, 128],
@@ -211,7 +211,7 @@ impl DevLinear {
             return Self::upload_fp8(dev, &q, pow2_act);
         }
         Ok(DevLinear {
-            w: DevBuf::upload(dev, &l.weight, dtype)?,
+            w: DevBuf::upload(dev, &host_values(l), dtype)?,
             out_dim: l.out_dim,
             in_dim: l.in_dim,
             scale_inv: None,
@@ -539,6 +539,15 @@ impl DevLinear {
             scale_inv: None,
             pow2_act: false,
         })
+    }
+}
+
+/// The f32 values of `l`: its own, or the dequantized codes of a model loaded with FP8 codes
+/// only.
+fn host_values(l: &Linear) -> std::borrow::Cow<'_, [f32]> {
+    match &l.fp8 {
+        Some(q) if l.weight.is_empty() => std::borrow::Cow::Owned(q.dequantize()),
+        _ => std::borrow::Cow::Borrowed(&l.weight),
     }
 }
 
