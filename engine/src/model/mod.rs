@@ -141,18 +141,22 @@ impl Loader<'_> {
         self.src.f32_tensor(name, &[len])
     }
     fn linear(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear, ModelError> {
-        let name = format!("{name}.weight");
-        if self.fp8_codes_only
-            && !name.ends_with("kv_b_proj.weight")
-            && let Some(q) = self.src.fp8_codes(&name, &[out_dim, in_dim])?
-        {
-            return Ok(Linear {
-                weight: Vec::new(),
-                out_dim,
-                in_dim,
-                fp8: Some(std::sync::Arc::new(q)),
-            });
+        if self.fp8_codes_only {
+            let weight = format!("{name}.weight");
+            if let Some(q) = self.src.fp8_codes(&weight, &[out_dim, in_dim])? {
+                return Ok(Linear {
+                    weight: Vec::new(),
+                    out_dim,
+                    in_dim,
+                    fp8: Some(std::sync::Arc::new(q)),
+                });
+            }
         }
+        self.linear_f32(name, out_dim, in_dim)
+    }
+    /// A linear with its f32 values always read, also under `fp8_codes_only`.
+    fn linear_f32(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear, ModelError> {
+        let name = format!("{name}.weight");
         let mut l = Linear::new(
             self.src.f32_tensor(&name, &[out_dim, in_dim])?,
             out_dim,
@@ -270,7 +274,8 @@ impl Model {
                     h,
                 )?,
                 kv_a_layernorm: l.vec(&format!("{a}.kv_a_layernorm.weight"), c.kv_lora_rank)?,
-                kv_b_proj: l.linear(
+                // The GPU multiplies by it head by head in bf16: read as f32 in any case.
+                kv_b_proj: l.linear_f32(
                     &format!("{a}.kv_b_proj"),
                     c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim),
                     c.kv_lora_rank,

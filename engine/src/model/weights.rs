@@ -258,6 +258,19 @@ impl Checkpoint {
     fn path_of(&self, e: &Entry) -> &Path {
         &self.shards[e.shard].path
     }
+
+    /// An error naming `name`, the shape it should have and the file, unless it has `shape`.
+    fn check_shape(&self, name: &str, e: &Entry, shape: &[usize]) -> Result<(), ModelError> {
+        if e.shape == shape {
+            return Ok(());
+        }
+        Err(ModelError::ShapeMismatch {
+            name: name.to_string(),
+            expected: shape.to_vec(),
+            found: e.shape.clone(),
+            path: self.path_of(e).to_path_buf(),
+        })
+    }
 }
 
 impl TensorSource for Checkpoint {
@@ -272,33 +285,22 @@ impl TensorSource for Checkpoint {
         if e.dtype != Dtype::F8_E4M3 {
             return Ok(None);
         }
-        if e.shape != shape {
-            return Err(ModelError::ShapeMismatch {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                found: e.shape.clone(),
-                path: self.path_of(e).to_path_buf(),
-            });
-        }
+        self.check_shape(name, e, shape)?;
         let [br, bc] = self.fp8_block;
         let scale_name = format!("{name}_scale_inv");
-        let scale_shape = vec![shape[0].div_ceil(br), shape[1].div_ceil(bc)];
-        match self.raw(&scale_name) {
-            Some((se, _)) if se.dtype == Dtype::F32 && se.shape == scale_shape => {}
-            Some((se, _)) => {
-                return Err(ModelError::ShapeMismatch {
-                    name: scale_name,
-                    expected: scale_shape,
-                    found: se.shape.clone(),
-                    path: self.path_of(se).to_path_buf(),
-                });
-            }
-            None => {
-                return Err(ModelError::MissingTensor {
-                    name: scale_name,
-                    expected: scale_shape,
-                });
-            }
+        let scale_shape = [shape[0].div_ceil(br), shape[1].div_ceil(bc)];
+        let (se, _) = self
+            .raw(&scale_name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: scale_name.clone(),
+                expected: scale_shape.to_vec(),
+            })?;
+        self.check_shape(&scale_name, se, &scale_shape)?;
+        if se.dtype != Dtype::F32 {
+            return Err(ModelError::UnsupportedDtype {
+                name: scale_name,
+                dtype: format!("{:?} (block scales must be F32)", se.dtype),
+            });
         }
         let q = self.fp8_tensor(name);
         if let Some(q) = &q {
@@ -336,14 +338,7 @@ impl TensorSource for Checkpoint {
             name: name.to_string(),
             expected: shape.to_vec(),
         })?;
-        if e.shape != shape {
-            return Err(ModelError::ShapeMismatch {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                found: e.shape.clone(),
-                path: self.path_of(e).to_path_buf(),
-            });
-        }
+        self.check_shape(name, e, shape)?;
         self.mark(name, bytes.len());
         match e.dtype {
             Dtype::F32 => Ok(bytes
