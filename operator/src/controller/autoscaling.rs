@@ -71,19 +71,8 @@ pub async fn step(
         Some(_) => dsd.status.as_ref().map_or(0, |s| s.desired_replicas),
         None => policy.clamp(dsd.spec.replicas),
     };
-    let draining = previous
-        .as_ref()
-        .and_then(|p| p.draining.as_ref())
-        .map(|d| Draining {
-            group: d.index,
-            since: d.since.0,
-        });
-    let live: BTreeSet<i32> = observed
-        .groups
-        .values()
-        .filter(|g| g.statefulset)
-        .map(|g| g.index)
-        .collect();
+    let draining = previous_drain(dsd);
+    let live = observed.live_indices();
     let key = format!("{ns}/{name}");
     let mut state = ctx
         .autoscalers
@@ -92,7 +81,7 @@ pub async fn step(
         .get(&key)
         .cloned()
         .unwrap_or_default();
-    let poll = Duration::from_secs(a.poll_interval_seconds.max(1) as u64);
+    let poll = poll_interval(dsd);
     let due = state
         .last_poll
         .is_none_or(|t| now.duration_since(t) >= SignedDuration::from_secs(poll.as_secs() as i64));
@@ -152,10 +141,7 @@ pub async fn step(
         now,
     );
     events.extend(drain_events(&set));
-    status.draining = set.draining.as_ref().map(|d| DrainingGroup {
-        index: d.group,
-        since: Time(d.since),
-    });
+    status.draining = draining_status(&set);
     let load = state
         .signals
         .iter()
@@ -166,21 +152,48 @@ pub async fn step(
         .lock()
         .expect("autoscaler lock")
         .insert(key, state);
-    // A drain is checked again soon; otherwise at the next poll.
-    let requeue = if set.draining.is_some() {
-        poll.min(Duration::from_secs(5))
-    } else {
-        poll
-    };
     Outcome {
+        requeue: requeue_after(poll, &set),
+        draining: set.draining.as_ref().map(|d| d.group),
         indices: set.indices,
         desired,
-        draining: set.draining.map(|d| d.group),
         status,
         limited,
         load,
         events,
-        requeue,
+    }
+}
+
+/// The drain in progress recorded in the status, if any.
+fn previous_drain(dsd: &DeepSeekDeployment) -> Option<Draining> {
+    dsd.status
+        .as_ref()
+        .and_then(|s| s.autoscaling.as_ref())
+        .and_then(|a| a.draining.as_ref())
+        .map(|d| Draining {
+            group: d.index,
+            since: d.since.0,
+        })
+}
+
+fn poll_interval(dsd: &DeepSeekDeployment) -> Duration {
+    Duration::from_secs(dsd.spec.autoscaling.poll_interval_seconds.max(1) as u64)
+}
+
+/// `status.autoscaling.draining` for a drain step.
+fn draining_status(set: &GroupSet) -> Option<DrainingGroup> {
+    set.draining.as_ref().map(|d| DrainingGroup {
+        index: d.group,
+        since: Time(d.since),
+    })
+}
+
+/// A drain is checked again soon; otherwise at the next poll.
+fn requeue_after(poll: Duration, set: &GroupSet) -> Duration {
+    if set.draining.is_some() {
+        poll.min(Duration::from_secs(5))
+    } else {
+        poll
     }
 }
 
@@ -221,21 +234,8 @@ pub async fn external_scale(
     now: Timestamp,
 ) -> Option<Outcome> {
     let want = dsd.spec.replicas.max(0);
-    let live: BTreeSet<i32> = observed
-        .groups
-        .values()
-        .filter(|g| g.statefulset)
-        .map(|g| g.index)
-        .collect();
-    let draining = dsd
-        .status
-        .as_ref()
-        .and_then(|s| s.autoscaling.as_ref())
-        .and_then(|a| a.draining.as_ref())
-        .map(|d| Draining {
-            group: d.index,
-            since: d.since.0,
-        });
+    let live = observed.live_indices();
+    let draining = previous_drain(dsd);
     let plain: BTreeSet<i32> = (0..want).collect();
     if draining.is_none() && live.is_subset(&plain) {
         return None;
@@ -265,23 +265,15 @@ pub async fn external_scale(
         i64::from(a.drain_timeout_seconds.max(0)),
         now,
     );
-    let poll = Duration::from_secs(a.poll_interval_seconds.max(1) as u64);
     let status = AutoscalingStatus {
-        draining: set.draining.as_ref().map(|d| DrainingGroup {
-            index: d.group,
-            since: Time(d.since),
-        }),
+        draining: draining_status(&set),
         ..AutoscalingStatus::default()
     };
     Some(Outcome {
         events: drain_events(&set),
         desired: want,
         draining: set.draining.as_ref().map(|d| d.group),
-        requeue: if set.draining.is_some() {
-            poll.min(Duration::from_secs(5))
-        } else {
-            poll
-        },
+        requeue: requeue_after(poll_interval(dsd), &set),
         indices: set.indices,
         status,
         limited: None,

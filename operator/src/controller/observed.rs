@@ -1,6 +1,6 @@
 //! What the cluster holds for one deployment, reduced to what decisions need. Pure.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
@@ -192,5 +192,14 @@ impl Observed {
     /// The group with this index, if anything of it exists.
     pub fn group(&self, index: i32) -> Option<&ObservedGroup> {
         self.groups.get(&index)
+    }
+
+    /// Indices of the groups whose StatefulSet exists.
+    pub fn live_indices(&self) -> BTreeSet<i32> {
+        self.groups
+            .values()
+            .filter(|g| g.statefulset)
+            .map(|g| g.index)
+            .collect()
     }
 }
