@@ -46,6 +46,8 @@ pub struct Outcome {
     pub load: BTreeMap<i32, f64>,
     /// (reason, note) of the Events to publish.
     pub events: Vec<(&'static str, String)>,
+    /// The change of the group count decided in this step, if any.
+    pub scaled: Option<ScaleEvent>,
     /// When to look again.
     pub requeue: Duration,
 }
@@ -89,6 +91,7 @@ pub async fn step(
     let mut status = previous.clone().unwrap_or_default();
     let mut events = Vec::new();
     let mut desired = current;
+    let mut scaled = None;
     if due {
         let signals = read_signals(
             ctx,
@@ -117,7 +120,8 @@ pub async fn step(
             status.history.push(ev.clone());
             let over = status.history.len().saturating_sub(HISTORY);
             status.history.drain(..over);
-            status.last_scale = Some(ev);
+            status.last_scale = Some(ev.clone());
+            scaled = Some(ev);
         }
         status.last_poll_time = Some(Time(now));
         status.kv_cache_usage = round3(d.averages.kv_cache_usage);
@@ -161,6 +165,7 @@ pub async fn step(
         limited,
         load,
         events,
+        scaled,
     }
 }
 
@@ -278,6 +283,7 @@ pub async fn external_scale(
         status,
         limited: None,
         load: BTreeMap::new(),
+        scaled: None,
     })
 }
 

@@ -366,11 +366,7 @@ async fn apply(dsd: &DeepSeekDeployment, ctx: &Context, now: Timestamp) -> Resul
         write_status(dsd, ctx, &st).await?;
     }
     ctx.metrics.observe_status(&ns, &name, &st);
-    if let Some(ev) = auto
-        .as_ref()
-        .filter(|o| o.events.iter().any(|(reason, _)| *reason == "Scaled"))
-        .and_then(|o| o.status.last_scale.as_ref())
-    {
+    if let Some(ev) = auto.as_ref().and_then(|o| o.scaled.as_ref()) {
         ctx.metrics.scaled(&ns, &name, ev.from, ev.to);
     }
     let n = indices.len() as i32;
