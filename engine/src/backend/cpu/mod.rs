@@ -13,8 +13,9 @@ pub struct Linear {
     pub weight: Vec<f32>,
     pub out_dim: usize,
     pub in_dim: usize,
-    /// The checkpoint's E4M3 codes and block scales when the tensor was stored in FP8 (`weight`
-    /// is their exact dequantization), so a GPU backend can keep the weight in FP8.
+    /// The checkpoint's E4M3 codes and block scales when the tensor was stored in FP8, so a GPU
+    /// backend can keep the weight in FP8. `weight` is their exact dequantization, or empty when
+    /// the model was loaded with `LoadOptions::fp8_codes_only` (GPU upload only).
     pub fp8: Option<std::sync::Arc<fp8::Fp8Weight>>,
 }
 
