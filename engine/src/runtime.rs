@@ -6,15 +6,18 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc as tmpsc, oneshot};
+use tokio::sync::{mpsc as tmpsc, oneshot, watch};
 
 use crate::backend::Executor;
 use crate::generate::{FinishReason, Rng, Sampled, Sampler, SamplingParams};
 use crate::metrics::Metrics;
 use crate::model::{ForwardError, LogitsWanted, SeqChunk};
 use crate::sched::{AdmissionError, Scheduler, SeqId, SeqSpec};
+
+/// How often an idle engine loop asks its executor whether it can still step.
+pub const IDLE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// What the HTTP side asks for one sequence.
 #[derive(Debug, Clone)]
@@ -56,12 +59,30 @@ enum Command {
     Cancel(SeqId),
 }
 
+/// The scheduler's counts as the engine loop last published them. Each value is published
+/// before the token events of the same step go out, so a client that has seen a token also
+/// sees the state that produced it.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct EngineState {
+    /// Sequences being computed.
+    pub running: usize,
+    /// Sequences admitted but not yet scheduled.
+    pub waiting: usize,
+    /// Fraction (0..1) of KV blocks held by sequences.
+    pub kv_usage: f64,
+    /// Engine steps completed so far.
+    pub steps: u64,
+}
+
 /// Cheap to clone; shared by all HTTP handlers.
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     next_id: Arc<AtomicU64>,
     ready: Arc<AtomicBool>,
+    /// False once the loop has ended for good (its group broke): the process should restart.
+    alive: Arc<AtomicBool>,
+    state: watch::Receiver<EngineState>,
 }
 
 impl std::fmt::Debug for EngineHandle {
@@ -120,6 +141,18 @@ impl EngineHandle {
         self.ready.load(Ordering::Acquire)
     }
 
+    /// False once the engine loop has stopped for good (a lost or silent rank, a dead thread):
+    /// only a restart brings the process back, so liveness probes should fail.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    /// A receiver of the engine's published state, for waiting on the engine's own events
+    /// (tests, drains) instead of polling metrics on a clock.
+    pub fn state(&self) -> watch::Receiver<EngineState> {
+        self.state.clone()
+    }
+
     pub async fn submit(&self, req: SubmitRequest) -> Result<SeqStream, SubmitError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (events_tx, events) = tmpsc::unbounded_channel();
@@ -159,11 +192,14 @@ pub fn spawn(
     index_topk: usize,
 ) -> EngineHandle {
     let (tx, rx) = mpsc::channel();
+    let (state_tx, state) = watch::channel(EngineState::default());
     let ready = Arc::new(AtomicBool::new(true));
+    let alive = Arc::new(AtomicBool::new(true));
     let g = executor.kv_geometry();
     metrics.set_cache_config(g.block_size, g.num_blocks);
     metrics.ready.set(1);
     let thread_ready = ready.clone();
+    let thread_alive = alive.clone();
     let spawned = std::thread::Builder::new()
         .name("engine-loop".into())
         .spawn(move || {
@@ -176,19 +212,27 @@ pub fn spawn(
                 ready: thread_ready.clone(),
                 broken: false,
                 expert_counters: Vec::new(),
+                state: state_tx,
+                steps: 0,
             };
             lp.run(rx);
             thread_ready.store(false, Ordering::Release);
+            if lp.broken {
+                thread_alive.store(false, Ordering::Release);
+            }
             lp.metrics.ready.set(0);
         });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "could not start the engine thread");
         ready.store(false, Ordering::Release);
+        alive.store(false, Ordering::Release);
     }
     EngineHandle {
         tx,
         next_id: Arc::new(AtomicU64::new(1)),
         ready,
+        alive,
+        state,
     }
 }
 
@@ -203,23 +247,52 @@ struct Loop {
     broken: bool,
     /// Per-expert counter handles, resolved once (label lookups are not for every step).
     expert_counters: Vec<prometheus::IntCounter>,
+    /// Where the scheduler's counts are published after every command and step.
+    state: watch::Sender<EngineState>,
+    steps: u64,
+}
+
+/// Events a step produced, held back until the gauges and the published state include the
+/// step: whoever receives a token can rely on the metrics already counting its sequence.
+#[derive(Default)]
+struct Outbox(Vec<(tmpsc::UnboundedSender<SeqEvent>, SeqEvent)>);
+
+impl Outbox {
+    fn push(&mut self, to: &tmpsc::UnboundedSender<SeqEvent>, ev: SeqEvent) {
+        self.0.push((to.clone(), ev));
+    }
+
+    fn deliver(self) {
+        for (to, ev) in self.0 {
+            // A receiver gone by now is a cancel already on its way to the loop.
+            let _ = to.send(ev);
+        }
+    }
 }
 
 impl Loop {
     fn run(&mut self, rx: mpsc::Receiver<Command>) {
         loop {
             if !self.sched.has_work() {
-                match rx.recv() {
+                match rx.recv_timeout(IDLE_CHECK_EVERY) {
                     Ok(cmd) => self.handle(cmd),
-                    Err(_) => return,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if let Err(e) = self.executor.check_alive() {
+                            self.fail_group(&e);
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             }
             while let Ok(cmd) = rx.try_recv() {
                 self.handle(cmd);
             }
-            self.step();
+            let outbox = self.step();
             self.update_gauges();
             self.sync_expert_counters();
+            outbox.deliver();
             if self.broken {
                 return;
             }
@@ -292,14 +365,16 @@ impl Loop {
                         .inc();
                 }
                 self.live.remove(&id);
+                self.update_gauges();
             }
         }
     }
 
-    fn step(&mut self) {
+    fn step(&mut self) -> Outbox {
+        let mut outbox = Outbox::default();
         let plan = self.sched.schedule();
         if plan.chunks.is_empty() {
-            return;
+            return outbox;
         }
         let started = Instant::now();
         let mut selected = 0u64;
@@ -355,18 +430,17 @@ impl Loop {
                 };
                 for id in victims {
                     if let Some(live) = self.live.remove(&id) {
-                        let _ = live.events.send(SeqEvent::Failed(e.to_string()));
+                        outbox.push(&live.events, SeqEvent::Failed(e.to_string()));
                     }
                     self.sched.abort(id);
                 }
                 if fatal {
-                    self.ready.store(false, Ordering::Release);
-                    self.metrics.ready.set(0);
-                    self.broken = true;
+                    self.fail_group(&e);
                 }
-                return;
+                return outbox;
             }
         };
+        self.steps += 1;
         let kind = if prefill_tokens > 0 {
             "prefill"
         } else {
@@ -410,8 +484,10 @@ impl Loop {
             live.last_token = Some(now);
             live.generated += 1;
             self.metrics.generation_tokens.inc();
-            if live.events.send(SeqEvent::Token(row)).is_err() {
+            if live.events.is_closed() {
                 gone.push(c.id);
+            } else {
+                outbox.push(&live.events, SeqEvent::Token(row));
             }
             sampled.push((c.id, token));
         }
@@ -441,7 +517,7 @@ impl Loop {
                 self.metrics
                     .e2e_request_latency
                     .observe(now.duration_since(live.arrival).as_secs_f64());
-                let _ = live.events.send(SeqEvent::Finished(info));
+                outbox.push(&live.events, SeqEvent::Finished(info));
             }
         }
         for id in gone {
@@ -454,6 +530,15 @@ impl Loop {
             }
             self.live.remove(&id);
         }
+        outbox
+    }
+
+    /// The group can never step again: turn not-ready, and end the loop after this step.
+    fn fail_group(&mut self, e: &ForwardError) {
+        tracing::error!(error = %e, "the expert-parallel group is broken; the engine stops");
+        self.ready.store(false, Ordering::Release);
+        self.metrics.ready.set(0);
+        self.broken = true;
     }
 
     fn prompt_len(&self, id: SeqId) -> usize {
@@ -486,6 +571,17 @@ impl Loop {
         m.num_requests_waiting.set(self.sched.num_waiting() as i64);
         m.kv_cache_usage_perc.set(self.sched.kv_usage());
         m.projected_kv_usage.set(self.sched.projected_kv_usage());
+        let state = EngineState {
+            running: self.sched.num_running(),
+            waiting: self.sched.num_waiting(),
+            kv_usage: self.sched.kv_usage(),
+            steps: self.steps,
+        };
+        self.state.send_if_modified(|s| {
+            let changed = *s != state;
+            *s = state;
+            changed
+        });
         let s = &self.sched.stats;
         m.num_preemptions
             .inc_by(s.preemptions.saturating_sub(m.num_preemptions.get()));

@@ -11,11 +11,12 @@ use deepseek_engine::kv::{KvGeometry, PrefixCachingPool};
 use deepseek_engine::metrics::Metrics;
 use deepseek_engine::model::builtin::builtin_model;
 use deepseek_engine::model::{ForwardError, LogitsWanted, SeqChunk};
-use deepseek_engine::runtime;
+use deepseek_engine::runtime::{self, EngineState};
 use deepseek_engine::sched::{Scheduler, SchedulerConfig};
 use deepseek_engine::server::{ServerState, router};
 use deepseek_engine::tokenizer::Tokenizer;
 use serde_json::{Value, json};
+use tokio::sync::watch;
 
 const MODEL: &str = "test-model";
 
@@ -37,8 +38,15 @@ impl Default for Opts {
     }
 }
 
-/// Starts a server; returns its base URL and its metrics.
-async fn start(executor: Box<dyn Executor>, vocab_eos: Vec<u32>, o: Opts) -> (String, Metrics) {
+/// A server under test: its base URL, its metrics, and the engine's published state to wait on.
+struct Served {
+    base: String,
+    metrics: Metrics,
+    engine: watch::Receiver<EngineState>,
+}
+
+/// Starts a server on a loopback port.
+async fn start(executor: Box<dyn Executor>, vocab_eos: Vec<u32>, o: Opts) -> Served {
     let geometry = executor.kv_geometry();
     let metrics = Metrics::new(MODEL);
     let sched = Scheduler::new(
@@ -51,6 +59,7 @@ async fn start(executor: Box<dyn Executor>, vocab_eos: Vec<u32>, o: Opts) -> (St
         PrefixCachingPool::new(geometry, true),
     );
     let engine = runtime::spawn(executor, sched, metrics.clone(), 64);
+    let engine_state = engine.state();
     let state = Arc::new(ServerState::new(
         Arc::new(Tokenizer::builtin().unwrap()),
         metrics.clone(),
@@ -62,10 +71,23 @@ async fn start(executor: Box<dyn Executor>, vocab_eos: Vec<u32>, o: Opts) -> (St
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router(state)).await });
-    (format!("http://{addr}"), metrics)
+    Served {
+        base: format!("http://{addr}"),
+        metrics,
+        engine: engine_state,
+    }
 }
 
-async fn builtin_server(o: Opts) -> (String, Metrics) {
+/// Waits until the engine publishes a state that satisfies `cond`. The bound only turns a hang
+/// into a failure; nothing races it.
+async fn engine_reaches(served: &mut Served, what: &str, cond: impl FnMut(&EngineState) -> bool) {
+    tokio::time::timeout(Duration::from_secs(120), served.engine.wait_for(cond))
+        .await
+        .unwrap_or_else(|_| panic!("the engine never reached: {what}"))
+        .expect("the engine loop ended");
+}
+
+async fn builtin_server(o: Opts) -> Served {
     let model = Arc::new(builtin_model().unwrap());
     let geometry = KvGeometry {
         num_blocks: o.num_blocks,
@@ -118,7 +140,7 @@ impl Executor for Scripted {
     }
 }
 
-async fn scripted_server(text: &str, delay_ms: u64, o: Opts) -> (String, Metrics) {
+async fn scripted_server(text: &str, delay_ms: u64, o: Opts) -> Served {
     let tok = Tokenizer::builtin().unwrap();
     let script = tok.encode(text).unwrap();
     let ex = Scripted {
@@ -186,7 +208,7 @@ fn user(text: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_served_model_is_listed() {
-    let (base, _) = builtin_server(Opts::default()).await;
+    let Served { base, .. } = builtin_server(Opts::default()).await;
     let v: Value = client()
         .get(format!("{base}/v1/models"))
         .send()
@@ -219,7 +241,7 @@ async fn the_served_model_is_listed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_completion_returns_a_message_usage_and_moves_the_metrics() {
-    let (base, metrics) = builtin_server(Opts::default()).await;
+    let Served { base, metrics, .. } = builtin_server(Opts::default()).await;
     let (status, v) = post(
         &base,
         "/v1/chat/completions",
@@ -256,7 +278,7 @@ async fn a_chat_completion_returns_a_message_usage_and_moves_the_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_chat_sends_role_deltas_a_finish_reason_usage_and_done() {
-    let (base, _) = builtin_server(Opts::default()).await;
+    let Served { base, .. } = builtin_server(Opts::default()).await;
     let chunks = sse(
         &base,
         "/v1/chat/completions",
@@ -279,7 +301,7 @@ async fn a_streamed_chat_sends_role_deltas_a_finish_reason_usage_and_done() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tool_calls_come_back_as_openai_tool_calls() {
     let completion = "Let me check.\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name=\"get_weather\">\n<｜DSML｜parameter name=\"city\" string=\"true\">Paris</｜DSML｜parameter>\n<｜DSML｜parameter name=\"days\" string=\"false\">3</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜function_calls>";
-    let (base, _) = scripted_server(completion, 0, Opts::default()).await;
+    let Served { base, .. } = scripted_server(completion, 0, Opts::default()).await;
     let tools = json!([{ "type": "function", "function": { "name": "get_weather", "description": "Weather",
         "parameters": { "type": "object", "properties": { "city": { "type": "string" }, "days": { "type": "integer" } } } } }]);
     let (status, v) = post(
@@ -352,7 +374,7 @@ async fn tool_calls_come_back_as_openai_tool_calls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thinking_mode_returns_reasoning_content_apart_from_content() {
-    let (base, _) = scripted_server("The user greets me.</think>Hello!", 0, Opts::default()).await;
+    let Served { base, .. } = scripted_server("The user greets me.</think>Hello!", 0, Opts::default()).await;
     let body = json!({ "model": MODEL, "messages": user("hi"), "chat_template_kwargs": { "thinking": true } });
     let (status, v) = post(&base, "/v1/chat/completions", body.clone()).await;
     assert_eq!(status, 200, "{v}");
@@ -376,7 +398,7 @@ async fn thinking_mode_returns_reasoning_content_apart_from_content() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_strings_cut_the_text_and_finish_with_stop() {
-    let (base, _) = scripted_server("one two three four", 0, Opts::default()).await;
+    let Served { base, .. } = scripted_server("one two three four", 0, Opts::default()).await;
     let (status, v) = post(
         &base,
         "/v1/completions",
@@ -401,7 +423,7 @@ async fn stop_strings_cut_the_text_and_finish_with_stop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_openai_error_bodies() {
-    let (base, _) = builtin_server(Opts {
+    let Served { base, .. } = builtin_server(Opts {
         max_model_len: 64,
         ..Default::default()
     })
@@ -489,7 +511,7 @@ async fn bad_requests_get_openai_error_bodies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn overload_answers_429_with_retry_after_and_loses_no_accepted_request() {
-    let (base, metrics) = scripted_server(
+    let Served { base, metrics, .. } = scripted_server(
         "a b c d e f g h",
         20,
         Opts {
@@ -559,7 +581,8 @@ async fn metric(base: &str, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_disconnect_cancels_the_sequence_and_frees_its_blocks() {
-    let (base, _) = scripted_server(&"tok ".repeat(500), 10, Opts::default()).await;
+    let mut served = scripted_server(&"tok ".repeat(500), 10, Opts::default()).await;
+    let base = served.base.clone();
     let mut r = client()
         .post(format!("{base}/v1/completions"))
         .json(&json!({ "model": MODEL, "prompt": "go", "max_tokens": 1000, "stream": true }))
@@ -568,25 +591,23 @@ async fn a_client_disconnect_cancels_the_sequence_and_frees_its_blocks() {
         .unwrap();
     let first = r.chunk().await.unwrap();
     assert!(first.is_some());
+    // The engine publishes a step's gauges before its tokens go out.
     assert_eq!(metric(&base, "vllm:num_requests_running").await, 1.0);
     assert!(metric(&base, "vllm:kv_cache_usage_perc").await > 0.0);
     drop(r);
-    let mut freed = false;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if metric(&base, "vllm:num_requests_running").await == 0.0
-            && metric(&base, "vllm:kv_cache_usage_perc").await == 0.0
-        {
-            freed = true;
-            break;
-        }
-    }
-    assert!(freed, "the cancelled sequence must release its KV blocks");
+    engine_reaches(
+        &mut served,
+        "the cancelled sequence released its KV blocks",
+        |s| s.running == 0 && s.waiting == 0 && s.kv_usage == 0.0,
+    )
+    .await;
+    assert_eq!(metric(&base, "vllm:num_requests_running").await, 0.0);
+    assert_eq!(metric(&base, "vllm:kv_cache_usage_perc").await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokenize_and_detokenize_round_trip() {
-    let (base, _) = builtin_server(Opts::default()).await;
+    let Served { base, .. } = builtin_server(Opts::default()).await;
     let (s, v) = post(&base, "/tokenize", json!({ "prompt": "héllo 世界" })).await;
     assert_eq!(s, 200, "{v}");
     let (s, d) = post(&base, "/detokenize", json!({ "tokens": v["tokens"] })).await;
@@ -599,7 +620,7 @@ async fn tokenize_and_detokenize_round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn n_choices_and_seeded_sampling_are_reproducible() {
-    let (base, _) = builtin_server(Opts::default()).await;
+    let Served { base, .. } = builtin_server(Opts::default()).await;
     let body = json!({ "model": MODEL, "prompt": "abc", "max_tokens": 6, "n": 2, "temperature": 1.0, "seed": 7, "ignore_eos": true });
     let (s, a) = post(&base, "/v1/completions", body.clone()).await;
     assert_eq!(s, 200, "{a}");

@@ -19,6 +19,13 @@ pub trait Executor: Send {
     fn kv_geometry(&self) -> KvGeometry;
     /// Human-readable device name for logs and `/v1/models`.
     fn device_name(&self) -> String;
+    /// Called by the engine loop while it has no work, at least every
+    /// [`IDLE_CHECK_EVERY`](crate::runtime::IDLE_CHECK_EVERY): an error says the executor can
+    /// never step again (a rank of its group is gone or silent), so the engine turns not-ready
+    /// without waiting for the next request to find out.
+    fn check_alive(&mut self) -> Result<(), ForwardError> {
+        Ok(())
+    }
     /// Tokens routed to each expert so far, summed over MoE layers, if the backend counts them.
     fn expert_routed_tokens(&self) -> Option<Vec<u64>> {
         None

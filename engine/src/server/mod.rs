@@ -104,7 +104,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
-        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(64 << 20))
@@ -124,6 +124,18 @@ fn new_id(prefix: &str) -> String {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     format!("{prefix}-{nanos:x}")
+}
+
+/// Liveness: the process can still serve. It fails once the engine loop has stopped for good
+/// (a lost or silent rank), so a liveness probe restarts the pod.
+async fn health(State(s): State<Arc<ServerState>>) -> Response {
+    match s.engine.get() {
+        Some(e) if !e.is_alive() => {
+            ApiError::unavailable("the engine has stopped: its expert-parallel group is broken")
+                .into_response()
+        }
+        _ => (StatusCode::OK, "ok").into_response(),
+    }
 }
 
 async fn ready(State(s): State<Arc<ServerState>>) -> Response {
