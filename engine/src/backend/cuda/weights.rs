@@ -578,9 +578,28 @@ impl DevMlp {
     }
 }
 
-/// Bytes of a model of shape `cfg` on the device: matrices in `dtype`, vectors in f32, every
-/// routed expert present. The same count as [`weight_bytes`] without a host model.
-pub fn config_weight_bytes(cfg: &ModelConfig, dtype: DType) -> usize {
+/// Device bytes of a model of shape `cfg`, split into what every expert-parallel rank holds
+/// (embeddings, attention, indexers, dense layers, shared experts, routers, norms) and the
+/// routed experts, which ranks divide among themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeightSplit {
+    /// Bytes every rank holds.
+    pub replicated: usize,
+    /// Bytes of all routed experts of all MoE layers together.
+    pub routed_experts: usize,
+}
+
+impl WeightSplit {
+    /// Bytes one rank of `world` holds: the replicated part and its share of the experts.
+    pub fn per_rank(&self, world: usize) -> usize {
+        self.replicated + self.routed_experts / world.max(1)
+    }
+}
+
+/// Bytes of a model of shape `cfg` on the device, matrices in `dtype` and vectors in f32, by
+/// what is replicated and what is split over expert-parallel ranks. Counts what
+/// [`weight_bytes`] counts, from the config alone.
+pub fn config_weight_split(cfg: &ModelConfig, dtype: DType) -> WeightSplit {
     let h = cfg.hidden_size;
     let heads = cfg.num_attention_heads;
     let lin = |o: usize, i: usize| linear_bytes(o, i, dtype, true);
@@ -598,24 +617,29 @@ pub fn config_weight_bytes(cfg: &ModelConfig, dtype: DType) -> usize {
         + lin(cfg.index_head_dim, h)
         + dense(cfg.index_n_heads, h)
         + 4 * (cfg.q_lora_rank + cfg.kv_lora_rank + 2 * cfg.index_head_dim + 2 * h);
-    let mut total = 2 * dense(cfg.vocab_size, h) + 4 * h;
+    let mut split = WeightSplit {
+        replicated: 2 * dense(cfg.vocab_size, h) + 4 * h,
+        routed_experts: 0,
+    };
     for kind in &cfg.mlp_layer_types {
-        total += attn
-            + match kind {
-                MlpKind::Dense => mlp(cfg.intermediate_size),
-                MlpKind::Moe => {
-                    dense(cfg.n_routed_experts, h)
-                        + 4 * cfg.n_routed_experts
-                        + cfg.n_routed_experts * mlp(cfg.moe_intermediate_size)
-                        + if cfg.n_shared_experts > 0 {
-                            mlp(cfg.moe_intermediate_size * cfg.n_shared_experts)
-                        } else {
-                            0
-                        }
+        split.replicated += attn;
+        match kind {
+            MlpKind::Dense => split.replicated += mlp(cfg.intermediate_size),
+            MlpKind::Moe => {
+                split.replicated += dense(cfg.n_routed_experts, h) + 4 * cfg.n_routed_experts;
+                if cfg.n_shared_experts > 0 {
+                    split.replicated += mlp(cfg.moe_intermediate_size * cfg.n_shared_experts);
                 }
-            };
+                split.routed_experts += cfg.n_routed_experts * mlp(cfg.moe_intermediate_size);
+            }
+        }
     }
-    total
+    split
+}
+
+/// Bytes of a model of shape `cfg` on one device holding every routed expert.
+pub fn config_weight_bytes(cfg: &ModelConfig, dtype: DType) -> usize {
+    config_weight_split(cfg, dtype).per_rank(1)
 }
 
 impl DevModel {
