@@ -17,7 +17,7 @@ use deepseek_engine::backend::cuda::{self, CudaExecutor, CudaOptions, DType, Gem
 use deepseek_engine::backend::ep::{ExpertParallelExecutor, run_worker};
 use deepseek_engine::backend::{CpuExecutor, Executor};
 use deepseek_engine::chat::{self, ThinkingMode};
-use deepseek_engine::dist::{ExpertShard, GroupEnv, TcpTransport};
+use deepseek_engine::dist::{ExpertShard, GroupEnv, TcpOptions, TcpTransport};
 use deepseek_engine::generate::{self, GenerateRequest, Rng, SamplingParams};
 use deepseek_engine::kv::{
     BlockAllocator, BlockTable, DEFAULT_BLOCK_SIZE, KvGeometry, PrefixCachingPool,
@@ -449,8 +449,8 @@ fn build_replica(
         Role::Group(env) => {
             let shard = ExpertShard::new(env.rank, env.world_size, n_experts)?;
             let model = load_shard(args, shard)?;
-            let mut transport =
-                TcpTransport::connect(&env, Duration::from_secs(args.group_timeout_s))?;
+            let tcp = TcpOptions::new(Duration::from_secs(args.group_timeout_s));
+            let mut transport = TcpTransport::connect(&env, tcp)?;
             if env.rank == 0 {
                 return Ok(Replica::Executor(Box::new(ExpertParallelExecutor::new(
                     Arc::new(model),

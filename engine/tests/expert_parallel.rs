@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use deepseek_engine::backend::Executor;
 use deepseek_engine::backend::ep::{ExpertParallelExecutor, run_worker};
-use deepseek_engine::dist::{ExpertShard, GroupEnv, TcpTransport};
+use deepseek_engine::dist::{ExpertShard, GroupEnv, TcpOptions, TcpTransport};
 use deepseek_engine::generate::{self, GenerateRequest, SamplingParams};
 use deepseek_engine::model::Model;
 use serde::Deserialize;
@@ -125,7 +125,8 @@ fn a_tcp_group_on_loopback_matches_one_process() {
                 leader_addr: leader.clone(),
             };
             std::thread::spawn(move || {
-                let mut t = TcpTransport::connect(&env, Duration::from_secs(30)).unwrap();
+                let mut t =
+                    TcpTransport::connect(&env, TcpOptions::new(Duration::from_secs(30))).unwrap();
                 run_worker(&m, geometry, &mut t)
             })
         })
@@ -135,7 +136,7 @@ fn a_tcp_group_on_loopback_matches_one_process() {
         world_size: world,
         leader_addr: leader,
     };
-    let t = TcpTransport::connect(&env, Duration::from_secs(30)).unwrap();
+    let t = TcpTransport::connect(&env, TcpOptions::new(Duration::from_secs(30))).unwrap();
     let mut ex = ExpertParallelExecutor::new(leader_model, geometry, Box::new(t));
     let got = generate::generate_with(&mut |b| ex.forward(b), geometry, &reqs).unwrap();
     assert_eq!(got, single);
@@ -165,7 +166,7 @@ fn a_lost_rank_fails_the_step_with_a_clear_error() {
     };
     // A rank that joins, then dies before the first step.
     let worker = std::thread::spawn(move || {
-        drop(TcpTransport::connect(&env1, Duration::from_secs(30)).unwrap())
+        drop(TcpTransport::connect(&env1, TcpOptions::new(Duration::from_secs(30))).unwrap())
     });
     let t = TcpTransport::connect(
         &GroupEnv {
@@ -173,7 +174,7 @@ fn a_lost_rank_fails_the_step_with_a_clear_error() {
             world_size: 2,
             leader_addr: leader,
         },
-        Duration::from_secs(30),
+        TcpOptions::new(Duration::from_secs(30)),
     )
     .unwrap();
     worker.join().unwrap();

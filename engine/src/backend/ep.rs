@@ -229,6 +229,12 @@ impl Executor for ExpertParallelExecutor {
         self.cache.geometry
     }
 
+    /// A rank that died or froze while the group idles fails this check within the transport's
+    /// peer timeout, so rank 0 turns not-ready before a request finds out.
+    fn check_alive(&mut self) -> Result<(), ForwardError> {
+        Ok(self.transport.check_alive()?)
+    }
+
     fn device_name(&self) -> String {
         format!(
             "cpu, expert-parallel over {} ranks",

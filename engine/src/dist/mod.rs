@@ -18,13 +18,16 @@ use thiserror::Error;
 
 pub use inproc::in_process_group;
 pub use nccl::NcclTransport;
-pub use tcp::{GroupEnv, TcpTransport};
+pub use tcp::{DEFAULT_PEER_TIMEOUT, GroupEnv, TcpOptions, TcpTransport};
 pub use wire::{Reader, Writer};
 
 #[derive(Debug, Error)]
 pub enum DistError {
     #[error("rank {rank} disconnected: {reason}")]
     PeerLost { rank: usize, reason: String },
+    /// Nothing, not even a heartbeat, came from the rank within the peer timeout.
+    #[error("rank {rank} has been silent for {secs} s")]
+    Silent { rank: usize, secs: f64 },
     #[error("ranks {missing:?} of {world} did not join the group at {leader} within {timeout_s}s")]
     JoinTimeout {
         missing: Vec<usize>,
@@ -49,6 +52,11 @@ pub trait Transport: Send {
     /// Sends `parts[j]` to rank j (the own part is looped back) and returns what every rank sent
     /// to this one, indexed by source rank.
     fn all_to_all(&mut self, parts: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, DistError>;
+    /// Between collectives: an error once a peer is known to be gone or silent, so an idle
+    /// group notices without a collective. Links that cannot fail this way keep the default.
+    fn check_alive(&mut self) -> Result<(), DistError> {
+        Ok(())
+    }
 }
 
 /// Which routed experts this rank holds: a contiguous range of `n_experts / world`.
