@@ -57,6 +57,8 @@ enum Command {
         admitted: oneshot::Sender<Result<(), AdmissionError>>,
     },
     Cancel(SeqId),
+    /// Fail every sequence with this reason and end the loop (the end of a drain).
+    Shutdown(String),
 }
 
 /// The scheduler's counts as the engine loop last published them. Each value is published
@@ -153,6 +155,19 @@ impl EngineHandle {
         self.state.clone()
     }
 
+    /// Ends the engine: every sequence still running or waiting fails with `reason` (its client
+    /// gets an error, then the end of its stream), and the loop drops its executor, which
+    /// closes its group. [`EngineHandle::stopped`] resolves once that is done.
+    pub fn shutdown(&self, reason: impl Into<String>) {
+        let _ = self.tx.send(Command::Shutdown(reason.into()));
+    }
+
+    /// Resolves once the engine loop has ended and dropped its executor.
+    pub async fn stopped(&self) {
+        let mut state = self.state.clone();
+        while state.changed().await.is_ok() {}
+    }
+
     pub async fn submit(&self, req: SubmitRequest) -> Result<SeqStream, SubmitError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (events_tx, events) = tmpsc::unbounded_channel();
@@ -211,6 +226,7 @@ pub fn spawn(
                 index_topk,
                 ready: thread_ready.clone(),
                 broken: false,
+                stopping: false,
                 expert_counters: Vec::new(),
                 state: state_tx,
                 steps: 0,
@@ -245,6 +261,8 @@ struct Loop {
     ready: Arc<AtomicBool>,
     /// The group is gone; the loop ends and new submissions see the engine as down.
     broken: bool,
+    /// Asked to shut down: the loop ends once the commands at hand are handled.
+    stopping: bool,
     /// Per-expert counter handles, resolved once (label lookups are not for every step).
     expert_counters: Vec<prometheus::IntCounter>,
     /// Where the scheduler's counts are published after every command and step.
@@ -288,6 +306,9 @@ impl Loop {
             }
             while let Ok(cmd) = rx.try_recv() {
                 self.handle(cmd);
+            }
+            if self.stopping {
+                return;
             }
             let outbox = self.step();
             self.update_gauges();
@@ -365,6 +386,20 @@ impl Loop {
                         .inc();
                 }
                 self.live.remove(&id);
+                self.update_gauges();
+            }
+            Command::Shutdown(reason) => {
+                tracing::info!(sequences = self.live.len(), %reason, "engine shutting down");
+                for (id, live) in self.live.drain() {
+                    let _ = live.events.send(SeqEvent::Failed(reason.clone()));
+                    if self.sched.abort(id) {
+                        self.metrics
+                            .request_success
+                            .with_label_values(&["abort"])
+                            .inc();
+                    }
+                }
+                self.stopping = true;
                 self.update_gauges();
             }
         }

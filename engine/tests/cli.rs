@@ -1,17 +1,21 @@
 //! The `deepseek-engine` command line as tests, people and the operator use it.
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use serde_json::Value;
+use common::Engine;
+use serde_json::{Value, json};
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_deepseek-engine"));
     c.env("RUST_LOG", "warn")
         .env_remove("RANK")
         .env_remove("WORLD_SIZE")
-        .env_remove("LEADER_ADDR");
+        .env_remove("LEADER_ADDR")
+        .env_remove("LOCAL_WORLD_SIZE");
     c
 }
 
@@ -96,7 +100,8 @@ fn score_and_generate_print_the_documented_json() {
                     "--temperature",
                     "0",
                 ])
-                .args(["--ignore-eos", "--expert-parallel", ep, "--model"])
+                .args(["--ignore-eos", "--backend", "cpu", "--expert-parallel", ep])
+                .arg("--model")
                 .arg(&model),
         )
     };
@@ -132,6 +137,8 @@ fn a_bad_model_directory_is_a_clear_error_not_a_panic() {
             "1",
             "--expert-parallel",
             "3",
+            "--backend",
+            "cpu",
             "--model",
         ])
         .arg(data("fixtures/tiny-deep"))
@@ -154,4 +161,178 @@ fn a_bad_model_directory_is_a_clear_error_not_a_panic() {
         "{err}"
     );
     assert!(!err.contains("model ready"), "{err}");
+}
+
+fn chat(max_tokens: usize) -> Value {
+    json!({
+        "messages": [{ "role": "user", "content": "Say something long." }],
+        "max_tokens": max_tokens,
+        "ignore_eos": true,
+        "stream": true,
+    })
+}
+
+#[test]
+fn sigterm_lets_a_stream_in_flight_finish_then_exits_cleanly() {
+    let mut engine = Engine::spawn(common::serve());
+    engine.wait_status("/ready", 200);
+    let mut events = common::stream(&engine.addr(), "/v1/chat/completions", &chat(400));
+    events.next().unwrap();
+    events.next().unwrap();
+    engine.signal("TERM");
+    let rest: Vec<String> = events.collect();
+    assert_eq!(rest.last().map(String::as_str), Some("[DONE]"), "{rest:?}");
+    let finish = rest
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find_map(|v| {
+            v["choices"][0]["finish_reason"]
+                .as_str()
+                .map(str::to_string)
+        });
+    assert_eq!(finish.as_deref(), Some("length"), "{rest:?}");
+    assert!(!rest.iter().any(|e| e.contains("\"error\"")), "{rest:?}");
+    let status = engine.wait_exit();
+    assert!(status.success(), "{status}: {}", engine.log());
+}
+
+#[test]
+fn a_stream_still_running_when_the_grace_period_ends_gets_an_error_and_done() {
+    let mut cmd = common::serve();
+    cmd.args(["--shutdown-grace-seconds", "0"]);
+    let mut engine = Engine::spawn(cmd);
+    engine.wait_status("/ready", 200);
+    let mut events = common::stream(&engine.addr(), "/v1/chat/completions", &chat(50000));
+    events.next().unwrap();
+    events.next().unwrap();
+    engine.signal("TERM");
+    let rest: Vec<String> = events.collect();
+    assert_eq!(rest.last().map(String::as_str), Some("[DONE]"), "{rest:?}");
+    let error = rest
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find_map(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("no error event in {rest:?}"));
+    assert!(error.contains("shutting down"), "{error}");
+    let status = engine.wait_exit();
+    assert!(status.success(), "{status}: {}", engine.log());
+}
+
+#[test]
+fn a_defaulted_max_model_len_shrinks_to_the_kv_cache_and_models_advertises_it() {
+    let mut cmd = common::serve();
+    cmd.args(["--num-kv-blocks", "2", "--block-size", "64"]);
+    let mut engine = Engine::spawn(cmd);
+    engine.wait_status("/ready", 200);
+    let warning = engine.wait_event("KV cache holds 128 tokens");
+    assert_eq!(warning["level"], "WARN");
+    let models = common::http(&engine.addr(), "GET", "/v1/models", None).unwrap();
+    assert_eq!(models.json()["data"][0]["max_model_len"], 128);
+    // A request that leaves max_tokens to the server fits.
+    let mut body = chat(0);
+    body.as_object_mut().unwrap().remove("max_tokens");
+    body["stream"] = json!(false);
+    let r = common::http(&engine.addr(), "POST", "/v1/chat/completions", Some(&body)).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Every line is a JSON object with a message.
+    for line in engine.lines() {
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["fields"]["message"].is_string(), "{line}");
+    }
+}
+
+#[test]
+fn an_explicit_max_model_len_beyond_the_kv_cache_is_refused_at_start() {
+    let out = bin()
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            "--backend",
+            "cpu",
+        ])
+        .args([
+            "--num-kv-blocks",
+            "2",
+            "--block-size",
+            "64",
+            "--max-model-len",
+            "1000",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("128 tokens")
+            && err.contains("max_model_len 1000")
+            && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+#[test]
+fn logs_off_a_terminal_are_plain_and_say_when_the_api_is_ready() {
+    let mut cmd = common::bin();
+    cmd.args(["serve", "--host", "127.0.0.1", "--port", "0"]);
+    let mut engine = Engine::spawn(cmd);
+    let ready = engine.wait_line("ready", |l| l.contains("ready: serving"));
+    let log = engine.log();
+    assert!(!log.contains("\x1b["), "{log}");
+    let first = log.lines().next().unwrap();
+    assert!(first.contains("backend chosen"), "{log}");
+    if first.contains("cpu") {
+        assert!(!first.to_lowercase().contains("cuda"), "{first}");
+    }
+    let listening = engine.wait_line("HTTP listening", |l| l.contains("HTTP listening"));
+    assert!(listening.contains("503"), "{listening}");
+    let lines = engine.lines();
+    let at = |l: &str| lines.iter().position(|x| x == l).unwrap();
+    assert!(at(&listening) < at(&ready), "{log}");
+    engine.signal("TERM");
+    assert!(engine.wait_exit().success(), "{}", engine.log());
+}
+
+#[test]
+fn expert_parallel_defaults_to_the_group_and_a_mismatch_is_refused() {
+    let generate = |env: &[(&str, &str)], ep: Option<&str>| {
+        let mut c = bin();
+        c.env("RUST_LOG", "info")
+            .args(["generate", "--prompt-ids", "5,6,7", "--max-tokens", "2"])
+            .args(["--backend", "cpu", "--model"])
+            .arg(data("fixtures/tiny-deep"));
+        if let Some(ep) = ep {
+            c.args(["--expert-parallel", ep]);
+        }
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let one_pod = [
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_WORLD_SIZE", "2"),
+        ("LEADER_ADDR", "127.0.0.1:1"),
+    ];
+    let out = generate(&one_pod, None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("expert parallelism over threads of this process") && err.contains("ranks=2"),
+        "{err}"
+    );
+    let two_pods = [
+        ("RANK", "0"),
+        ("WORLD_SIZE", "2"),
+        ("LEADER_ADDR", "127.0.0.1:1"),
+    ];
+    let out = generate(&two_pods, Some("4"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--expert-parallel 4 does not match WORLD_SIZE 2"),
+        "{err}"
+    );
 }

@@ -1,17 +1,21 @@
 //! Expert parallelism on the CPU: a group of ranks (threads with the in-process transport, or
 //! TCP through the leader) computes the same logits and tokens as one process holding all
-//! experts.
+//! experts; groups of engine processes notice a rank that dies or freezes.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::Engine;
 use deepseek_engine::backend::Executor;
 use deepseek_engine::backend::ep::{ExpertParallelExecutor, run_worker};
 use deepseek_engine::dist::{ExpertShard, GroupEnv, TcpOptions, TcpTransport};
 use deepseek_engine::generate::{self, GenerateRequest, SamplingParams};
 use deepseek_engine::model::Model;
 use serde::Deserialize;
+use serde_json::{Value, json};
 
 #[derive(Deserialize)]
 struct Expected {
@@ -183,4 +187,126 @@ fn a_lost_rank_fails_the_step_with_a_clear_error() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("rank 1"), "{err}");
+}
+
+/// Rank 0 and rank 1 of a two-process group on loopback, serving the built-in model with a
+/// short group timeout. `--expert-parallel` is left out: it comes from WORLD_SIZE.
+fn group_of_two(timeout_s: &str) -> (Engine, Engine) {
+    let leader = format!("127.0.0.1:{}", common::free_port());
+    let rank = |r: &str| {
+        let mut c = common::serve();
+        c.args(["--group-timeout-seconds", timeout_s])
+            .env("RANK", r)
+            .env("WORLD_SIZE", "2")
+            .env("LEADER_ADDR", &leader);
+        Engine::spawn(c)
+    };
+    let (mut r0, mut r1) = (rank("0"), rank("1"));
+    r0.wait_status("/ready", 200);
+    r1.wait_status("/ready", 200);
+    (r0, r1)
+}
+
+fn long_chat() -> Value {
+    json!({
+        "messages": [{ "role": "user", "content": "Tell me everything." }],
+        "max_tokens": 50000,
+        "ignore_eos": true,
+        "stream": true,
+    })
+}
+
+#[test]
+fn a_frozen_rank_fails_the_stream_in_flight_and_turns_rank_0_unready_and_unhealthy() {
+    let (mut r0, r1) = group_of_two("2");
+    let mut events = common::stream(&r0.addr(), "/v1/chat/completions", &long_chat());
+    // The role chunk, then a token: the sequence is on the engine.
+    events.next().unwrap();
+    events.next().unwrap();
+    r1.signal("STOP");
+    let rest: Vec<String> = events.collect();
+    assert_eq!(rest.last().map(String::as_str), Some("[DONE]"), "{rest:?}");
+    let error = rest
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find_map(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("no error event in {rest:?}"));
+    assert!(error.contains("rank 1 has been silent for 2 s"), "{error}");
+    r0.wait_status("/ready", 503);
+    r0.wait_status("/health", 503);
+}
+
+#[test]
+fn a_killed_rank_turns_an_idle_rank_0_unready_without_a_request() {
+    let (mut r0, mut r1) = group_of_two("2");
+    r1.child.kill().unwrap();
+    r1.wait_exit();
+    r0.wait_status("/ready", 503);
+    r0.wait_status("/health", 503);
+    let lost = r0.wait_event("the expert-parallel group is broken");
+    assert!(
+        lost["fields"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("rank 1")),
+        "{lost}"
+    );
+}
+
+#[test]
+fn a_worker_exits_with_an_error_when_its_leader_goes_silent() {
+    let (r0, mut r1) = group_of_two("2");
+    r0.signal("STOP");
+    let status = r1.wait_exit();
+    assert!(!status.success(), "{status}");
+    let log = r1.log();
+    assert!(log.contains("rank 0 has been silent for 2 s"), "{log}");
+}
+
+#[test]
+fn a_worker_rank_needs_no_tokenizer() {
+    let name = "tiny-deep";
+    assert!(
+        !dir(name).join("tokenizer.json").exists(),
+        "the fixture must come without a tokenizer for this test"
+    );
+    let whole = Model::load(&dir(name)).unwrap();
+    let e = expected(name);
+    let reqs = requests(&e);
+    let single = generate::generate_batch(&whole, &reqs).unwrap();
+    let geometry = generate::plan_geometry(whole.config.max_position_embeddings, &reqs).unwrap();
+    let leader = format!("127.0.0.1:{}", common::free_port());
+    let mut worker = common::serve();
+    worker
+        .arg("--model")
+        .arg(dir(name))
+        .args(["--num-kv-blocks", &geometry.num_blocks.to_string()])
+        .env("RANK", "1")
+        .env("WORLD_SIZE", "2")
+        .env("LEADER_ADDR", &leader);
+    let mut worker = Engine::spawn(worker);
+    let t = TcpTransport::connect(
+        &GroupEnv {
+            rank: 0,
+            world_size: 2,
+            leader_addr: leader,
+        },
+        TcpOptions::new(common::BOUND),
+    )
+    .unwrap();
+    let mut ex = ExpertParallelExecutor::new(shards(name, 2).remove(0), geometry, Box::new(t));
+    worker.wait_status("/ready", 200);
+    let api = common::http(&worker.addr(), "GET", "/v1/models", None).unwrap();
+    assert_eq!(api.status, 503);
+    assert!(
+        api.json()["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("rank 0")),
+        "{}",
+        api.body
+    );
+    let got = generate::generate_with(&mut |b| ex.forward(b), geometry, &reqs).unwrap();
+    assert_eq!(got, single);
+    drop(ex);
+    let status = worker.wait_exit();
+    assert!(status.success(), "{status}: {}", worker.log());
 }

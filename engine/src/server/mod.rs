@@ -5,6 +5,7 @@
 
 mod error;
 mod stop;
+mod worker;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +26,7 @@ use tokio::sync::mpsc;
 
 pub use error::{ApiError, ApiResult};
 pub use stop::StopMatcher;
+pub use worker::worker_router;
 
 use crate::chat::{self, ThinkingMode};
 use crate::generate::{FinishReason, SamplingParams};
