@@ -101,6 +101,10 @@ enum Command {
         #[arg(long)]
         dest: PathBuf,
     },
+    /// Print the per-GPU placement of one replica spread over GPUs by expert parallelism, from
+    /// config.json alone (no weights are read): replicated weights, each GPU's experts, the
+    /// workspace and the KV-cache tokens left. Exits non-zero when the model does not fit.
+    Plan(PlanArgs),
     /// Measure prefill and decode speed, and decode time per token as the context grows.
     /// On the CPU: the given model. With `--backend cuda`: a DeepSeek-V3.2-shaped model at full
     /// width with fewer layers and random weights generated on the GPU.
@@ -119,6 +123,37 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
         contexts: Vec<usize>,
     },
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    /// The model's config.json, or a checkpoint directory holding one.
+    #[arg(long)]
+    config: PathBuf,
+    /// GPUs of one replica (its expert-parallel ranks).
+    #[arg(long)]
+    gpus: usize,
+    /// Memory of each GPU, GiB (e.g. 140 for an H200, 80 for an H100).
+    #[arg(long)]
+    gpu_memory_gib: f64,
+    /// Weight storage: fp8 (E4M3 with 128x128 block scales) or bf16.
+    #[arg(long, default_value = "fp8")]
+    weight_dtype: String,
+    /// KV-cache storage: fp8 (656-byte latent rows, 132-byte indexer keys) or bf16.
+    #[arg(long, default_value = "fp8")]
+    kv_cache_dtype: String,
+    /// Longest sequence to serve (default: the config's max_position_embeddings).
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    /// Sequences the replica runs at once.
+    #[arg(long, default_value_t = 64)]
+    max_num_seqs: usize,
+    /// Most tokens one step of one rank carries (sizes the workspace).
+    #[arg(long, default_value_t = 2048)]
+    max_num_batched_tokens: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Shapes of the GPU benchmark (ignored on the CPU), and where else the report goes.
@@ -380,6 +415,7 @@ fn main() -> Result<()> {
                 .build()?;
             rt.block_on(deepseek_engine::download::download(&source, &dest))?;
         }
+        Command::Plan(args) => plan(&args)?,
         Command::Bench {
             model,
             gpu,
@@ -409,4 +445,51 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn plan(args: &PlanArgs) -> Result<()> {
+    use deepseek_engine::backend::cuda::DType;
+    use deepseek_engine::backend::cuda::plan::{PlacementRequest, placement};
+    let path = if args.config.is_dir() {
+        args.config.join("config.json")
+    } else {
+        args.config.clone()
+    };
+    let cfg = deepseek_engine::model::ModelConfig::from_file(&path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let dtype = |flag: &str, value: &str| {
+        DType::parse(value)
+            .filter(|d| *d != DType::F32)
+            .with_context(|| format!("{flag} must be fp8 or bf16, got {value}"))
+    };
+    let gib = args.gpu_memory_gib;
+    let gpu_memory_bytes = (gib.is_finite() && gib > 0.0 && gib <= 1e6)
+        .then(|| (gib * (1u64 << 30) as f64) as usize)
+        .with_context(|| format!("--gpu-memory-gib must be between 0 and 1e6 GiB, got {gib}"))?;
+    anyhow::ensure!(args.gpus >= 1, "--gpus must be at least 1");
+    anyhow::ensure!(args.max_num_seqs >= 1, "--max-num-seqs must be at least 1");
+    anyhow::ensure!(
+        args.max_num_batched_tokens >= 1,
+        "--max-num-batched-tokens must be at least 1"
+    );
+    let req = PlacementRequest {
+        gpus: args.gpus,
+        gpu_memory_bytes,
+        weights: dtype("--weight-dtype", &args.weight_dtype)?,
+        cache: dtype("--kv-cache-dtype", &args.kv_cache_dtype)?,
+        block_size: DEFAULT_BLOCK_SIZE,
+        max_batch_tokens: args.max_num_batched_tokens,
+        max_model_len: args.max_model_len,
+        max_num_seqs: args.max_num_seqs,
+    };
+    let p = placement(&cfg, &req);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&p)?);
+    } else {
+        print!("{}", p.table());
+    }
+    match &p.reason {
+        None => Ok(()),
+        Some(why) => anyhow::bail!("{why}"),
+    }
 }
