@@ -681,6 +681,27 @@ fn the_examples_cover_two_pod_gpu_groups_one_pod_groups_and_the_cpu_demo() {
     );
 }
 
+/// The engine runs expert parallelism on the CPU only (over TCP, one rank per pod); on GPUs a
+/// group is one rank on one GPU. An example asking for more says at its top that it is the
+/// target layout and does not run yet.
+#[test]
+fn every_example_the_engine_cannot_run_yet_says_so() {
+    let mut flagged = 0;
+    for (file, dsd) in examples() {
+        let p = &dsd.spec.parallelism;
+        let runs_today = p.gpus_per_pod == 0 || (p.gpus_per_pod == 1 && p.expert_parallel == 1);
+        let text = read_repo_file(&format!("examples/{file}"));
+        let says = text.contains("NOT RUNNABLE YET");
+        assert_eq!(
+            says, !runs_today,
+            "{file}: gpusPerPod {} expertParallel {}; its comment must say NOT RUNNABLE YET exactly when the engine cannot run it",
+            p.gpus_per_pod, p.expert_parallel
+        );
+        flagged += usize::from(says);
+    }
+    assert!(flagged >= 2, "the GPU examples are flagged");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Metrics: alerts and dashboard
 
@@ -1053,4 +1074,100 @@ fn the_kustomizations_build_with_kubectl_where_it_is_installed() {
             assert_eq!(dsd["metadata"]["namespace"], "deepseek-demo");
         }
     }
+}
+
+/// The overlay docs/INSTALL.md shows for pushing to one's own registry: its `images:` entries
+/// rewrite the operator's container image and, through `deploy/base/engine-image.yaml`, the
+/// engine image of the DeepSeekDeployments it builds.
+#[test]
+fn an_images_overlay_points_the_operator_and_the_engines_at_another_registry() {
+    let Ok(version) = Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+    else {
+        println!("skipped: kubectl is not installed");
+        return;
+    };
+    assert!(version.status.success());
+    let overlay = std::env::temp_dir().join(format!("deepseek-overlay-{}", std::process::id()));
+    std::fs::create_dir_all(&overlay).unwrap();
+    let overlay = overlay.canonicalize().unwrap();
+    // kustomize takes only relative paths to other kustomizations.
+    let up = "../".repeat(overlay.components().count() - 1);
+    let root = repo_root().canonicalize().unwrap();
+    let to_demo = format!(
+        "{up}{}/deploy/cpu-demo",
+        root.to_str().unwrap().trim_start_matches('/')
+    );
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - {to_demo}
+images:
+  - name: ghcr.io/deepseek-serving/deepseek-operator
+    newName: registry.example.com/deepseek/deepseek-operator
+  - name: ghcr.io/deepseek-serving/deepseek-engine
+    newName: registry.example.com/deepseek/deepseek-engine
+"
+        ),
+    )
+    .unwrap();
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&overlay)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&overlay);
+    assert!(
+        out.status.success(),
+        "kubectl kustomize: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs = yaml_documents(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    let operator = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    assert_eq!(
+        operator["spec"]["template"]["spec"]["containers"][0]["image"],
+        format!("registry.example.com/deepseek/deepseek-operator:{VERSION}")
+    );
+    let dsd = docs
+        .iter()
+        .find(|d| d["kind"] == "DeepSeekDeployment")
+        .unwrap();
+    assert_eq!(
+        dsd["spec"]["engine"]["image"],
+        format!("registry.example.com/deepseek/deepseek-engine:{VERSION}")
+    );
+}
+
+/// The chart's NOTES.txt links to no web address (no chart repository or release is
+/// published) and every repository path it tells the user to apply exists.
+#[test]
+fn the_chart_notes_name_only_files_that_exist() {
+    let notes = read_repo_file(&format!("{CHART}/templates/NOTES.txt"));
+    for scheme in ["http://", "https://"] {
+        assert!(!notes.contains(scheme), "NOTES.txt links to a web address");
+    }
+    let mut checked = 0;
+    for word in notes.split(|c: char| c.is_whitespace() || c == ',' || c == '(' || c == ')') {
+        let word = word.trim_end_matches(['.', ':', ';']);
+        let (base, rel) = if word.starts_with("templates/") {
+            (repo_root().join(CHART), word)
+        } else if ["crds/", "examples/", "docs/"]
+            .iter()
+            .any(|p| word.starts_with(p))
+        {
+            (repo_root(), word)
+        } else {
+            continue;
+        };
+        assert!(
+            base.join(rel).exists(),
+            "NOTES.txt names {word}, which does not exist"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 3, "NOTES.txt names only {checked} files");
 }

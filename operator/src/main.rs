@@ -39,7 +39,8 @@ enum Command {
 #[derive(clap::Args)]
 struct SimArgs {
     /// A DeepSeekDeployment manifest (YAML or JSON); its spec.autoscaling is the policy and
-    /// spec.replicas the starting group count.
+    /// spec.replicas the starting group count. The file may hold other documents too (an HPA
+    /// or a KEDA ScaledObject); exactly one of them must be a DeepSeekDeployment.
     #[arg(long)]
     deployment: std::path::PathBuf,
     /// The trace: JSON lines {"t": seconds, "groups": [{"ready": bool, "kv_cache_usage":
@@ -84,14 +85,14 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn autoscale_sim(args: &SimArgs) -> anyhow::Result<()> {
-    use deepseek_operator::api::{DeepSeekDeployment, validate};
+    use deepseek_operator::api::validate;
     use deepseek_operator::autoscale::sim;
     use std::io::Write;
 
     let text = std::fs::read_to_string(&args.deployment)
         .with_context(|| format!("reading {}", args.deployment.display()))?;
-    let dsd: DeepSeekDeployment = serde_saphyr::from_str(&text)
-        .with_context(|| format!("parsing {}", args.deployment.display()))?;
+    let dsd = sim::deployment_from_manifest(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.deployment.display()))?;
     if let Err(v) = validate::validate(&dsd.metadata.name.clone().unwrap_or_default(), &dsd.spec) {
         bail!("{}: {}", args.deployment.display(), validate::summarize(&v));
     }

@@ -197,3 +197,56 @@ fn a_bad_trace_line_is_an_error_naming_the_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("trace line 2"), "{err}");
 }
+
+/// The example files with an HPA or a KEDA ScaledObject next to the deployment, as the docs
+/// suggest trying them.
+#[test]
+fn the_multi_document_examples_replay() {
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for file in ["hpa-prometheus-adapter.yaml", "keda-scaledobject.yaml"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_deepseek-operator"))
+            .args(["autoscale-sim", "--deployment"])
+            .arg(examples.join(file))
+            .arg("--trace")
+            .arg(traces().join("burst.jsonl"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines = String::from_utf8(out.stdout).unwrap();
+        let input = std::fs::read_to_string(traces().join("burst.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), input.lines().count(), "{file}");
+    }
+}
+
+#[test]
+fn a_deployment_file_without_a_deployment_is_an_error_naming_the_file_and_its_contents() {
+    let dir = std::env::temp_dir().join(format!("dsd-sim-manifest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("hpa.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: autoscaling/v2\nkind: HorizontalPodAutoscaler\nmetadata:\n  name: h\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_deepseek-operator"))
+        .args(["autoscale-sim", "--deployment"])
+        .arg(&file)
+        .arg("--trace")
+        .arg(traces().join("burst.jsonl"))
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}: holds no DeepSeekDeployment (document 1: HorizontalPodAutoscaler h)",
+            file.display()
+        )),
+        "{err}"
+    );
+}

@@ -10,12 +10,111 @@
 //! counts as loading), `draining` (bool), `index` (int, default: position in the list).
 //! The count before the first line is the number of groups in it.
 //! Output: one line per trace line, `{"t": <seconds>, "desired": <groups>, "reason": "<text>"}`.
+//!
+//! The deployment file may hold several YAML documents, as the HPA and KEDA examples do (a
+//! `DeepSeekDeployment` beside the autoscaler object): [`deployment_from_manifest`] picks the
+//! one `DeepSeekDeployment` out of them.
 
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 
 use super::decide::{GroupSignals, Phase, Policy, Window, decide};
-use crate::api::DeepSeekDeploymentSpec;
+use crate::api::{DeepSeekDeployment, DeepSeekDeploymentSpec, GROUP, VERSION};
+
+/// Why a manifest file does not yield the one `DeepSeekDeployment` to simulate.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The text is not YAML (JSON is YAML too).
+    #[error("is not valid YAML: {0}")]
+    Yaml(String),
+    /// No document of the file is a `DeepSeekDeployment`.
+    #[error("holds no DeepSeekDeployment ({found})")]
+    NoDeployment {
+        /// What the file holds instead, document by document.
+        found: String,
+    },
+    /// More than one document is a `DeepSeekDeployment`.
+    #[error(
+        "holds {count} DeepSeekDeployments ({found}); autoscale-sim replays one, so put it in a file of its own"
+    )]
+    SeveralDeployments {
+        /// How many there are.
+        count: usize,
+        /// Which, by document.
+        found: String,
+    },
+    /// The `DeepSeekDeployment` document does not match the API.
+    #[error("document {document} ({what}): {message}")]
+    Invalid {
+        /// 1-based position of the document in the file.
+        document: usize,
+        /// Kind and name of the document.
+        what: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// The one `DeepSeekDeployment` among the YAML documents of `text`. Other kinds (an HPA, a KEDA
+/// ScaledObject, a Namespace) are skipped; none or several is an error that lists what the file
+/// holds.
+pub fn deployment_from_manifest(text: &str) -> Result<DeepSeekDeployment, ManifestError> {
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(text).map_err(|e| ManifestError::Yaml(e.to_string()))?;
+    // Empty documents (a leading or trailing `---`) are not documents a user wrote.
+    let docs: Vec<(usize, serde_json::Value)> = docs
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .enumerate()
+        .map(|(i, d)| (i + 1, d))
+        .collect();
+    let found = |docs: &[&(usize, serde_json::Value)]| {
+        if docs.is_empty() {
+            return "no documents".to_string();
+        }
+        docs.iter()
+            .map(|(n, d)| format!("document {n}: {}", describe(d)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let deployments: Vec<&(usize, serde_json::Value)> = docs
+        .iter()
+        .filter(|(_, d)| d["kind"] == "DeepSeekDeployment")
+        .collect();
+    match deployments.as_slice() {
+        [] => Err(ManifestError::NoDeployment {
+            found: found(&docs.iter().collect::<Vec<_>>()),
+        }),
+        [(n, doc)] => {
+            let invalid = |message: String| ManifestError::Invalid {
+                document: *n,
+                what: describe(doc),
+                message,
+            };
+            let api_version = format!("{GROUP}/{VERSION}");
+            if doc["apiVersion"] != api_version.as_str() {
+                return Err(invalid(format!(
+                    "apiVersion is {}, expected {api_version}",
+                    doc["apiVersion"]
+                )));
+            }
+            serde_json::from_value(doc.clone()).map_err(|e| invalid(e.to_string()))
+        }
+        several => Err(ManifestError::SeveralDeployments {
+            count: several.len(),
+            found: found(several),
+        }),
+    }
+}
+
+/// `Kind name` of a document, for error messages.
+fn describe(doc: &serde_json::Value) -> String {
+    let kind = doc["kind"].as_str().unwrap_or("an object without kind");
+    match doc["metadata"]["name"].as_str() {
+        Some(name) => format!("{kind} {name}"),
+        None => kind.to_string(),
+    }
+}
 
 /// One group in one trace line.
 #[derive(Clone, Debug, Deserialize)]

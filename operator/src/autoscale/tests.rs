@@ -307,3 +307,93 @@ fn trace_groups_must_carry_the_four_fields_even_as_null() {
     let unknown = r#"{"t": 0, "groups": [{"ready": true, "kv_cache_usage": 0.1, "requests_waiting": 0, "requests_running": 0, "kv": 1}]}"#;
     assert!(sim::parse_trace(unknown).is_err());
 }
+
+const DSD: &str = "apiVersion: serving.deepseek.dev/v1alpha1
+kind: DeepSeekDeployment
+metadata:
+  name: sim
+spec:
+  model:
+    source: builtin://tiny
+  replicas: 3
+";
+
+const HPA: &str = "apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata:
+  name: sim
+spec:
+  minReplicas: 1
+  maxReplicas: 4
+";
+
+#[test]
+fn the_deployment_is_picked_out_of_a_multi_document_manifest() {
+    for text in [
+        format!("{DSD}---\n{HPA}"),
+        format!("# comment\n---\n{HPA}---\n{DSD}---\n"),
+        DSD.to_string(),
+    ] {
+        let dsd = sim::deployment_from_manifest(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert_eq!(dsd.metadata.name.as_deref(), Some("sim"));
+        assert_eq!(dsd.spec.replicas, 3);
+    }
+    let json = r#"{"apiVersion": "serving.deepseek.dev/v1alpha1", "kind": "DeepSeekDeployment",
+        "metadata": {"name": "j"}, "spec": {"model": {"source": "builtin://tiny"}}}"#;
+    let dsd = sim::deployment_from_manifest(json).unwrap();
+    assert_eq!(dsd.metadata.name.as_deref(), Some("j"));
+}
+
+#[test]
+fn a_manifest_without_a_deployment_says_what_it_holds() {
+    let keda = "apiVersion: keda.sh/v1alpha1\nkind: ScaledObject\nmetadata:\n  name: k\n";
+    let err = sim::deployment_from_manifest(&format!("{HPA}---\n{keda}"))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "holds no DeepSeekDeployment (document 1: HorizontalPodAutoscaler sim, document 2: ScaledObject k)"
+    );
+    let err = sim::deployment_from_manifest("# nothing here\n")
+        .unwrap_err()
+        .to_string();
+    assert_eq!(err, "holds no DeepSeekDeployment (no documents)");
+}
+
+#[test]
+fn a_manifest_with_several_deployments_is_refused_naming_them() {
+    let other = DSD.replace("name: sim", "name: other");
+    let err = sim::deployment_from_manifest(&format!("{DSD}---\n{HPA}---\n{other}"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with(
+            "holds 2 DeepSeekDeployments (document 1: DeepSeekDeployment sim, document 3: DeepSeekDeployment other)"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_broken_deployment_document_is_named_by_position() {
+    let wrong_version = DSD.replace("v1alpha1", "v1beta1");
+    let err = sim::deployment_from_manifest(&format!("{HPA}---\n{wrong_version}"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("document 2 (DeepSeekDeployment sim): apiVersion is"),
+        "{err}"
+    );
+    let no_model = "apiVersion: serving.deepseek.dev/v1alpha1\nkind: DeepSeekDeployment\nmetadata:\n  name: m\nspec:\n  replicas: 1\n";
+    let err = sim::deployment_from_manifest(no_model)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("document 1 (DeepSeekDeployment m): missing field `model`"),
+        "{err}"
+    );
+    let err = sim::deployment_from_manifest("a: [\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("is not valid YAML"), "{err}");
+}

@@ -610,7 +610,7 @@ pub async fn check_crd(client: &Client) -> Result<(), String> {
     match api.list(&ListParams::default().limit(1)).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Err(
-            "the DeepSeekDeployment CRD is not installed; install it with:\n  deepseek-operator crd | kubectl apply -f -".into(),
+            "the DeepSeekDeployment CRD is not installed; install it with:\n  deepseek-operator crd | kubectl apply --server-side -f -\nor, from the repository, kubectl apply --server-side -f crds/".into(),
         ),
         Err(e) => Err(format!("cannot list DeepSeekDeployments: {e}")),
     }

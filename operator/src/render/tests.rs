@@ -273,14 +273,44 @@ fn a_hub_model_is_downloaded_by_an_init_container_with_the_credentials() {
 fn an_s3_model_is_downloaded_the_same_way() {
     let mut dsd = DeepSeekDeployment::full();
     dsd.spec.model.source = "s3://models/deepseek/v32".into();
+    dsd.spec.model.credentials_secret = Some("s3-credentials".into());
     let d = render(&dsd);
-    let init = &pod_spec(&d, 0).init_containers.unwrap()[0];
-    assert!(
-        init.args
-            .clone()
-            .unwrap()
-            .contains(&"s3://models/deepseek/v32".to_string())
+    let spec = pod_spec(&d, 0);
+    let init = &spec.init_containers.clone().unwrap()[0];
+    assert_eq!(init.name, "model-download");
+    assert_eq!(
+        init.image,
+        engine(&d, 0).image,
+        "the engine image downloads"
     );
+    assert_eq!(init.command.clone().unwrap(), ["deepseek-engine"]);
+    assert_eq!(
+        init.args.clone().unwrap(),
+        [
+            "download",
+            "--source",
+            "s3://models/deepseek/v32",
+            "--dest",
+            "/models"
+        ]
+    );
+    // Every key of the Secret becomes an env var of the same name, unprefixed: the engine
+    // reads AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION and AWS_ENDPOINT_URL.
+    let from = init.env_from.clone().unwrap();
+    assert_eq!(from.len(), 1);
+    assert_eq!(from[0].prefix, None);
+    let secret = from[0].secret_ref.clone().unwrap();
+    assert_eq!(secret.name, "s3-credentials");
+    assert_eq!(
+        secret.optional,
+        Some(false),
+        "a missing Secret stops the pod"
+    );
+    assert!(init.env.is_none(), "nothing overrides the Secret's keys");
+    let mount = init.volume_mounts.clone().unwrap();
+    assert_eq!(mount[0].mount_path, "/models");
+    assert_ne!(mount[0].read_only, Some(true), "the download writes");
+    assert_eq!(arg_after(&engine(&d, 0), "--model"), "/models");
     assert_eq!(value(&engine(&d, 0), "SERVED_MODEL_NAME"), "v32");
 }
 
