@@ -60,7 +60,7 @@ pub enum DownloadError {
     },
     #[error("{target}: network error: {cause}")]
     Network { target: String, cause: String },
-    #[error("{last} (gave up after {attempts} attempts)")]
+    #[error("{last} (gave up after {})", attempts_phrase(*.attempts))]
     GaveUp {
         attempts: u32,
         last: Box<DownloadError>,
@@ -71,13 +71,24 @@ pub enum DownloadError {
     )]
     S3EmptyPrefix(String),
     #[error("{target}: {reason}; refusing to download")]
-    S3UnsafeKey { target: String, reason: &'static str },
+    S3UnsafeKey {
+        target: String,
+        reason: &'static str,
+    },
     #[error("{target}: {detail}")]
     S3BadResponse { target: String, detail: String },
     #[error("{target} changed while it was being downloaded ({detail}); run the download again")]
     S3Changed { target: String, detail: String },
     #[error("{0}")]
     S3Config(String),
+}
+
+fn attempts_phrase(n: u32) -> String {
+    if n == 1 {
+        "1 attempt".into()
+    } else {
+        format!("{n} attempts")
+    }
 }
 
 /// What one run did.
@@ -189,7 +200,11 @@ pub(crate) async fn stream_body<W: AsyncWrite + Unpin>(
             return (got, Err(StreamError::Io(e)));
         }
         got += chunk.len() as u64;
-        progress.advance(file, chunk.len() as u64, expected.map(|t| t.saturating_sub(got)));
+        progress.advance(
+            file,
+            chunk.len() as u64,
+            expected.map(|t| t.saturating_sub(got)),
+        );
     }
     (got, Ok(()))
 }
@@ -377,8 +392,7 @@ pub async fn download_from(
             path: part.clone(),
             source: e,
         };
-        let mut out =
-            tokio::io::BufWriter::new(tokio::fs::File::create(&part).await.map_err(io)?);
+        let mut out = tokio::io::BufWriter::new(tokio::fs::File::create(&part).await.map_err(io)?);
         let (got, streamed) = stream_body(resp, &mut out, &progress, file, total).await;
         match streamed {
             Ok(()) => {}

@@ -133,7 +133,11 @@ impl S3Options {
     /// [`S3Options::from_env`] over any lookup. Values are trimmed (a Secret made from a file
     /// often ends in a newline) and empty ones count as unset.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, DownloadError> {
-        let var = |k: &str| var(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let var = |k: &str| {
+            var(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
         let region = var("AWS_REGION")
             .or_else(|| var("AWS_DEFAULT_REGION"))
             .unwrap_or_else(|| "us-east-1".into());
@@ -211,7 +215,11 @@ fn relative_path(prefix: &str, key: &str) -> Result<Option<String>, &'static str
     if rel.is_empty() || rel.ends_with('/') {
         return Ok(None);
     }
-    if rel.contains('\0') || rel.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+    if rel.contains('\0')
+        || rel
+            .split('/')
+            .any(|s| s.is_empty() || s == "." || s == "..")
+    {
         return Err(
             "the key has an empty, '.' or '..' path segment, which would write outside the \
              destination directory",
@@ -415,8 +423,7 @@ impl<'a> Client<'a> {
             rb = rb.header(*k, v);
         }
         if let Some(creds) = &self.opts.credentials {
-            for (k, v) in sigv4::s3_get_headers(url, creds, &self.opts.region, SystemTime::now())
-            {
+            for (k, v) in sigv4::s3_get_headers(url, creds, &self.opts.region, SystemTime::now()) {
                 rb = rb.header(k, v);
             }
         }
@@ -431,11 +438,7 @@ impl<'a> Client<'a> {
     }
 
     /// Counts a failure; past the policy's bound returns `last` as the error, else waits.
-    async fn backoff(
-        &self,
-        failures: &mut u32,
-        last: DownloadError,
-    ) -> Result<(), DownloadError> {
+    async fn backoff(&self, failures: &mut u32, last: DownloadError) -> Result<(), DownloadError> {
         *failures += 1;
         let policy = &self.opts.retry;
         if *failures >= policy.attempts.max(1) {
@@ -491,7 +494,9 @@ impl<'a> Client<'a> {
         let wrong_region = status.is_redirection()
             || matches!(
                 code,
-                "PermanentRedirect" | "AuthorizationHeaderMalformed" | "IllegalLocationConstraintException"
+                "PermanentRedirect"
+                    | "AuthorizationHeaderMalformed"
+                    | "IllegalLocationConstraintException"
             );
         if wrong_region {
             return match region {
@@ -548,7 +553,8 @@ impl<'a> Client<'a> {
                 let resp = match self.get(&url, &[]).send().await {
                     Ok(r) => r,
                     Err(e) => {
-                        self.backoff(&mut failures, self.network(&target, e)).await?;
+                        self.backoff(&mut failures, self.network(&target, e))
+                            .await?;
                         continue;
                     }
                 };
@@ -562,7 +568,10 @@ impl<'a> Client<'a> {
                 }
                 match resp.text().await {
                     Ok(body) => break body,
-                    Err(e) => self.backoff(&mut failures, self.network(&target, e)).await?,
+                    Err(e) => {
+                        self.backoff(&mut failures, self.network(&target, e))
+                            .await?
+                    }
                 }
             };
             let page = parse_list_page(&body).map_err(|detail| DownloadError::S3BadResponse {
@@ -805,8 +814,9 @@ pub async fn download_s3(
         "downloading model"
     );
     let progress = Progress::new(Some(to_fetch), todo.len());
-    let mut fetches = futures::stream::iter(todo.iter().map(|item| client.fetch(item, dest, &progress)))
-        .buffer_unordered(opts.concurrency.max(1));
+    let mut fetches =
+        futures::stream::iter(todo.iter().map(|item| client.fetch(item, dest, &progress)))
+            .buffer_unordered(opts.concurrency.max(1));
     while let Some(done) = fetches.next().await {
         done?;
         summary.fetched += 1;
@@ -838,15 +848,27 @@ mod tests {
     #[test]
     fn s3_sources_parse_into_a_bucket_and_a_directory_prefix() {
         let s = S3Source::parse("s3://my-bucket/models/v32").unwrap();
-        assert_eq!((s.bucket.as_str(), s.prefix.as_str()), ("my-bucket", "models/v32/"));
+        assert_eq!(
+            (s.bucket.as_str(), s.prefix.as_str()),
+            ("my-bucket", "models/v32/")
+        );
         assert_eq!(S3Source::parse("s3://b.c-1/m/").unwrap().prefix, "m/");
         assert_eq!(S3Source::parse("s3://bucket").unwrap().prefix, "");
         assert_eq!(S3Source::parse("s3://bucket/").unwrap().prefix, "");
         assert_eq!(
-            S3Source::parse("s3://my-bucket/models/v32").unwrap().to_string(),
+            S3Source::parse("s3://my-bucket/models/v32")
+                .unwrap()
+                .to_string(),
             "s3://my-bucket/models/v32/"
         );
-        for bad in ["s3://", "s3://ab", "s3://Bucket/x", "s3://-b-/x", "s3://a_b/x", "hf://a/b"] {
+        for bad in [
+            "s3://",
+            "s3://ab",
+            "s3://Bucket/x",
+            "s3://-b-/x",
+            "s3://a_b/x",
+            "hf://a/b",
+        ] {
             assert!(S3Source::parse(bad).is_err(), "{bad}");
         }
     }
@@ -930,8 +952,14 @@ mod tests {
                 &[("AWS_ACCESS_KEY_ID", "x")][..],
                 "AWS_SECRET_ACCESS_KEY is not",
             ),
-            (&[("AWS_SECRET_ACCESS_KEY", "x")][..], "AWS_ACCESS_KEY_ID is not"),
-            (&[("AWS_ENDPOINT_URL", "minio:9000")][..], "AWS_ENDPOINT_URL="),
+            (
+                &[("AWS_SECRET_ACCESS_KEY", "x")][..],
+                "AWS_ACCESS_KEY_ID is not",
+            ),
+            (
+                &[("AWS_ENDPOINT_URL", "minio:9000")][..],
+                "AWS_ENDPOINT_URL=",
+            ),
             (&[("AWS_ENDPOINT_URL", "ftp://minio")][..], "http(s)://"),
             (&[("AWS_REGION", "us east")][..], "AWS_REGION="),
         ] {

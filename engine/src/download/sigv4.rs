@@ -222,7 +222,16 @@ pub(crate) fn s3_get_headers(
         headers.push(("x-amz-security-token", token.clone()));
     }
     let signed: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let auth = authorization("GET", url, &signed, EMPTY_SHA256, creds, region, "s3", &date);
+    let auth = authorization(
+        "GET",
+        url,
+        &signed,
+        EMPTY_SHA256,
+        creds,
+        region,
+        "s3",
+        &date,
+    );
     headers.push(("authorization", auth));
     headers
 }
@@ -331,7 +340,8 @@ mod tests {
              SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, \
              Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
         );
-        let url = Url::parse("https://examplebucket.s3.amazonaws.com/?max-keys=2&prefix=J").unwrap();
+        let url =
+            Url::parse("https://examplebucket.s3.amazonaws.com/?max-keys=2&prefix=J").unwrap();
         let auth = authorization(
             "GET",
             &url,
@@ -369,7 +379,11 @@ mod tests {
         );
         let now = UNIX_EPOCH + Duration::from_secs(1_369_353_600);
         let headers = s3_get_headers(&url, &c, "eu-west-1", now);
-        let auth = &headers.iter().find(|(k, _)| *k == "authorization").unwrap().1;
+        let auth = &headers
+            .iter()
+            .find(|(k, _)| *k == "authorization")
+            .unwrap()
+            .1;
         assert!(
             auth.contains(
                 "SignedHeaders=host;x-amz-content-sha256;x-amz-date;x-amz-security-token,"
@@ -397,7 +411,11 @@ mod tests {
             ..c
         };
         let headers = s3_get_headers(&url, &c, "eu-west-1", now);
-        let auth = &headers.iter().find(|(k, _)| *k == "authorization").unwrap().1;
+        let auth = &headers
+            .iter()
+            .find(|(k, _)| *k == "authorization")
+            .unwrap()
+            .1;
         assert_eq!(
             signature(auth),
             "cf667505f3dc481c29aabe89a2487e9b97e79b651d979fb1b5cb8dc905c519ab"
