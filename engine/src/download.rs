@@ -1,25 +1,36 @@
 //! Fetching a checkpoint into a local directory before the engine starts (the operator runs
-//! this as an init container for `hf://` sources): the repository's file list from the Hub
-//! API, then each needed file streamed to `NAME.part` and renamed when complete, so a restarted
-//! download never mistakes a partial file for a whole one and skips files already fetched.
-//! Progress (bytes, rate, ETA) is logged as it goes.
+//! this as an init container for `hf://` and `s3://` sources).
+//!
+//! - `hf://ORG/NAME[@REVISION]`: the repository's file list from the Hub API, then each file an
+//!   engine needs.
+//! - `s3://BUCKET[/PREFIX]`: every object under the prefix, from S3 or an S3-compatible store
+//!   ([`s3`] says how).
+//!
+//! Either way each file is streamed to disk under a temporary name and renamed when complete, so
+//! a restarted download never mistakes a partial file for a whole one and skips files already
+//! fetched. Progress (bytes, rate, ETA) is logged as it goes, by one [`Progress`] for both.
+
+mod s3;
+mod sigv4;
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde::Deserialize;
 use thiserror::Error;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+pub use s3::{RetryPolicy, S3Options, S3Source, download_s3};
+pub use sigv4::Credentials;
 
 #[derive(Debug, Error)]
 pub enum DownloadError {
-    #[error("unsupported model source {0:?}: expected hf://ORG/NAME[@REVISION]")]
-    BadSource(String),
     #[error(
-        "{0}: S3 downloads are not in this build yet; copy the model to a volume and use pvc://CLAIM/PATH or a node path"
+        "unsupported model source {0:?}: expected hf://ORG/NAME[@REVISION] or s3://BUCKET[/PREFIX]"
     )]
-    S3Unsupported(String),
+    BadSource(String),
     #[error("{url}: HTTP {status}{hint}")]
     Http {
         url: String,
@@ -35,6 +46,177 @@ pub enum DownloadError {
     },
     #[error("the repository lists no config.json or safetensors files")]
     NothingToFetch,
+    /// An S3 request answered with an error status.
+    #[error("{target}: HTTP {status} {code}: {message}{hint}")]
+    S3 {
+        /// `s3://BUCKET/KEY` of the object, or `s3://BUCKET/PREFIX` of the listing.
+        target: String,
+        status: u16,
+        /// S3's error code (`NoSuchBucket`, `AccessDenied`, ...), or the status's reason.
+        code: String,
+        message: String,
+        /// What to check, naming the environment variable involved.
+        hint: String,
+    },
+    #[error("{target}: network error: {cause}")]
+    Network { target: String, cause: String },
+    #[error("{last} (gave up after {})", attempts_phrase(*.attempts))]
+    GaveUp {
+        attempts: u32,
+        last: Box<DownloadError>,
+    },
+    #[error(
+        "{0}: no objects under this prefix (the prefix is a directory: s3://BUCKET/models/v32 \
+         fetches the keys that start with models/v32/; keys are case-sensitive)"
+    )]
+    S3EmptyPrefix(String),
+    #[error("{target}: {reason}; refusing to download")]
+    S3UnsafeKey {
+        target: String,
+        reason: &'static str,
+    },
+    #[error("{target}: {detail}")]
+    S3BadResponse { target: String, detail: String },
+    #[error("{target} changed while it was being downloaded ({detail}); run the download again")]
+    S3Changed { target: String, detail: String },
+    #[error("{0}")]
+    S3Config(String),
+}
+
+fn attempts_phrase(n: u32) -> String {
+    if n == 1 {
+        "1 attempt".into()
+    } else {
+        format!("{n} attempts")
+    }
+}
+
+/// What one run did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DownloadSummary {
+    /// Files the source holds: for s3://, the objects under the prefix less directory markers.
+    pub files: usize,
+    /// Files this run fetched, wholly or the rest of a partial one.
+    pub fetched: usize,
+    /// Files already complete, left alone.
+    pub skipped: usize,
+    /// Bytes this run received.
+    pub bytes: u64,
+}
+
+/// How often [`Progress`] logs.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// The progress of one run, shared by its concurrent transfers: bytes received, rate, and an ETA
+/// from the run's total when the source tells it upfront (s3://), else from the current file's
+/// length (hf://).
+pub(crate) struct Progress {
+    started: Instant,
+    total: Option<u64>,
+    files: usize,
+    state: Mutex<ProgressState>,
+}
+
+struct ProgressState {
+    bytes: u64,
+    files_done: usize,
+    last_log: Instant,
+}
+
+impl Progress {
+    pub(crate) fn new(total: Option<u64>, files: usize) -> Self {
+        let now = Instant::now();
+        Progress {
+            started: now,
+            total,
+            files,
+            state: Mutex::new(ProgressState {
+                bytes: 0,
+                files_done: 0,
+                last_log: now,
+            }),
+        }
+    }
+
+    /// `n` more bytes of `file`, of which `file_left` remain after them.
+    pub(crate) fn advance(&self, file: &str, n: u64, file_left: Option<u64>) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.bytes = st.bytes.saturating_add(n);
+        if st.last_log.elapsed() < PROGRESS_EVERY {
+            return;
+        }
+        st.last_log = Instant::now();
+        let rate = st.bytes as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
+        let left = self.total.map(|t| t.saturating_sub(st.bytes)).or(file_left);
+        let eta = left.map(|l| (l as f64 / rate.max(1.0)).round());
+        tracing::info!(
+            file = %file,
+            bytes = st.bytes,
+            total = ?self.total,
+            rate_mb_s = format!("{:.1}", rate / 1e6),
+            eta_s = ?eta,
+            "downloading {}/{}", st.files_done + 1, self.files
+        );
+    }
+
+    pub(crate) fn file_done(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.files_done += 1;
+    }
+
+    pub(crate) fn bytes(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).bytes
+    }
+
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+/// Why [`stream_body`] stopped early.
+pub(crate) enum StreamError {
+    /// The connection failed mid-body: what was written stays valid, a retry resumes after it.
+    Net(reqwest::Error),
+    Io(std::io::Error),
+}
+
+/// Streams a response body into `out` chunk by chunk (never a whole file in memory), counting
+/// it in `progress`. Returns the bytes written, also when it stopped early.
+pub(crate) async fn stream_body<W: AsyncWrite + Unpin>(
+    resp: reqwest::Response,
+    out: &mut W,
+    progress: &Progress,
+    file: &str,
+    expected: Option<u64>,
+) -> (u64, Result<(), StreamError>) {
+    let mut stream = resp.bytes_stream();
+    let mut got = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => return (got, Err(StreamError::Net(e))),
+        };
+        if let Err(e) = out.write_all(&chunk).await {
+            return (got, Err(StreamError::Io(e)));
+        }
+        got += chunk.len() as u64;
+        progress.advance(
+            file,
+            chunk.len() as u64,
+            expected.map(|t| t.saturating_sub(got)),
+        );
+    }
+    (got, Ok(()))
+}
+
+/// Downloads the model at `source` into `dest`, configured by the environment: for hf://,
+/// `HF_ENDPOINT` (e.g. a mirror) and `HF_TOKEN`; for s3://, what [`S3Options::from_env`] reads.
+pub async fn download(source: &str, dest: &Path) -> Result<DownloadSummary, DownloadError> {
+    if source.starts_with("s3://") {
+        let src = S3Source::parse(source)?;
+        return download_s3(&src, &S3Options::from_env()?, dest).await;
+    }
+    download_from(&endpoint(), token(), source, dest).await
 }
 
 /// A parsed `hf://ORG/NAME[@REVISION]`.
@@ -124,22 +306,14 @@ fn http_error(url: &str, status: reqwest::StatusCode) -> DownloadError {
     }
 }
 
-/// Downloads the model at `source` into `dest` from the Hub (`HF_ENDPOINT` overrides the
-/// address, e.g. for a mirror; `HF_TOKEN` authenticates).
-pub async fn download(source: &str, dest: &Path) -> Result<(), DownloadError> {
-    download_from(&endpoint(), token(), source, dest).await
-}
-
+/// Downloads the hf:// model at `source` from the Hub at `endpoint` into `dest`.
 pub async fn download_from(
     endpoint: &str,
     token: Option<String>,
     source: &str,
     dest: &Path,
-) -> Result<(), DownloadError> {
+) -> Result<DownloadSummary, DownloadError> {
     let endpoint = endpoint.trim_end_matches('/');
-    if source.starts_with("s3://") {
-        return Err(DownloadError::S3Unsupported(source.into()));
-    }
     let src = HubSource::parse(source)?;
     tokio::fs::create_dir_all(dest)
         .await
@@ -188,12 +362,17 @@ pub async fn download_from(
         return Err(DownloadError::NothingToFetch);
     }
     tracing::info!(repo = %src.repo, revision = %src.revision, files = files.len(), dest = %dest.display(), "downloading model");
-    let started = Instant::now();
-    let mut done_bytes = 0u64;
-    for (i, file) in files.iter().enumerate() {
+    let progress = Progress::new(None, files.len());
+    let mut summary = DownloadSummary {
+        files: files.len(),
+        ..DownloadSummary::default()
+    };
+    for file in &files {
         let path = dest.join(file);
         if tokio::fs::metadata(&path).await.is_ok() {
             tracing::info!(file = %file, "already present; skipping");
+            summary.skipped += 1;
+            progress.file_done();
             continue;
         }
         let url = format!("{endpoint}/{}/resolve/{}/{}", src.repo, src.revision, file);
@@ -213,30 +392,17 @@ pub async fn download_from(
             path: part.clone(),
             source: e,
         };
-        let mut out = tokio::fs::File::create(&part).await.map_err(io)?;
-        let mut stream = resp.bytes_stream();
-        let mut got = 0u64;
-        let mut last_log = Instant::now();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| DownloadError::Request {
-                url: url.clone(),
-                source: e,
-            })?;
-            out.write_all(&chunk).await.map_err(io)?;
-            got += chunk.len() as u64;
-            if last_log.elapsed().as_secs() >= 5 {
-                last_log = Instant::now();
-                let rate = (done_bytes + got) as f64 / started.elapsed().as_secs_f64().max(1e-3);
-                let eta = total.map(|t| t.saturating_sub(got) as f64 / rate.max(1.0));
-                tracing::info!(
-                    file = %file,
-                    bytes = got,
-                    total = ?total,
-                    rate_mb_s = format!("{:.1}", rate / 1e6),
-                    eta_s = ?eta.map(|e| e.round()),
-                    "downloading {}/{}", i + 1, files.len()
-                );
+        let mut out = tokio::io::BufWriter::new(tokio::fs::File::create(&part).await.map_err(io)?);
+        let (got, streamed) = stream_body(resp, &mut out, &progress, file, total).await;
+        match streamed {
+            Ok(()) => {}
+            Err(StreamError::Net(e)) => {
+                return Err(DownloadError::Request {
+                    url: url.clone(),
+                    source: e,
+                });
             }
+            Err(StreamError::Io(e)) => return Err(io(e)),
         }
         out.flush().await.map_err(io)?;
         drop(out);
@@ -250,14 +416,16 @@ pub async fn download_from(
             });
         }
         tokio::fs::rename(&part, &path).await.map_err(io)?;
-        done_bytes += got;
+        summary.fetched += 1;
+        progress.file_done();
     }
+    summary.bytes = progress.bytes();
     tracing::info!(
-        bytes = done_bytes,
-        secs = format!("{:.1}", started.elapsed().as_secs_f64()),
+        bytes = summary.bytes,
+        secs = format!("{:.1}", progress.elapsed().as_secs_f64()),
         "model downloaded"
     );
-    Ok(())
+    Ok(summary)
 }
 
 #[cfg(test)]
