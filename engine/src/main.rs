@@ -464,7 +464,7 @@ fn plan(args: &PlanArgs) -> Result<()> {
     };
     let gib = args.gpu_memory_gib;
     let gpu_memory_bytes = (gib.is_finite() && gib > 0.0 && gib <= 1e6)
-        .then(|| (gib * (1u64 << 30) as f64) as usize)
+        .then_some((gib * (1u64 << 30) as f64) as usize)
         .with_context(|| format!("--gpu-memory-gib must be between 0 and 1e6 GiB, got {gib}"))?;
     anyhow::ensure!(args.gpus >= 1, "--gpus must be at least 1");
     anyhow::ensure!(args.max_num_seqs >= 1, "--max-num-seqs must be at least 1");
