@@ -30,6 +30,8 @@ pub struct Metrics {
     pub step_duration: HistogramVec,
     pub ready: IntGauge,
     pub expert_routed_tokens: IntCounterVec,
+    pub http_connections: IntGauge,
+    pub http_connections_refused: IntCounter,
     cache_config_info: IntGaugeVec,
 }
 
@@ -158,6 +160,16 @@ impl Metrics {
                     "Tokens the router sent to each routed expert, summed over MoE layers (expert load)"
                 ),
                 &["expert"]
+            )
+            .unwrap()),
+            http_connections: reg!(IntGauge::new(
+                "deepseek_engine_http_connections",
+                "Open HTTP connections (under the server's connection limit)"
+            )
+            .unwrap()),
+            http_connections_refused: reg!(IntCounter::new(
+                "deepseek_engine_http_connections_refused_total",
+                "Connections answered 503 (or closed) because the connection limit was reached"
             )
             .unwrap()),
             registry,

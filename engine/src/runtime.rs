@@ -49,16 +49,32 @@ pub enum SeqEvent {
     Failed(String),
 }
 
+/// One sequence of a submission, with the sender its events go out on.
+struct NewSeq {
+    id: SeqId,
+    req: SubmitRequest,
+    events: tmpsc::UnboundedSender<SeqEvent>,
+}
+
 enum Command {
+    /// The choices of one request: admitted all together or refused all together.
     Submit {
-        id: SeqId,
-        req: SubmitRequest,
-        events: tmpsc::UnboundedSender<SeqEvent>,
+        seqs: Vec<NewSeq>,
         admitted: oneshot::Sender<Result<(), AdmissionError>>,
     },
-    Cancel(SeqId),
+    Cancel(SeqId, CancelReason),
     /// Fail every sequence with this reason and end the loop (the end of a drain).
     Shutdown(String),
+}
+
+/// Why the HTTP side ends a sequence before the engine finishes it; it decides the
+/// `finished_reason` the sequence is counted under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReason {
+    /// The client went away (or the request failed): counted as `abort`.
+    Abort,
+    /// A stop string matched in the text: a normal finish, counted as `stop`.
+    StopString,
 }
 
 /// The scheduler's counts as the engine loop last published them. Each value is published
@@ -124,17 +140,17 @@ impl SeqStream {
         ev
     }
 
-    /// Stops the sequence now (e.g. a stop string matched).
-    pub fn cancel(&mut self) {
+    /// Stops the sequence now; `reason` says how it is counted.
+    pub fn cancel(&mut self, reason: CancelReason) {
         if let Some(tx) = self.cancel.take() {
-            let _ = tx.send(Command::Cancel(self.id));
+            let _ = tx.send(Command::Cancel(self.id, reason));
         }
     }
 }
 
 impl Drop for SeqStream {
     fn drop(&mut self) {
-        self.cancel();
+        self.cancel(CancelReason::Abort);
     }
 }
 
@@ -169,23 +185,40 @@ impl EngineHandle {
     }
 
     pub async fn submit(&self, req: SubmitRequest) -> Result<SeqStream, SubmitError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (events_tx, events) = tmpsc::unbounded_channel();
+        let mut streams = self.submit_all(vec![req]).await?;
+        streams.pop().ok_or(SubmitError::EngineDown)
+    }
+
+    /// Submits the choices of one request together: the engine admits all of them or none,
+    /// so concurrent requests cannot each hold part of the queue and starve one another.
+    pub async fn submit_all(
+        &self,
+        reqs: Vec<SubmitRequest>,
+    ) -> Result<Vec<SeqStream>, SubmitError> {
+        let mut seqs = Vec::with_capacity(reqs.len());
+        let mut receivers = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let (events, rx) = tmpsc::unbounded_channel();
+            seqs.push(NewSeq { id, req, events });
+            receivers.push((id, rx));
+        }
         let (admitted_tx, admitted) = oneshot::channel();
         self.tx
             .send(Command::Submit {
-                id,
-                req,
-                events: events_tx,
+                seqs,
                 admitted: admitted_tx,
             })
             .map_err(|_| SubmitError::EngineDown)?;
         admitted.await.map_err(|_| SubmitError::EngineDown)??;
-        Ok(SeqStream {
-            id,
-            events,
-            cancel: Some(self.tx.clone()),
-        })
+        Ok(receivers
+            .into_iter()
+            .map(|(id, events)| SeqStream {
+                id,
+                events,
+                cancel: Some(self.tx.clone()),
+            })
+            .collect())
     }
 }
 
@@ -322,45 +355,54 @@ impl Loop {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Submit {
-                id,
-                req,
-                events,
-                admitted,
-            } => {
-                let spec = SeqSpec {
-                    prompt: req.prompt.clone(),
-                    max_tokens: req.max_tokens,
-                    stop_token_ids: req.stop_token_ids,
-                };
-                match self.sched.add(id, spec) {
-                    Ok(()) => {
-                        tracing::debug!(
-                            seq = id,
-                            prompt_tokens = req.prompt.len(),
-                            max_tokens = req.max_tokens,
-                            "admitted"
-                        );
-                        let rng = req
-                            .sampling
-                            .seed
-                            .map(Rng::new)
-                            .unwrap_or_else(Rng::from_entropy);
-                        self.live.insert(
-                            id,
-                            Live {
-                                events,
-                                sampler: Sampler {
-                                    params: req.sampling,
-                                    rng,
-                                    logprobs: req.logprobs,
-                                },
-                                prompt_len: req.prompt.len(),
-                                arrival: Instant::now(),
-                                last_token: None,
-                                generated: 0,
+            Command::Submit { seqs, admitted } => {
+                if admitted.is_closed() {
+                    // The client left before its request reached the engine.
+                    return;
+                }
+                let specs = seqs
+                    .iter()
+                    .map(|s| {
+                        (
+                            s.id,
+                            SeqSpec {
+                                prompt: s.req.prompt.clone(),
+                                max_tokens: s.req.max_tokens,
+                                stop_token_ids: s.req.stop_token_ids.clone(),
                             },
-                        );
+                        )
+                    })
+                    .collect();
+                match self.sched.add_all(specs) {
+                    Ok(()) => {
+                        for NewSeq { id, req, events } in seqs {
+                            tracing::debug!(
+                                seq = id,
+                                prompt_tokens = req.prompt.len(),
+                                max_tokens = req.max_tokens,
+                                "admitted"
+                            );
+                            let rng = req
+                                .sampling
+                                .seed
+                                .map(Rng::new)
+                                .unwrap_or_else(Rng::from_entropy);
+                            self.live.insert(
+                                id,
+                                Live {
+                                    events,
+                                    sampler: Sampler {
+                                        params: req.sampling,
+                                        rng,
+                                        logprobs: req.logprobs,
+                                    },
+                                    prompt_len: req.prompt.len(),
+                                    arrival: Instant::now(),
+                                    last_token: None,
+                                    generated: 0,
+                                },
+                            );
+                        }
                         let _ = admitted.send(Ok(()));
                     }
                     Err(e) => {
@@ -377,13 +419,22 @@ impl Loop {
                 }
                 self.update_gauges();
             }
-            Command::Cancel(id) => {
+            Command::Cancel(id, reason) => {
                 if self.sched.abort(id) {
-                    tracing::debug!(seq = id, "cancelled");
+                    tracing::debug!(seq = id, ?reason, "cancelled");
+                    let label = match reason {
+                        CancelReason::Abort => "abort",
+                        CancelReason::StopString => "stop",
+                    };
                     self.metrics
                         .request_success
-                        .with_label_values(&["abort"])
+                        .with_label_values(&[label])
                         .inc();
+                    if let (CancelReason::StopString, Some(live)) = (reason, self.live.get(&id)) {
+                        self.metrics
+                            .e2e_request_latency
+                            .observe(live.arrival.elapsed().as_secs_f64());
+                    }
                 }
                 self.live.remove(&id);
                 self.update_gauges();
@@ -493,7 +544,6 @@ impl Loop {
 
         let now = Instant::now();
         let mut sampled = Vec::new();
-        let mut gone = Vec::new();
         for ((c, row), sampler) in plan.chunks.iter().zip(sampled_rows).zip(samplers) {
             if !c.sample {
                 continue;
@@ -519,11 +569,9 @@ impl Loop {
             live.last_token = Some(now);
             live.generated += 1;
             self.metrics.generation_tokens.inc();
-            if live.events.is_closed() {
-                gone.push(c.id);
-            } else {
-                outbox.push(&live.events, SeqEvent::Token(row));
-            }
+            // A closed receiver means a Cancel is already queued for the loop; that command,
+            // not this step, ends the sequence, so its reason (abort or stop string) counts.
+            outbox.push(&live.events, SeqEvent::Token(row));
             sampled.push((c.id, token));
         }
         for c in &plan.chunks {
@@ -554,16 +602,6 @@ impl Loop {
                     .observe(now.duration_since(live.arrival).as_secs_f64());
                 outbox.push(&live.events, SeqEvent::Finished(info));
             }
-        }
-        for id in gone {
-            // The client went away: stop computing for it and give its blocks back.
-            if self.sched.abort(id) {
-                self.metrics
-                    .request_success
-                    .with_label_values(&["abort"])
-                    .inc();
-            }
-            self.live.remove(&id);
         }
         outbox
     }

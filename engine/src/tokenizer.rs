@@ -9,6 +9,7 @@
 //! through the same path as a real checkpoint's.
 
 use serde_json::json;
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use thiserror::Error;
@@ -32,6 +33,8 @@ pub enum TokenizerError {
     },
     #[error("cannot encode text: {0}")]
     Encode(String),
+    #[error("the text has more than {limit} tokens")]
+    TooLong { limit: usize },
     #[error("cannot decode token ids: {0}")]
     Decode(String),
     #[error("cannot write {path}: {reason}")]
@@ -44,6 +47,7 @@ impl TokenizerError {
             TokenizerError::Load { .. } => "load",
             TokenizerError::MissingSpecialToken { .. } => "missing_special_token",
             TokenizerError::Encode(_) => "encode",
+            TokenizerError::TooLong { .. } => "too_long",
             TokenizerError::Decode(_) => "decode",
             TokenizerError::Write { .. } => "write",
         }
@@ -70,6 +74,9 @@ pub struct SpecialTokens {
 pub struct Tokenizer {
     inner: Arc<tokenizers::Tokenizer>,
     special: SpecialTokens,
+    /// Special tokens a reply does not show when skipping them: every added token marked
+    /// special except the thinking tags, which the chat parser reads.
+    hidden: Arc<HashSet<u32>>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -123,9 +130,16 @@ impl Tokenizer {
             think_end: id("think end", THINK_END_TOKEN)?,
             pad: inner.token_to_id(PAD_TOKEN),
         };
+        let hidden = inner
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(id, t)| t.special && **id != special.think_start && **id != special.think_end)
+            .map(|(id, _)| *id)
+            .collect();
         Ok(Tokenizer {
             inner: Arc::new(inner),
             special,
+            hidden: Arc::new(hidden),
         })
     }
 
@@ -156,13 +170,45 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Token ids of `text` if it has at most `limit` tokens, else [`TokenizerError::TooLong`],
+    /// found after encoding little more than `limit` tokens' worth of the text: the cost of
+    /// refusing an overlong prompt does not grow with its size.
+    pub fn encode_within(&self, text: &str, limit: usize) -> Result<Vec<u32>> {
+        // Every token covers at least one byte, so a text of at most `limit` bytes fits.
+        if text.len() > limit {
+            let mut counted = 0usize;
+            let mut splits = 0usize;
+            let mut rest = text;
+            while !rest.is_empty() {
+                let (piece, tail) = split_piece(rest, COUNT_PIECE_BYTES);
+                counted = counted.saturating_add(
+                    self.inner
+                        .encode_fast(piece, false)
+                        .map_err(|e| TokenizerError::Encode(e.to_string()))?
+                        .len(),
+                );
+                if counted > limit.saturating_add(splits.saturating_mul(SPLIT_SLACK_TOKENS)) {
+                    return Err(TokenizerError::TooLong { limit });
+                }
+                splits += 1;
+                rest = tail;
+            }
+        }
+        let ids = self.encode(text)?;
+        if ids.len() > limit {
+            return Err(TokenizerError::TooLong { limit });
+        }
+        Ok(ids)
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special_tokens)
             .map_err(|e| TokenizerError::Decode(e.to_string()))
     }
 
-    /// An incremental detokenizer for one generation.
+    /// An incremental detokenizer for one generation. Skipping special tokens drops BOS, EOS,
+    /// role markers and the like, but keeps `<think>` and `</think>`.
     pub fn decode_stream(&self, skip_special_tokens: bool) -> DecodeStream {
         DecodeStream {
             tokenizer: self.clone(),
@@ -172,6 +218,33 @@ impl Tokenizer {
             read_offset: 0,
         }
     }
+}
+
+/// Bytes encoded at a time while counting the tokens of a long text.
+const COUNT_PIECE_BYTES: usize = 64 << 10;
+
+/// Tokens one split between pieces may add over encoding the text whole (a word cut in two
+/// encodes to at least as many tokens); pieces are cut at whitespace where there is any.
+const SPLIT_SLACK_TOKENS: usize = 16;
+
+/// The head of `text` of at most about `max` bytes, cut before a whitespace character in its
+/// second half if there is one, else at a character boundary; and the rest.
+fn split_piece(text: &str, max: usize) -> (&str, &str) {
+    if text.len() <= max {
+        return (text, "");
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    if end == 0 {
+        end = text.chars().next().map_or(text.len(), char::len_utf8);
+    }
+    let cut = match text[..end].rfind(char::is_whitespace) {
+        Some(at) if at >= max / 2 => at,
+        _ => end,
+    };
+    text.split_at(cut)
 }
 
 /// Turns generated ids into text pieces as soon as they are complete characters.
@@ -193,6 +266,9 @@ pub struct DecodeStream {
 impl DecodeStream {
     /// Adds one id; returns the newly completed text, if any.
     pub fn step(&mut self, id: u32) -> Result<Option<String>> {
+        if self.skip_special_tokens && self.tokenizer.hidden.contains(&id) {
+            return Ok(None);
+        }
         self.ids.push(id);
         self.advance(false)
     }
@@ -203,7 +279,8 @@ impl DecodeStream {
     }
 
     fn advance(&mut self, force: bool) -> Result<Option<String>> {
-        let decode = |ids: &[u32]| self.tokenizer.decode(ids, self.skip_special_tokens);
+        // Hidden ids never enter `ids`; what is there is all shown, thinking tags included.
+        let decode = |ids: &[u32]| self.tokenizer.decode(ids, false);
         let prefix = decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = decode(&self.ids[self.prefix_offset..])?;
         if full.len() <= prefix.len() || (!force && full.ends_with('\u{FFFD}')) {
@@ -410,6 +487,53 @@ mod tests {
         pieces.extend(stream.flush().unwrap());
         assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')));
         assert_eq!(pieces.concat(), text);
+    }
+
+    #[test]
+    fn an_overlong_text_is_refused_after_encoding_a_bounded_prefix() {
+        let tok = builtin();
+        let text = "word and more words, ".repeat(100);
+        let ids = tok.encode(&text).unwrap();
+        assert_eq!(tok.encode_within(&text, ids.len()).unwrap(), ids);
+        assert!(matches!(
+            tok.encode_within(&text, ids.len() - 1),
+            Err(TokenizerError::TooLong { .. })
+        ));
+        // Refused after its first piece: a full encode of these 64 MiB would take a minute
+        // and gigabytes of memory.
+        let huge = "x ".repeat(32 << 20);
+        assert!(matches!(
+            tok.encode_within(&huge, 1000),
+            Err(TokenizerError::TooLong { limit: 1000 })
+        ));
+        let (head, rest) = split_piece(&huge, COUNT_PIECE_BYTES);
+        assert!(head.len() <= COUNT_PIECE_BYTES && rest.starts_with(' '));
+        assert_eq!(split_piece("ab", 64), ("ab", ""));
+        let wide = "杭".repeat(100);
+        let (head, _) = split_piece(&wide, 10);
+        assert_eq!(head, "杭杭杭");
+    }
+
+    #[test]
+    fn skipping_special_tokens_drops_bos_and_eos_but_keeps_the_thinking_tags() {
+        let tok = builtin();
+        let ids = tok
+            .encode("<｜begin▁of▁sentence｜>a<think>b</think>c<｜end▁of▁sentence｜>")
+            .unwrap();
+        let run = |skip: bool| {
+            let mut stream = tok.decode_stream(skip);
+            let mut out: String = ids
+                .iter()
+                .filter_map(|id| stream.step(*id).unwrap())
+                .collect();
+            out.extend(stream.flush().unwrap());
+            out
+        };
+        assert_eq!(run(true), "a<think>b</think>c");
+        assert_eq!(
+            run(false),
+            "<｜begin▁of▁sentence｜>a<think>b</think>c<｜end▁of▁sentence｜>"
+        );
     }
 
     #[test]

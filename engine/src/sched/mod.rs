@@ -50,6 +50,11 @@ pub enum AdmissionError {
         max_tokens: usize,
         limit: usize,
     },
+    #[error(
+        "the request asks for {n} choices but this server queues at most {limit} sequences; \
+         ask for fewer"
+    )]
+    TooManyChoices { n: usize, limit: usize },
     #[error("the request needs {needed} KV blocks but the cache holds only {total}")]
     ExceedsCache { needed: usize, total: usize },
     #[error("sequence id {0} is already in use")]
@@ -128,13 +133,53 @@ impl Scheduler {
 
     /// Admission control: refuse now rather than queue forever or fail later.
     pub fn add(&mut self, id: SeqId, spec: SeqSpec) -> Result<(), AdmissionError> {
-        if self.seqs.contains_key(&id) {
-            return Err(AdmissionError::DuplicateId(id));
+        self.add_all(vec![(id, spec)])
+    }
+
+    /// Admits the sequences of one request (its `n` choices) all together or none of them:
+    /// a request never holds part of the queue while the rest of it is refused.
+    pub fn add_all(&mut self, seqs: Vec<(SeqId, SeqSpec)>) -> Result<(), AdmissionError> {
+        for (i, (id, spec)) in seqs.iter().enumerate() {
+            if self.seqs.contains_key(id) || seqs[..i].iter().any(|(other, _)| other == id) {
+                return Err(AdmissionError::DuplicateId(*id));
+            }
+            self.check(spec)?;
         }
+        if seqs.len() > self.cfg.max_waiting {
+            return Err(AdmissionError::TooManyChoices {
+                n: seqs.len(),
+                limit: self.cfg.max_waiting,
+            });
+        }
+        if self.waiting.len() + seqs.len() > self.cfg.max_waiting {
+            return Err(AdmissionError::QueueFull {
+                waiting: self.waiting.len(),
+                limit: self.cfg.max_waiting,
+            });
+        }
+        for (id, spec) in seqs {
+            let tokens = spec.prompt.clone();
+            self.seqs.insert(
+                id,
+                Seq {
+                    spec,
+                    tokens,
+                    num_computed: 0,
+                    table: BlockTable::default(),
+                    cached_tokens: 0,
+                },
+            );
+            self.waiting.push_back(id);
+        }
+        Ok(())
+    }
+
+    /// Whether one sequence could ever run here.
+    fn check(&self, spec: &SeqSpec) -> Result<(), AdmissionError> {
         if spec.prompt.is_empty() {
             return Err(AdmissionError::EmptyPrompt);
         }
-        let total = spec.prompt.len() + spec.max_tokens;
+        let total = spec.prompt.len().saturating_add(spec.max_tokens);
         if total > self.cfg.max_model_len {
             return Err(AdmissionError::TooLong {
                 prompt: spec.prompt.len(),
@@ -149,24 +194,6 @@ impl Scheduler {
                 total: self.pool.geometry().num_blocks,
             });
         }
-        if self.waiting.len() >= self.cfg.max_waiting {
-            return Err(AdmissionError::QueueFull {
-                waiting: self.waiting.len(),
-                limit: self.cfg.max_waiting,
-            });
-        }
-        let tokens = spec.prompt.clone();
-        self.seqs.insert(
-            id,
-            Seq {
-                spec,
-                tokens,
-                num_computed: 0,
-                table: BlockTable::default(),
-                cached_tokens: 0,
-            },
-        );
-        self.waiting.push_back(id);
         Ok(())
     }
 
@@ -225,7 +252,7 @@ impl Scheduler {
             .filter_map(|id| self.seqs.get(id))
             .map(|s| {
                 self.pool
-                    .blocks_for(s.spec.prompt.len() + s.spec.max_tokens)
+                    .blocks_for(s.spec.prompt.len().saturating_add(s.spec.max_tokens))
                     .saturating_sub(s.table.blocks.len())
             })
             .sum();
@@ -514,6 +541,42 @@ mod tests {
             s.add(0, spec(vec![1], 1)),
             Err(AdmissionError::DuplicateId(0))
         );
+    }
+
+    #[test]
+    fn the_choices_of_one_request_are_admitted_all_together_or_not_at_all() {
+        let mut s = sched(64, 4, 64);
+        s.add(1, spec(vec![1], 1)).unwrap();
+        let group = |first: SeqId, n: u64| -> Vec<(SeqId, SeqSpec)> {
+            (first..first + n)
+                .map(|id| (id, spec(vec![2], 1)))
+                .collect()
+        };
+        assert_eq!(
+            s.add_all(group(10, 4)),
+            Err(AdmissionError::QueueFull {
+                waiting: 1,
+                limit: 4
+            })
+        );
+        assert_eq!(s.num_waiting(), 1, "a refused group leaves nothing behind");
+        s.add_all(group(10, 3)).unwrap();
+        assert_eq!(s.num_waiting(), 4);
+        assert_eq!(
+            s.add_all(group(20, 5)),
+            Err(AdmissionError::TooManyChoices { n: 5, limit: 4 })
+        );
+        assert_eq!(
+            s.add_all(vec![(30, spec(vec![1], 1)), (30, spec(vec![1], 1))]),
+            Err(AdmissionError::DuplicateId(30))
+        );
+        let mut big = group(40, 2);
+        big[1].1.max_tokens = usize::MAX;
+        assert!(matches!(
+            s.add_all(big),
+            Err(AdmissionError::TooLong { .. })
+        ));
+        assert_eq!(s.num_waiting(), 4);
     }
 
     #[test]

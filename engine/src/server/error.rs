@@ -67,6 +67,18 @@ impl ApiError {
         }
     }
 
+    /// The OpenAI-shaped body: `{"error": {"message", "type", "param", "code"}}`.
+    pub fn body(&self) -> serde_json::Value {
+        json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
+
     /// The `type` string, also used as a metric label.
     pub fn error_type(&self) -> &'static str {
         self.kind
@@ -91,6 +103,9 @@ impl From<SubmitError> for ApiError {
                     ..ApiError::invalid(a.to_string(), Some("messages"))
                 },
                 AdmissionError::EmptyPrompt => ApiError::invalid(a.to_string(), Some("prompt")),
+                AdmissionError::TooManyChoices { .. } => {
+                    ApiError::invalid(a.to_string(), Some("n"))
+                }
                 AdmissionError::DuplicateId(_) => ApiError::internal(a.to_string()),
             },
         }
@@ -99,15 +114,7 @@ impl From<SubmitError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "param": self.param,
-                "code": self.code,
-            }
-        });
-        let mut resp = (self.status, Json(body)).into_response();
+        let mut resp = (self.status, Json(self.body())).into_response();
         if let Some(s) = self.retry_after
             && let Ok(v) = HeaderValue::from_str(&s.to_string())
         {

@@ -3,7 +3,9 @@
 //! the request, render the DeepSeek-V3.2 prompt, submit sequences to the engine loop and turn
 //! its token events back into text, reasoning and tool calls.
 
+mod body;
 mod error;
+mod serve;
 mod stop;
 mod worker;
 
@@ -13,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -22,17 +24,21 @@ use axum::{Json, Router};
 use futures::Stream;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
+pub use body::RequestLimits;
 pub use error::{ApiError, ApiResult};
+pub use serve::{BodyTimeout, ServeLimits, serve};
 pub use stop::StopMatcher;
 pub use worker::worker_router;
 
 use crate::chat::{self, ThinkingMode};
 use crate::generate::{FinishReason, SamplingParams};
 use crate::metrics::Metrics;
-use crate::runtime::{EngineHandle, FinishInfo, SeqEvent, SeqStream, SubmitRequest, TokenEvent};
-use crate::tokenizer::Tokenizer;
+use crate::runtime::{
+    CancelReason, EngineHandle, FinishInfo, SeqEvent, SeqStream, SubmitRequest, TokenEvent,
+};
+use crate::tokenizer::{Tokenizer, TokenizerError};
 
 /// Everything handlers share. The engine is attached once the model has loaded, so health
 /// and metrics (with load progress) answer while weights are still being read.
@@ -46,6 +52,20 @@ pub struct ServerState {
     pub eos_token_ids: Vec<u32>,
     /// Set on worker ranks of an expert-parallel group, which serve no API: ready once joined.
     pub worker_ready: Option<Arc<AtomicBool>>,
+    /// Per-request limits (body size, stop strings).
+    pub limits: RequestLimits,
+    /// Where [`serve`] is in its life: handlers end early once the drain deadline passes.
+    phase: watch::Sender<Phase>,
+}
+
+/// The server's life: serving, draining after shutdown, and past the drain deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Shutdown started: no new connections, `/ready` fails, requests in flight finish.
+    Draining,
+    /// The drain deadline passed: streams still open end now with an error event.
+    Expired,
 }
 
 impl ServerState {
@@ -64,6 +84,8 @@ impl ServerState {
             max_model_len,
             eos_token_ids,
             worker_ready: None,
+            limits: RequestLimits::default(),
+            phase: watch::channel(Phase::Serving).0,
         }
     }
 
@@ -109,8 +131,64 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(64 << 20))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::map_response(openai_error_body))
         .with_state(state)
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        code: Some("not_found"),
+        ..ApiError::invalid(format!("no route for {}", req.uri().path()), None)
+    }
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        code: Some("method_not_allowed"),
+        ..ApiError::invalid(
+            format!("{} is not allowed on {}", req.method(), req.uri().path()),
+            None,
+        )
+    }
+}
+
+/// Gives any error response the framework produced on its own (without a JSON body) the
+/// OpenAI error shape, so clients can always parse an error.
+async fn openai_error_body(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let kind = if status.is_client_error() {
+        "invalid_request_error"
+    } else {
+        "internal_error"
+    };
+    let message = status.canonical_reason().unwrap_or("request failed");
+    let err = ApiError {
+        status,
+        message: message.to_string(),
+        kind,
+        param: None,
+        code: None,
+        retry_after: None,
+    };
+    let mut out = err.into_response();
+    for (name, value) in resp.headers() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
 }
 
 fn unix_now() -> u64 {
@@ -141,7 +219,9 @@ async fn health(State(s): State<Arc<ServerState>>) -> Response {
 }
 
 async fn ready(State(s): State<Arc<ServerState>>) -> Response {
-    if s.is_ready() {
+    if *s.phase.borrow() != Phase::Serving {
+        ApiError::unavailable("the server is shutting down").into_response()
+    } else if s.is_ready() {
         (StatusCode::OK, "ready").into_response()
     } else {
         ApiError::unavailable("the engine is not ready").into_response()
@@ -170,6 +250,12 @@ async fn models(State(s): State<Arc<ServerState>>) -> Json<Value> {
     }))
 }
 
+/// The request's body, read under the server's byte budget before anything parses it.
+async fn request_body(s: &ServerState, req: Request) -> ApiResult<Bytes> {
+    let (parts, body) = req.into_parts();
+    body::read_body(&parts.headers, body, s.limits.body_limit(s.max_model_len)).await
+}
+
 fn parse_json<T: for<'de> Deserialize<'de>>(body: &Bytes) -> ApiResult<T> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))
@@ -193,6 +279,10 @@ struct SamplingFields {
     stop_token_ids: Option<Vec<u32>>,
     #[serde(default)]
     ignore_eos: bool,
+    /// Drop special tokens (BOS, EOS, role markers) from the text, as vLLM does by default.
+    /// The thinking tags stay: they split reasoning from content. vLLM's companion field
+    /// `spaces_between_special_tokens` is accepted and has no effect.
+    skip_special_tokens: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,6 +309,44 @@ struct Prepared {
     stream: bool,
     include_usage: bool,
     logprobs: Option<usize>,
+    skip_special_tokens: bool,
+}
+
+/// The OpenAI error for a prompt (or prompt plus completion) over the context length.
+fn context_exceeded(message: String, param: &str) -> ApiError {
+    ApiError {
+        code: Some("context_length_exceeded"),
+        ..ApiError::invalid(message, Some(param))
+    }
+}
+
+/// Token ids of a prompt, refused as soon as it is known to exceed the context length:
+/// the work is bounded by `max_model_len`, not by the size of the text.
+fn encode_prompt(s: &ServerState, text: &str, param: &str) -> ApiResult<Vec<u32>> {
+    match s.tokenizer.encode_within(text, s.max_model_len) {
+        Ok(ids) => Ok(ids),
+        Err(TokenizerError::TooLong { limit }) => Err(context_exceeded(
+            format!(
+                "This model's maximum context length is {limit} tokens. However, your prompt has \
+                 more than {limit} tokens."
+            ),
+            param,
+        )),
+        Err(e) => Err(ApiError::invalid(e.to_string(), Some(param))),
+    }
+}
+
+/// Runs request preparation (JSON parsing, prompt rendering, tokenization) on the blocking
+/// pool: it costs CPU in proportion to the body, which must not stall the async workers that
+/// answer health probes and stream tokens.
+async fn off_the_workers<T: Send + 'static>(
+    s: &Arc<ServerState>,
+    f: impl FnOnce(&ServerState) -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    let s = s.clone();
+    tokio::task::spawn_blocking(move || f(&s))
+        .await
+        .map_err(|e| ApiError::internal(format!("preparing the request failed: {e}")))?
 }
 
 fn prepare(
@@ -236,17 +364,14 @@ fn prepare(
         return Err(ApiError::invalid("the prompt is empty", Some("prompt")));
     }
     if prompt.len() >= s.max_model_len {
-        return Err(ApiError {
-            code: Some("context_length_exceeded"),
-            ..ApiError::invalid(
-                format!(
-                    "This model's maximum context length is {} tokens. However, your prompt has {} tokens.",
-                    s.max_model_len,
-                    prompt.len()
-                ),
-                Some("messages"),
-            )
-        });
+        return Err(context_exceeded(
+            format!(
+                "This model's maximum context length is {} tokens. However, your prompt has {} tokens.",
+                s.max_model_len,
+                prompt.len()
+            ),
+            "messages",
+        ));
     }
     let n = f.n.unwrap_or(1);
     if n == 0 || n > 16 {
@@ -264,20 +389,17 @@ fn prepare(
             ));
         }
         Some(m) if m > room => {
-            return Err(ApiError {
-                code: Some("context_length_exceeded"),
-                ..ApiError::invalid(
-                    format!(
-                        "This model's maximum context length is {} tokens. However, you requested {} tokens ({} in \
-                         the prompt, {} for the completion).",
-                        s.max_model_len,
-                        prompt.len() + m,
-                        prompt.len(),
-                        m
-                    ),
-                    Some("max_tokens"),
-                )
-            });
+            // Widened: a client's max_tokens may be as large as the integer type allows.
+            let total = prompt.len() as u128 + m as u128;
+            return Err(context_exceeded(
+                format!(
+                    "This model's maximum context length is {} tokens. However, you requested {total} tokens \
+                     ({} in the prompt, {m} for the completion).",
+                    s.max_model_len,
+                    prompt.len(),
+                ),
+                "max_tokens",
+            ));
         }
         Some(m) => m,
         None => room,
@@ -317,6 +439,16 @@ fn prepare(
             Some("stop"),
         ));
     }
+    if let Some(long) = stops.iter().find(|st| st.len() > s.limits.max_stop_bytes) {
+        return Err(ApiError::invalid(
+            format!(
+                "stop sequences may be at most {} bytes long; one is {} bytes",
+                s.limits.max_stop_bytes,
+                long.len()
+            ),
+            Some("stop"),
+        ));
+    }
     let mut stop_token_ids = f.stop_token_ids.unwrap_or_default();
     if !f.ignore_eos {
         stop_token_ids.extend(&s.eos_token_ids);
@@ -339,25 +471,65 @@ fn prepare(
         stream: f.stream,
         include_usage: f.stream_options.is_some_and(|o| o.include_usage),
         logprobs,
+        skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
     })
 }
 
+/// Submits every choice of a request; the engine admits all of them or none.
 async fn submit_all(s: &ServerState, p: &Prepared) -> ApiResult<Vec<SeqStream>> {
-    let mut streams = Vec::with_capacity(p.n);
-    for i in 0..p.n {
-        let mut sampling = p.sampling.clone();
-        sampling.seed = sampling.seed.map(|seed| seed.wrapping_add(i as u64));
-        let req = SubmitRequest {
-            prompt: p.prompt.clone(),
-            max_tokens: p.max_tokens,
-            sampling,
-            stop_token_ids: p.stop_token_ids.clone(),
-            logprobs: p.logprobs,
-        };
-        // Earlier streams of this request are dropped (cancelled) if a later one is refused.
-        streams.push(s.engine()?.submit(req).await?);
+    let reqs = (0..p.n)
+        .map(|i| {
+            let mut sampling = p.sampling.clone();
+            sampling.seed = sampling.seed.map(|seed| seed.wrapping_add(i as u64));
+            SubmitRequest {
+                prompt: p.prompt.clone(),
+                max_tokens: p.max_tokens,
+                sampling,
+                stop_token_ids: p.stop_token_ids.clone(),
+                logprobs: p.logprobs,
+            }
+        })
+        .collect();
+    Ok(s.engine()?.submit_all(reqs).await?)
+}
+
+/// What a choice's task sees next.
+enum Next {
+    Event(SeqEvent),
+    /// The engine closed the stream.
+    Over,
+    /// The client disconnected: the response body (and its channel) was dropped.
+    ClientGone,
+    /// The server's drain deadline passed.
+    Deadline,
+}
+
+/// Waits for the sequence's next event, the client leaving, or the drain deadline, whichever
+/// comes first: a sequence still waiting for its first token is cancelled as soon as its
+/// client leaves, not at its first write.
+async fn next_step<T>(
+    seq: &mut SeqStream,
+    tx: &mpsc::Sender<T>,
+    phase: &mut watch::Receiver<Phase>,
+) -> Next {
+    tokio::select! {
+        ev = seq.next() => ev.map_or(Next::Over, Next::Event),
+        _ = tx.closed() => Next::ClientGone,
+        _ = deadline(phase) => Next::Deadline,
     }
-    Ok(streams)
+}
+
+/// Resolves once the drain deadline has passed.
+async fn deadline(phase: &mut watch::Receiver<Phase>) {
+    let reached = phase.wait_for(|p| *p == Phase::Expired).await.is_ok();
+    if !reached {
+        // The state (and its sender) is gone; no deadline will come.
+        std::future::pending::<()>().await;
+    }
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::unavailable("the server is shutting down; the request ended before it finished")
 }
 
 /// Text produced by one choice so far, as the client should see it.
@@ -373,11 +545,12 @@ struct ChoiceText {
 }
 
 impl ChoiceText {
-    fn new(s: &ServerState, stops: Vec<String>) -> Self {
+    fn new(s: &ServerState, p: &Prepared) -> Self {
         ChoiceText {
-            // Special tokens stay in the text: the chat parser reads `</think>` and DSML tags.
-            decoder: s.tokenizer.decode_stream(false),
-            stop: StopMatcher::new(stops),
+            // Skipping keeps the thinking tags, which the chat parser reads (DSML tool-call
+            // tags are plain text).
+            decoder: s.tokenizer.decode_stream(p.skip_special_tokens),
+            stop: StopMatcher::new(p.stops.clone()),
             text: String::new(),
             tokens: Vec::new(),
             finish: None,
@@ -434,17 +607,24 @@ impl ChoiceText {
     }
 }
 
-/// Drives one choice to its end (non-streaming).
-async fn collect(s: &ServerState, mut seq: SeqStream, stops: Vec<String>) -> ApiResult<ChoiceText> {
-    let mut c = ChoiceText::new(s, stops);
-    while let Some(ev) = seq.next().await {
+/// Drives one choice to its end (non-streaming). If the client leaves, hyper drops this
+/// future, and with it the sequence stream, which cancels the sequence.
+async fn collect(s: &ServerState, p: &Prepared, mut seq: SeqStream) -> ApiResult<ChoiceText> {
+    let mut c = ChoiceText::new(s, p);
+    let mut phase = s.phase.subscribe();
+    loop {
+        let ev = tokio::select! {
+            ev = seq.next() => ev,
+            _ = deadline(&mut phase) => return Err(shutting_down()),
+        };
+        let Some(ev) = ev else { break };
         c.apply(s, ev);
         if c.done() {
             break;
         }
     }
     if c.stopped_by_string {
-        seq.cancel();
+        seq.cancel(CancelReason::StopString);
     }
     if let Some(msg) = c.failed.take() {
         return Err(ApiError::internal(format!("generation failed: {msg}")));
@@ -502,15 +682,16 @@ fn chat_error(e: chat::ChatError) -> ApiError {
     ApiError::invalid(e.to_string(), Some(&e.param()))
 }
 
-async fn chat_completions(State(s): State<Arc<ServerState>>, body: Bytes) -> Response {
-    match chat_inner(s, body).await {
+async fn chat_completions(State(s): State<Arc<ServerState>>, req: Request) -> Response {
+    match chat_inner(s, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn chat_inner(s: Arc<ServerState>, body: Bytes) -> ApiResult<Response> {
-    let raw: Value = parse_json(&body)?;
+/// Parses, renders and tokenizes a chat request (on the blocking pool).
+fn prepare_chat(s: &ServerState, body: &Bytes) -> ApiResult<(Prepared, ThinkingMode)> {
+    let raw: Value = parse_json(body)?;
     if !raw.is_object() {
         return Err(ApiError::invalid(
             "the request body must be a JSON object",
@@ -527,26 +708,28 @@ async fn chat_inner(s: Arc<ServerState>, body: Bytes) -> ApiResult<Response> {
             Some("messages"),
         ));
     }
-    let fields: SamplingFields = parse_json(&body)?;
-    let chat_fields: ChatFields = parse_json(&body)?;
+    let fields: SamplingFields = parse_json(body)?;
+    let chat_fields: ChatFields = parse_json(body)?;
     // Render from the raw text: tool schemas keep the key order the client sent.
-    let text = std::str::from_utf8(&body)
+    let text = std::str::from_utf8(body)
         .map_err(|_| ApiError::invalid("the request body is not UTF-8", None))?;
     let chat_req = chat::Json::parse(text)
         .map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))
         .and_then(|j| chat::ChatRequest::from_json(&j).map_err(chat_error))?;
     let mode = chat_req.mode;
     let prompt_text = chat_req.render().map_err(chat_error)?;
-    let prompt = s
-        .tokenizer
-        .encode(&prompt_text)
-        .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+    let prompt = encode_prompt(s, &prompt_text, "messages")?;
     let logprobs = if chat_fields.logprobs {
         Some(chat_fields.top_logprobs.unwrap_or(0))
     } else {
         None
     };
-    let p = prepare(&s, fields, prompt, logprobs)?;
+    Ok((prepare(s, fields, prompt, logprobs)?, mode))
+}
+
+async fn chat_inner(s: Arc<ServerState>, req: Request) -> ApiResult<Response> {
+    let body = request_body(&s, req).await?;
+    let (p, mode) = off_the_workers(&s, move |s| prepare_chat(s, &body)).await?;
     let streams = submit_all(&s, &p).await?;
     let id = new_id("chatcmpl");
     let created = unix_now();
@@ -558,7 +741,7 @@ async fn chat_inner(s: Arc<ServerState>, body: Bytes) -> ApiResult<Response> {
     let mut choices = Vec::new();
     let mut completion_tokens = 0;
     for (i, seq) in streams.into_iter().enumerate() {
-        let c = collect(&s, seq, p.stops.clone()).await?;
+        let c = collect(&s, &p, seq).await?;
         completion_tokens += c.completion_tokens;
         let parsed = chat::parse_completion(&c.text, mode);
         let has_tools = !parsed.tool_calls.is_empty();
@@ -609,8 +792,9 @@ fn data(v: &Value) -> Event {
 }
 
 /// Streams every choice of a chat completion. Each choice runs in its own task feeding one SSE
-/// channel; when the client disconnects the channel closes, the tasks end and their dropped
-/// sequence streams cancel the sequences.
+/// channel; when the client disconnects the channel closes, the tasks end (even for choices
+/// still waiting for their first token) and their dropped sequence streams cancel the
+/// sequences.
 fn stream_chat(
     s: Arc<ServerState>,
     p: Prepared,
@@ -623,15 +807,15 @@ fn stream_chat(
     let n = streams.len();
     let (done_tx, mut done_rx) = mpsc::channel::<usize>(n.max(1));
     let base = json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": s.model_name });
+    let p = Arc::new(p);
     for (i, mut seq) in streams.into_iter().enumerate() {
-        let (s, tx, done_tx, base, stops) = (
+        let (s, p, tx, done_tx, base) = (
             s.clone(),
+            p.clone(),
             tx.clone(),
             done_tx.clone(),
             base.clone(),
-            p.stops.clone(),
         );
-        let with_logprobs = p.logprobs.is_some();
         tokio::spawn(async move {
             let chunk = |delta: Value, finish: Option<&str>, logprobs: Option<Value>| {
                 let mut v = base.clone();
@@ -653,17 +837,31 @@ fn stream_chat(
             {
                 return;
             }
-            let mut text = ChoiceText::new(&s, stops);
+            let mut text = ChoiceText::new(&s, &p);
             let mut parser = chat::StreamParser::new(mode);
             let mut saw_tool_call = false;
-            while let Some(ev) = seq.next().await {
+            let mut phase = s.phase.subscribe();
+            let mut expired = false;
+            loop {
+                let ev = match next_step(&mut seq, &tx, &mut phase).await {
+                    Next::Event(ev) => ev,
+                    Next::Over => break,
+                    Next::ClientGone => return,
+                    Next::Deadline => {
+                        expired = true;
+                        break;
+                    }
+                };
                 let new_tokens_from = text.tokens.len();
                 let visible = text.apply(&s, ev);
                 let mut deltas = parser.push(&visible);
                 if text.done() {
                     deltas.extend(parser.finish());
                 }
-                let lp = with_logprobs.then(|| chat_logprobs(&s, &text.tokens[new_tokens_from..]));
+                let lp = p
+                    .logprobs
+                    .is_some()
+                    .then(|| chat_logprobs(&s, &text.tokens[new_tokens_from..]));
                 let mut lp = lp.filter(|v| v["content"].as_array().is_some_and(|a| !a.is_empty()));
                 for d in deltas {
                     let delta = match d {
@@ -694,11 +892,13 @@ fn stream_chat(
                 }
             }
             if text.stopped_by_string {
-                seq.cancel();
+                seq.cancel(CancelReason::StopString);
             }
-            if let Some(msg) = &text.failed {
-                let err = json!({ "error": { "message": format!("generation failed: {msg}"), "type": "internal_error", "param": null, "code": null } });
-                let _ = tx.send(data(&err)).await;
+            if expired {
+                let _ = tx.send(data(&shutting_down().body())).await;
+            } else if let Some(msg) = &text.failed {
+                let err = ApiError::internal(format!("generation failed: {msg}"));
+                let _ = tx.send(data(&err.body())).await;
             } else {
                 let finish = if saw_tool_call && text.finish == Some(FinishReason::Stop) {
                     "tool_calls"
@@ -746,30 +946,26 @@ struct CompletionFields {
     echo: bool,
 }
 
-async fn completions(State(s): State<Arc<ServerState>>, body: Bytes) -> Response {
-    match completions_inner(s, body).await {
+async fn completions(State(s): State<Arc<ServerState>>, req: Request) -> Response {
+    match completions_inner(s, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn completions_inner(s: Arc<ServerState>, body: Bytes) -> ApiResult<Response> {
-    let fields: SamplingFields = parse_json(&body)?;
-    let cf: CompletionFields = parse_json(&body)?;
+/// Parses and tokenizes a text completion request (on the blocking pool).
+fn prepare_completion(s: &ServerState, body: &Bytes) -> ApiResult<Prepared> {
+    let fields: SamplingFields = parse_json(body)?;
+    let cf: CompletionFields = parse_json(body)?;
     if cf.echo {
         return Err(ApiError::invalid("echo is not supported", Some("echo")));
     }
-    let encode = |t: &str| {
-        s.tokenizer
-            .encode(t)
-            .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))
-    };
     let prompt = match cf.prompt {
         None => return Err(ApiError::invalid("prompt is required", Some("prompt"))),
-        Some(PromptField::Text(t)) => encode(&t)?,
+        Some(PromptField::Text(t)) => encode_prompt(s, &t, "prompt")?,
         Some(PromptField::Ids(ids)) => ids,
-        Some(PromptField::Texts(v)) if v.len() == 1 => encode(&v[0])?,
-        Some(PromptField::IdLists(v)) if v.len() == 1 => v[0].clone(),
+        Some(PromptField::Texts(v)) if v.len() == 1 => encode_prompt(s, &v[0], "prompt")?,
+        Some(PromptField::IdLists(mut v)) if v.len() == 1 => v.swap_remove(0),
         Some(_) => {
             return Err(ApiError::invalid(
                 "batched prompts are not supported; send one prompt per request",
@@ -786,7 +982,12 @@ async fn completions_inner(s: Arc<ServerState>, body: Bytes) -> ApiResult<Respon
             Some("prompt"),
         ));
     }
-    let p = prepare(&s, fields, prompt, cf.logprobs)?;
+    prepare(s, fields, prompt, cf.logprobs)
+}
+
+async fn completions_inner(s: Arc<ServerState>, req: Request) -> ApiResult<Response> {
+    let body = request_body(&s, req).await?;
+    let p = off_the_workers(&s, move |s| prepare_completion(s, &body)).await?;
     let streams = submit_all(&s, &p).await?;
     let id = new_id("cmpl");
     let created = unix_now();
@@ -803,7 +1004,7 @@ async fn completions_inner(s: Arc<ServerState>, body: Bytes) -> ApiResult<Respon
         let mut choices = Vec::new();
         let mut completion_tokens = 0;
         for (i, seq) in streams.into_iter().enumerate() {
-            let c = collect(&s, seq, p.stops.clone()).await?;
+            let c = collect(&s, &p, seq).await?;
             completion_tokens += c.completion_tokens;
             let lp = p.logprobs.map(|_| legacy_logprobs(&c.tokens));
             choices.push(json!({ "index": i, "text": c.text, "logprobs": lp, "finish_reason": finish_str(c.finish) }));
@@ -817,19 +1018,32 @@ async fn completions_inner(s: Arc<ServerState>, body: Bytes) -> ApiResult<Respon
 
     let (tx, rx) = mpsc::channel::<Event>(64);
     let (done_tx, mut done_rx) = mpsc::channel::<usize>(p.n);
+    let p = Arc::new(p);
     for (i, mut seq) in streams.into_iter().enumerate() {
-        let (s, tx, done_tx, stops, id) = (
+        let (s, p, tx, done_tx, id) = (
             s.clone(),
+            p.clone(),
             tx.clone(),
             done_tx.clone(),
-            p.stops.clone(),
             id.clone(),
         );
         tokio::spawn(async move {
-            let mut text = ChoiceText::new(&s, stops);
-            while let Some(ev) = seq.next().await {
+            let mut text = ChoiceText::new(&s, &p);
+            let mut phase = s.phase.subscribe();
+            let mut expired = false;
+            loop {
+                let ev = match next_step(&mut seq, &tx, &mut phase).await {
+                    Next::Event(ev) => ev,
+                    Next::Over => break,
+                    Next::ClientGone => return,
+                    Next::Deadline => {
+                        expired = true;
+                        break;
+                    }
+                };
                 let visible = text.apply(&s, ev);
-                let finish = text.done().then(|| finish_str(text.finish));
+                let finish =
+                    (text.done() && text.failed.is_none()).then(|| finish_str(text.finish));
                 if (!visible.is_empty() || finish.is_some())
                     && tx
                         .send(data(&json!({ "id": id, "object": "text_completion", "created": created, "model": s.model_name,
@@ -844,7 +1058,13 @@ async fn completions_inner(s: Arc<ServerState>, body: Bytes) -> ApiResult<Respon
                 }
             }
             if text.stopped_by_string {
-                seq.cancel();
+                seq.cancel(CancelReason::StopString);
+            }
+            if expired {
+                let _ = tx.send(data(&shutting_down().body())).await;
+            } else if let Some(msg) = &text.failed {
+                let err = ApiError::internal(format!("generation failed: {msg}"));
+                let _ = tx.send(data(&err.body())).await;
             }
             let _ = done_tx.send(text.completion_tokens).await;
         });
@@ -873,30 +1093,32 @@ struct TokenizeRequest {
     messages: Option<Value>,
 }
 
-async fn tokenize(State(s): State<Arc<ServerState>>, body: Bytes) -> Response {
-    let run = || -> ApiResult<Value> {
-        let req: TokenizeRequest = parse_json(&body)?;
-        let text = match (req.prompt, req.messages) {
-            (Some(p), _) => p,
-            (None, Some(_)) => {
-                let text = std::str::from_utf8(&body)
-                    .map_err(|_| ApiError::invalid("the request body is not UTF-8", None))?;
-                chat::render_request_str(text).map_err(chat_error)?
-            }
-            (None, None) => {
-                return Err(ApiError::invalid(
-                    "give either prompt or messages",
-                    Some("prompt"),
-                ));
-            }
+async fn tokenize(State(s): State<Arc<ServerState>>, req: Request) -> Response {
+    let run =
+        async {
+            let body = request_body(&s, req).await?;
+            off_the_workers(&s, move |s| {
+            let req: TokenizeRequest = parse_json(&body)?;
+            let (text, param) = match (req.prompt, req.messages) {
+                (Some(p), _) => (p, "prompt"),
+                (None, Some(_)) => {
+                    let text = std::str::from_utf8(&body)
+                        .map_err(|_| ApiError::invalid("the request body is not UTF-8", None))?;
+                    (chat::render_request_str(text).map_err(chat_error)?, "messages")
+                }
+                (None, None) => {
+                    return Err(ApiError::invalid(
+                        "give either prompt or messages",
+                        Some("prompt"),
+                    ));
+                }
+            };
+            let tokens = encode_prompt(s, &text, param)?;
+            Ok(json!({ "count": tokens.len(), "max_model_len": s.max_model_len, "tokens": tokens }))
+        })
+        .await
         };
-        let tokens = s
-            .tokenizer
-            .encode(&text)
-            .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
-        Ok(json!({ "count": tokens.len(), "max_model_len": s.max_model_len, "tokens": tokens }))
-    };
-    match run() {
+    match run.await {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }
@@ -907,26 +1129,30 @@ struct DetokenizeRequest {
     tokens: Vec<u32>,
 }
 
-async fn detokenize(State(s): State<Arc<ServerState>>, body: Bytes) -> Response {
-    let run = || -> ApiResult<Value> {
-        let req: DetokenizeRequest = parse_json(&body)?;
-        if let Some(bad) = req
-            .tokens
-            .iter()
-            .find(|t| **t as usize >= s.tokenizer.vocab_size())
-        {
-            return Err(ApiError::invalid(
-                format!("token id {bad} is outside the vocabulary"),
-                Some("tokens"),
-            ));
-        }
-        let text = s
-            .tokenizer
-            .decode(&req.tokens, false)
-            .map_err(|e| ApiError::invalid(e.to_string(), Some("tokens")))?;
-        Ok(json!({ "prompt": text }))
+async fn detokenize(State(s): State<Arc<ServerState>>, req: Request) -> Response {
+    let run = async {
+        let body = request_body(&s, req).await?;
+        off_the_workers(&s, move |s| {
+            let req: DetokenizeRequest = parse_json(&body)?;
+            if let Some(bad) = req
+                .tokens
+                .iter()
+                .find(|t| **t as usize >= s.tokenizer.vocab_size())
+            {
+                return Err(ApiError::invalid(
+                    format!("token id {bad} is outside the vocabulary"),
+                    Some("tokens"),
+                ));
+            }
+            let text = s
+                .tokenizer
+                .decode(&req.tokens, false)
+                .map_err(|e| ApiError::invalid(e.to_string(), Some("tokens")))?;
+            Ok(json!({ "prompt": text }))
+        })
+        .await
     };
-    match run() {
+    match run.await {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }
