@@ -317,9 +317,18 @@ impl Run {
             addr = %local,
             "HTTP listening; the API answers 503 until the model is loaded"
         );
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let mut http = spawn_http(listener, server::router(state.clone()), stop_rx);
+        let (stop_tx, mut stop_rx) = watch::channel(false);
         let grace = self.opts.shutdown_grace;
+        // Header and body read timeouts and the connection limit; the server's own drain
+        // deadline is the same grace, so both ends of a stream close at once.
+        let limits = server::ServeLimits {
+            drain_timeout: grace,
+            ..server::ServeLimits::default()
+        };
+        let mut http: HttpTask =
+            tokio::spawn(server::serve(listener, state.clone(), limits, async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            }));
         let group_timeout = self.opts.model.group_timeout;
         let load_state = state.clone();
         let mut loaded = on_thread("model-loader", move || {
