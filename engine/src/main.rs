@@ -94,7 +94,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = ModeArg::Chat)]
         thinking_mode: ModeArg,
     },
-    /// Fetch a model (hf://ORG/NAME[@REVISION]) into a directory, resuming by file.
+    /// Fetch a model (hf://ORG/NAME[@REVISION] or s3://BUCKET[/PREFIX]) into a directory,
+    /// resuming by file.
     Download {
         #[arg(long)]
         source: String,
