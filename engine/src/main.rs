@@ -15,7 +15,7 @@ use deepseek_engine::chat::{self, ThinkingMode};
 use deepseek_engine::generate::{GenerateRequest, SamplingParams};
 use deepseek_engine::kv::DEFAULT_BLOCK_SIZE;
 use deepseek_engine::launch::logging::{self, LogFormat};
-use deepseek_engine::launch::offline::{self, BenchOptions};
+use deepseek_engine::launch::offline::{self, BenchOptions, PlanOptions};
 use deepseek_engine::launch::serve::{self, ServeOptions};
 use deepseek_engine::launch::{BackendFlag, ModelOptions};
 use deepseek_engine::model::builtin::BUILTIN_MODEL;
@@ -416,7 +416,26 @@ fn main() -> Result<()> {
                 .build()?;
             rt.block_on(deepseek_engine::download::download(&source, &dest))?;
         }
-        Command::Plan(args) => plan(&args)?,
+        Command::Plan(a) => {
+            let p = offline::plan(&PlanOptions {
+                config: a.config,
+                gpus: a.gpus,
+                gpu_memory_gib: a.gpu_memory_gib,
+                weight_dtype: a.weight_dtype,
+                kv_cache_dtype: a.kv_cache_dtype,
+                max_model_len: a.max_model_len,
+                max_num_seqs: a.max_num_seqs,
+                max_num_batched_tokens: a.max_num_batched_tokens,
+            })?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                print!("{}", p.table());
+            }
+            if let Some(why) = &p.reason {
+                anyhow::bail!("{why}");
+            }
+        }
         Command::Bench {
             model,
             gpu,
@@ -446,51 +465,4 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn plan(args: &PlanArgs) -> Result<()> {
-    use deepseek_engine::backend::cuda::DType;
-    use deepseek_engine::backend::cuda::plan::{PlacementRequest, placement};
-    let path = if args.config.is_dir() {
-        args.config.join("config.json")
-    } else {
-        args.config.clone()
-    };
-    let cfg = deepseek_engine::model::ModelConfig::from_file(&path)
-        .with_context(|| format!("reading {}", path.display()))?;
-    let dtype = |flag: &str, value: &str| {
-        DType::parse(value)
-            .filter(|d| *d != DType::F32)
-            .with_context(|| format!("{flag} must be fp8 or bf16, got {value}"))
-    };
-    let gib = args.gpu_memory_gib;
-    let gpu_memory_bytes = (gib.is_finite() && gib > 0.0 && gib <= 1e6)
-        .then_some((gib * (1u64 << 30) as f64) as usize)
-        .with_context(|| format!("--gpu-memory-gib must be between 0 and 1e6 GiB, got {gib}"))?;
-    anyhow::ensure!(args.gpus >= 1, "--gpus must be at least 1");
-    anyhow::ensure!(args.max_num_seqs >= 1, "--max-num-seqs must be at least 1");
-    anyhow::ensure!(
-        args.max_num_batched_tokens >= 1,
-        "--max-num-batched-tokens must be at least 1"
-    );
-    let req = PlacementRequest {
-        gpus: args.gpus,
-        gpu_memory_bytes,
-        weights: dtype("--weight-dtype", &args.weight_dtype)?,
-        cache: dtype("--kv-cache-dtype", &args.kv_cache_dtype)?,
-        block_size: DEFAULT_BLOCK_SIZE,
-        max_batch_tokens: args.max_num_batched_tokens,
-        max_model_len: args.max_model_len,
-        max_num_seqs: args.max_num_seqs,
-    };
-    let p = placement(&cfg, &req);
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&p)?);
-    } else {
-        print!("{}", p.table());
-    }
-    match &p.reason {
-        None => Ok(()),
-        Some(why) => anyhow::bail!("{why}"),
-    }
 }

@@ -1,7 +1,9 @@
-//! The one-shot commands: score a prompt, generate from one, and benchmark prefill and decode.
+//! The one-shot commands: score a prompt, generate from one, benchmark prefill and decode, and
+//! plan a replica's placement over GPUs.
 //! Each returns its result for the caller to print; on a worker rank of a multi-process group,
 //! which computes for rank 0, they return `None`.
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use serde_json::{Value, json};
@@ -10,11 +12,12 @@ use super::device::gpu_dtypes;
 use super::replica::{Replica, Setup, build_replica, load_shard, model_config};
 use super::{Error, ModelOptions, Result};
 use crate::backend::cpu::CpuKvCache;
-use crate::backend::cuda::{self, Gemm};
+use crate::backend::cuda::plan::{Placement, PlacementRequest, placement};
+use crate::backend::cuda::{self, DType, Gemm};
 use crate::dist::ExpertShard;
 use crate::generate::{self, GenerateRequest, Generation, Rng};
 use crate::kv::{BlockAllocator, BlockTable, DEFAULT_BLOCK_SIZE, KvGeometry};
-use crate::model::{LogitsWanted, Model, SeqChunk};
+use crate::model::{LogitsWanted, Model, ModelConfig, SeqChunk};
 
 /// The logits of every prompt position (or only the last), one row per position.
 pub fn score(
@@ -209,4 +212,64 @@ fn bench_cpu(
         },
         "decode": decode,
     }))
+}
+
+/// What `plan` is asked: one replica over `gpus` GPUs of `gpu_memory_gib` each.
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    /// The model's config.json, or a checkpoint directory holding one.
+    pub config: PathBuf,
+    pub gpus: usize,
+    pub gpu_memory_gib: f64,
+    /// fp8 or bf16.
+    pub weight_dtype: String,
+    /// fp8 or bf16.
+    pub kv_cache_dtype: String,
+    /// Default: the config's max_position_embeddings.
+    pub max_model_len: Option<usize>,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+}
+
+/// The per-GPU placement of one replica, from config.json alone (no weights are read). A
+/// replica that does not fit comes back with `fits: false` and the reason.
+pub fn plan(o: &PlanOptions) -> Result<Placement> {
+    let path = if o.config.is_dir() {
+        o.config.join("config.json")
+    } else {
+        o.config.clone()
+    };
+    let cfg = ModelConfig::from_file(&path).map_err(|error| Error::ModelConfig { path, error })?;
+    let dtype = |flag: &str, value: &str| {
+        DType::parse(value)
+            .filter(|d| *d != DType::F32)
+            .ok_or_else(|| Error::Options(format!("{flag} must be fp8 or bf16, got {value}")))
+    };
+    let gib = o.gpu_memory_gib;
+    if !(gib.is_finite() && gib > 0.0 && gib <= 1e6) {
+        return Err(Error::Options(format!(
+            "--gpu-memory-gib must be between 0 and 1e6 GiB, got {gib}"
+        )));
+    }
+    let gpu_memory_bytes = (gib * (1u64 << 30) as f64) as usize;
+    for (flag, v) in [
+        ("--gpus", o.gpus),
+        ("--max-num-seqs", o.max_num_seqs),
+        ("--max-num-batched-tokens", o.max_num_batched_tokens),
+    ] {
+        if v == 0 {
+            return Err(Error::Options(format!("{flag} must be at least 1")));
+        }
+    }
+    let req = PlacementRequest {
+        gpus: o.gpus,
+        gpu_memory_bytes,
+        weights: dtype("--weight-dtype", &o.weight_dtype)?,
+        cache: dtype("--kv-cache-dtype", &o.kv_cache_dtype)?,
+        block_size: DEFAULT_BLOCK_SIZE,
+        max_batch_tokens: o.max_num_batched_tokens,
+        max_model_len: o.max_model_len,
+        max_num_seqs: o.max_num_seqs,
+    };
+    Ok(placement(&cfg, &req))
 }
