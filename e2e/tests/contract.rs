@@ -5,9 +5,11 @@
 //! `deepseek-engine` binary once per rank with exactly those. Only the cluster parts are
 //! replaced: pod DNS names become 127.0.0.1, the pod ports become free local ports (all ranks
 //! share one host here), and downward-API env vars get the values the kubelet would give them.
-//! Then the rendered probes must pass on every rank and a chat request through the leader must
-//! answer. A flag the engine does not know, an env var it reads differently, a probe path it
-//! does not serve or a rank port it does not listen on fails here, not in a cluster.
+//! Then the rendered probes must pass on every rank, a chat request through the leader must
+//! answer, and SIGTERM to every rank (a deleted group) must end each cleanly within the pod's
+//! termination grace. A flag the engine does not know, an env var it reads differently, a
+//! probe path it does not serve, a rank port it does not listen on or a drain longer than the
+//! grace fails here, not in a cluster.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -54,6 +56,43 @@ impl Ranks {
             }
         }
         assert!(exited.is_empty(), "{}\n{}", exited.join("; "), self.logs());
+    }
+}
+
+impl Ranks {
+    /// Sends SIGTERM to every rank at once, as the kubelet does when a group's pods are
+    /// deleted, and fails unless each exits cleanly before `bound` (the pod's
+    /// `terminationGracePeriodSeconds`, after which the kubelet would kill it).
+    fn terminate_within(&mut self, bound: Duration) {
+        let start = Instant::now();
+        for (rank, child, _) in &self.children {
+            let status = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill -TERM rank {rank}");
+        }
+        for i in 0..self.children.len() {
+            let status = loop {
+                let (rank, child, _) = &mut self.children[i];
+                let rank = *rank;
+                if let Some(status) = child.try_wait().expect("wait for a rank") {
+                    break status;
+                }
+                assert!(
+                    start.elapsed() < bound,
+                    "rank {rank} still runs {bound:?} after SIGTERM, when the kubelet kills it\n{}",
+                    self.logs()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            assert!(
+                status.success(),
+                "rank {} exited with {status} after SIGTERM\n{}",
+                self.children[i].0,
+                self.logs()
+            );
+        }
     }
 }
 
@@ -298,6 +337,17 @@ fn the_engine_serves_the_group_exactly_as_the_operator_renders_it() {
         assert!(metrics.body.contains(name), "leader /metrics lacks {name}");
     }
     ranks.assert_running();
+
+    // Deleting the group's pods: SIGTERM to every rank; each drains and exits cleanly within
+    // the pod's termination grace.
+    let grace = pod_spec
+        .termination_grace_period_seconds
+        .expect("terminationGracePeriodSeconds");
+    let drain: i64 = arg_value(&args, "--shutdown-grace-seconds")
+        .parse()
+        .expect("a number of seconds");
+    assert!(grace > drain, "the kubelet waits past the engine's drain");
+    ranks.terminate_within(Duration::from_secs(grace as u64));
     drop(ranks);
     let _ = std::fs::remove_dir_all(&logs);
 }

@@ -19,6 +19,7 @@ use deepseek_engine::launch::offline::{self, BenchOptions, PlanOptions};
 use deepseek_engine::launch::serve::{self, ServeOptions};
 use deepseek_engine::launch::{BackendFlag, ModelOptions};
 use deepseek_engine::model::builtin::BUILTIN_MODEL;
+use deepseek_engine::server::ServeLimits;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -241,6 +242,16 @@ struct ServeArgs {
     /// an error event and [DONE]); no new connections are taken meanwhile.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     shutdown_grace_seconds: u64,
+    /// Seconds a client may take to send a request's headers (also how long an idle
+    /// keep-alive connection stays open).
+    #[arg(long, env = "HTTP_HEADER_READ_TIMEOUT_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    http_header_read_timeout_seconds: u64,
+    /// Seconds a client may take to send a request's body once its headers are in (then 408).
+    #[arg(long, env = "HTTP_BODY_READ_TIMEOUT_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    http_body_read_timeout_seconds: u64,
+    /// Most HTTP connections open at once; beyond it a connection gets a 503 and is closed.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
 }
 
 #[derive(Args, Clone)]
@@ -325,6 +336,12 @@ impl From<ServeArgs> for ServeOptions {
             block_size: a.block_size,
             prefix_caching: !a.no_prefix_caching,
             shutdown_grace: Duration::from_secs(a.shutdown_grace_seconds),
+            http_limits: ServeLimits {
+                header_read_timeout: Duration::from_secs(a.http_header_read_timeout_seconds),
+                body_read_timeout: Duration::from_secs(a.http_body_read_timeout_seconds),
+                max_connections: usize::try_from(a.max_connections).unwrap_or(usize::MAX),
+                ..ServeLimits::default()
+            },
         }
     }
 }

@@ -336,3 +336,47 @@ fn expert_parallel_defaults_to_the_group_and_a_mismatch_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn the_connection_limit_and_header_timeout_are_set_from_the_command_line() {
+    let mut cmd = common::serve();
+    cmd.args([
+        "--max-connections",
+        "1",
+        "--http-header-read-timeout-seconds",
+        "2",
+    ]);
+    let mut engine = Engine::spawn(cmd);
+    engine.wait_status("/ready", 200);
+    let addr = engine.addr();
+    // A client that connects and sends nothing holds the only slot until the header timeout
+    // closes it, without an answer; the server accepts in order, so the next connection is
+    // over the limit. (The slot of the probe before may be released a moment after its
+    // answer: then the silent connection is the one refused, and the attempt is repeated.)
+    let refused = (0..100)
+        .find_map(|_| {
+            let mut silent = std::net::TcpStream::connect(&addr).unwrap();
+            let answer = common::http(&addr, "GET", "/health", None).unwrap();
+            if answer.status != 503 {
+                return None;
+            }
+            silent
+                .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+                .unwrap();
+            let mut got = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut silent, &mut got);
+            got.is_empty().then_some(answer)
+        })
+        .expect("a second connection is refused while a silent one is open");
+    assert!(
+        refused.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limit of 1 open connections"),
+        "{}",
+        refused.body
+    );
+    engine.wait_status("/health", 200);
+    engine.signal("TERM");
+    assert!(engine.wait_exit().success(), "{}", engine.log());
+}

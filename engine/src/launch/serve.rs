@@ -56,6 +56,9 @@ pub struct ServeOptions {
     pub prefix_caching: bool,
     /// How long a drain (SIGTERM, SIGINT) lets in-flight requests run before failing them.
     pub shutdown_grace: Duration,
+    /// Header and body read timeouts and the connection limit; the drain deadline is
+    /// `shutdown_grace`.
+    pub http_limits: server::ServeLimits,
 }
 
 impl Default for ServeOptions {
@@ -75,6 +78,7 @@ impl Default for ServeOptions {
             block_size: DEFAULT_BLOCK_SIZE,
             prefix_caching: true,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            http_limits: server::ServeLimits::default(),
         }
     }
 }
@@ -319,11 +323,11 @@ impl Run {
         );
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let grace = self.opts.shutdown_grace;
-        // Header and body read timeouts and the connection limit; the server's own drain
-        // deadline is the same grace, so both ends of a stream close at once.
+        // The server's own drain deadline is the same grace, so both ends of a stream close
+        // at once.
         let limits = server::ServeLimits {
             drain_timeout: grace,
-            ..server::ServeLimits::default()
+            ..self.opts.http_limits.clone()
         };
         let mut http: HttpTask =
             tokio::spawn(server::serve(listener, state.clone(), limits, async move {

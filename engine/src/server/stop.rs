@@ -89,6 +89,10 @@ impl StopMatcher {
             // A match starts on a stop string's first byte, so on a character boundary.
             let out = self.held[..at].to_string();
             self.held.clear();
+            // Text pushed after a match starts afresh (and no automaton is left complete).
+            for stop in &mut self.stops {
+                stop.matched = 0;
+            }
             return (out, true);
         }
         // Hold back the longest suffix that is a proper prefix of some stop string; it starts
@@ -148,6 +152,15 @@ mod tests {
         assert_eq!(m.push("bc"), (String::new(), true));
         let mut m = StopMatcher::new(vec!["abab".into()]);
         assert_eq!(m.push("xabaabab"), ("xaba".into(), true));
+    }
+
+    #[test]
+    fn text_pushed_after_a_match_is_matched_afresh() {
+        let mut m = StopMatcher::new(vec!["ab".into()]);
+        assert_eq!(m.push("xab"), ("x".into(), true));
+        assert_eq!(m.push("b"), ("b".into(), false));
+        assert_eq!(m.push("a"), (String::new(), false));
+        assert_eq!(m.push("b"), (String::new(), true));
     }
 
     #[test]

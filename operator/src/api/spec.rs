@@ -197,14 +197,16 @@ pub struct EngineSpec {
     pub image_pull_policy: PullPolicy,
 
     /// Arguments appended to the engine command line. The operator sets `--host`, `--port`,
-    /// `--model`, `--max-model-len`, `--kv-cache-dtype`, `--max-num-seqs` and
-    /// `--expert-parallel` itself; those flags are refused here.
+    /// `--model`, `--max-model-len`, `--kv-cache-dtype`, `--max-num-seqs`,
+    /// `--expert-parallel` and `--shutdown-grace-seconds` (which the pods' termination grace
+    /// period is derived from) itself; those flags are refused here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub extra_args: Vec<String>,
 
     /// Extra environment variables for the engine container. Names the operator sets (`RANK`,
-    /// `WORLD_SIZE`, `LEADER_ADDR`, ...) are refused here.
+    /// `WORLD_SIZE`, `LEADER_ADDR`, ...) or sets through a flag (`SHUTDOWN_GRACE_SECONDS`)
+    /// are refused here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
 

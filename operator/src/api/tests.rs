@@ -386,6 +386,22 @@ fn checks_beyond_the_schema_name_the_field_and_the_limit() {
         ),
         (
             Box::new(|s| {
+                s.engine.extra_args = vec!["--shutdown-grace-seconds".into(), "300".into()]
+            }),
+            "spec.engine.extraArgs[0]: --shutdown-grace-seconds is set by the operator",
+        ),
+        (
+            Box::new(|s| {
+                s.engine.env = vec![k8s_openapi::api::core::v1::EnvVar {
+                    name: "SHUTDOWN_GRACE_SECONDS".into(),
+                    value: Some("300".into()),
+                    ..Default::default()
+                }]
+            }),
+            "spec.engine.env[0].name: SHUTDOWN_GRACE_SECONDS is set by the operator",
+        ),
+        (
+            Box::new(|s| {
                 s.shared_memory_size =
                     k8s_openapi::apimachinery::pkg::api::resource::Quantity("lots".into())
             }),

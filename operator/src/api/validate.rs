@@ -36,6 +36,7 @@ pub const RESERVED_FLAGS: &[&str] = &[
     "--kv-cache-dtype",
     "--max-num-seqs",
     "--expert-parallel",
+    "--shutdown-grace-seconds",
 ];
 
 /// Environment variables the operator sets itself.
@@ -48,6 +49,8 @@ pub const RESERVED_ENV: &[&str] = &[
     "EXPERT_PARALLEL",
     "POD_NAME",
     "DEEPSEEK_ENGINE_CONFIG",
+    // The engine reads it as --shutdown-grace-seconds, which the operator sets.
+    "SHUTDOWN_GRACE_SECONDS",
 ];
 
 /// Longest `metadata.name` allowed: pod names append `-g<group>-<rank>` and StatefulSet revision

@@ -26,6 +26,21 @@ use crate::api::validate::{GPU_RESOURCE, is_reserved_key};
 pub const ENGINE_CONTAINER: &str = "engine";
 /// Seconds between startup probes; the startup timeout is divided by it.
 const STARTUP_PERIOD: i32 = 10;
+/// Seconds the engine gets on SIGTERM to finish its running requests before it exits
+/// (`--shutdown-grace-seconds`).
+pub const SHUTDOWN_GRACE_SECONDS: i64 = 30;
+/// What the kubelet waits past the engine's drain before it kills the container. When the
+/// grace runs out the engine fails the requests still running, gives their streams up to 5 s
+/// to flush, and then waits up to its group timeout (10 s by default) plus 5 s for the group
+/// to close: 20 s at most.
+pub const SHUTDOWN_MARGIN_SECONDS: i64 = 20;
+/// Seconds between liveness probes of `/health`.
+pub const LIVENESS_PERIOD: i32 = 5;
+/// Failed liveness probes in a row that restart the container. Rank 0's `/health` fails once
+/// a rank of its group is lost or silent past the engine's group timeout, so a broken group
+/// is restarted (and, with `RecreateGroup`, recreated whole) about
+/// `LIVENESS_PERIOD * LIVENESS_FAILURES` seconds after that.
+pub const LIVENESS_FAILURES: i32 = 3;
 
 /// The pod template of group `index`. With `revision` set, pods are labelled with it; the
 /// revision itself is computed from the template of group 0 rendered without it.
@@ -94,7 +109,9 @@ pub fn group_pod_template(
                     .collect()
             }),
             enable_service_links: Some(false),
-            termination_grace_period_seconds: Some(60),
+            termination_grace_period_seconds: Some(
+                SHUTDOWN_GRACE_SECONDS + SHUTDOWN_MARGIN_SECONDS,
+            ),
             ..PodSpec::default()
         }),
     }
@@ -124,6 +141,8 @@ fn engine_container(
         e.max_num_seqs.to_string(),
         "--expert-parallel".into(),
         p.expert_parallel.to_string(),
+        "--shutdown-grace-seconds".into(),
+        SHUTDOWN_GRACE_SECONDS.to_string(),
     ];
     args.extend(e.extra_args.iter().cloned());
 
@@ -195,8 +214,8 @@ fn engine_container(
             ..http_probe("/health", 5)
         }),
         liveness_probe: Some(Probe {
-            period_seconds: Some(10),
-            failure_threshold: Some(3),
+            period_seconds: Some(LIVENESS_PERIOD),
+            failure_threshold: Some(LIVENESS_FAILURES),
             ..http_probe("/health", 5)
         }),
         readiness_probe: Some(Probe {

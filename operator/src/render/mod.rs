@@ -29,7 +29,10 @@ use crate::api::validate::ModelSource;
 use crate::api::{DeepSeekDeployment, validate};
 use crate::{Error, Result};
 
-pub use group::{group_pod_template, headless_service, pod_disruption_budget, statefulset};
+pub use group::{
+    LIVENESS_FAILURES, LIVENESS_PERIOD, SHUTDOWN_GRACE_SECONDS, SHUTDOWN_MARGIN_SECONDS,
+    group_pod_template, headless_service, pod_disruption_budget, statefulset,
+};
 pub use model::ModelMount;
 pub use serving::{engine_config_map, serving_service};
 

@@ -142,7 +142,61 @@ fn the_engine_command_line_follows_the_spec() {
     assert_eq!(arg_after(&c, "--kv-cache-dtype"), "bf16");
     assert_eq!(arg_after(&c, "--max-num-seqs"), "128");
     assert_eq!(arg_after(&c, "--expert-parallel"), "16");
+    assert_eq!(arg_after(&c, "--shutdown-grace-seconds"), "30");
     assert_eq!(args.last().unwrap(), "--enable-mtp", "extra args come last");
+}
+
+#[test]
+fn the_kubelet_waits_past_the_engines_drain_before_killing_it() {
+    let d = render(&DeepSeekDeployment::full());
+    let grace: i64 = arg_after(&engine(&d, 0), "--shutdown-grace-seconds")
+        .parse()
+        .unwrap();
+    let termination = pod_spec(&d, 0).termination_grace_period_seconds.unwrap();
+    assert_eq!(grace, SHUTDOWN_GRACE_SECONDS);
+    assert_eq!(
+        termination,
+        grace + SHUTDOWN_MARGIN_SECONDS,
+        "SIGKILL comes only after the drain and a margin"
+    );
+    // Past the grace the engine flushes failed streams (5 s) and closes its group (group
+    // timeout, 10 s by default, plus 5 s).
+    assert!(
+        SHUTDOWN_MARGIN_SECONDS >= 5 + 10 + 5,
+        "the engine's own bound after the grace"
+    );
+}
+
+#[test]
+fn a_broken_group_fails_liveness_well_within_a_minute_and_readiness_is_unchanged() {
+    let c = engine(&render(&DeepSeekDeployment::full()), 0);
+    let live = c.liveness_probe.clone().unwrap();
+    assert_eq!(live.http_get.unwrap().path.as_deref(), Some("/health"));
+    let (period, failures, timeout) = (
+        live.period_seconds.unwrap(),
+        live.failure_threshold.unwrap(),
+        live.timeout_seconds.unwrap(),
+    );
+    assert!(timeout <= period, "one probe at a time");
+    // The engine's rank 0 turns /health to 503 at most 10 s (its default group timeout) after a
+    // rank goes silent; the kubelet restarts it after `failures` failed probes in a row, the
+    // first of them at most one period after the switch.
+    let worst = 10 + period * failures;
+    assert!(worst <= 30, "a broken group restarts after up to {worst} s");
+    assert!(
+        failures >= 3,
+        "one slow /health answer under load does not restart a healthy engine"
+    );
+    let ready = c.readiness_probe.unwrap();
+    assert_eq!(ready.http_get.unwrap().path.as_deref(), Some("/ready"));
+    assert_eq!(
+        (
+            ready.period_seconds,
+            ready.failure_threshold,
+            ready.timeout_seconds
+        ),
+        (Some(5), Some(3), Some(3))
+    );
 }
 
 #[test]
