@@ -315,6 +315,7 @@ impl From<ModelArgs> for ModelOptions {
             device: a.device,
             weight_dtype: a.weight_dtype,
             kv_cache_dtype: a.kv_cache_dtype,
+            ..ModelOptions::default()
         }
     }
 }

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use deepseek_engine::backend::cpu::{self, Linear};
 use deepseek_engine::backend::cuda::{self, CudaExecutor, CudaOptions, DType, Device, ops};
+use deepseek_engine::backend::ep::{ExpertParallelExecutor, RankCompute};
 use deepseek_engine::backend::{CpuExecutor, Executor};
+use deepseek_engine::dist::ExpertShard;
 use deepseek_engine::generate::{self, Sampler, SamplingParams, sample_row};
 use deepseek_engine::kv::{BlockAllocator, BlockTable, KvGeometry};
 use deepseek_engine::model::forward::route_scores;
@@ -1067,5 +1069,124 @@ fn full_width_benchmark() {
     match std::env::var("DEEPSEEK_BENCH_OUT") {
         Ok(path) => std::fs::write(path, &text).unwrap(),
         Err(_) => println!("{text}"),
+    }
+}
+
+/// The routed experts split over 2 and 4 GPU ranks (all on device 0, each with its own
+/// executor, exchanging rows over in-process channels as separate processes do over TCP):
+/// a mixed batch whose sequences land on different ranks, then greedy decoding, give what one
+/// executor holding every expert gives.
+#[test]
+fn an_expert_parallel_group_of_gpu_ranks_computes_what_one_gpu_computes() {
+    if gpu().is_none() {
+        return;
+    }
+    for (name, dtype) in [
+        ("tiny-sharded", DType::F32),
+        ("tiny-deep", DType::F32),
+        ("tiny-fp8", DType::Fp8),
+    ] {
+        let whole = Model::load(&dir(name)).unwrap();
+        let (exp, _) = expected(name);
+        let p = &exp.prompt_ids;
+        let n_experts = whole.config.n_routed_experts;
+        let g = geometry(16, 16);
+        let mut single = executor(&whole, g, dtype);
+        for world in [2usize, 4] {
+            if !n_experts.is_multiple_of(world) {
+                continue;
+            }
+            let ranks: Vec<Box<dyn RankCompute>> = (0..world)
+                .map(|r| {
+                    let shard = ExpertShard::new(r, world, n_experts).unwrap();
+                    let m = Model::load_sharded(&dir(name), shard).unwrap();
+                    Box::new(executor(&m, g, dtype)) as Box<dyn RankCompute>
+                })
+                .collect();
+            let mut group = ExpertParallelExecutor::in_process_ranks(ranks).unwrap();
+            // Three sequences whose first blocks map to different ranks.
+            let prompts: [&[u32]; 3] = [&p[..40], &p[3..20], &p[10..11]];
+            let mut alloc = BlockAllocator::new(g);
+            let tables: Vec<BlockTable> = prompts
+                .iter()
+                .map(|q| {
+                    let mut t = BlockTable::default();
+                    alloc.reserve(&mut t, q.len()).unwrap();
+                    t
+                })
+                .collect();
+            let chunks: Vec<SeqChunk> = prompts
+                .iter()
+                .zip(&tables)
+                .map(|(q, t)| SeqChunk {
+                    tokens: q,
+                    start_pos: 0,
+                    blocks: t,
+                    logits: LogitsWanted::All,
+                })
+                .collect();
+            let want = single.forward(&chunks).unwrap();
+            let got = group.forward(&chunks).unwrap();
+            let tol = if dtype == DType::Fp8 { 2e-3 } else { 1e-4 };
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                let e = rel_err(a, b);
+                eprintln!("{name} {dtype:?} EP {world} sequence {i}: {e:.2e}");
+                assert!(e < tol, "{name} EP {world} sequence {i}: {e}");
+            }
+            // Greedy tokens are compared where the arithmetic is exact to rounding (FP8's
+            // per-GEMM grouping moves logits by up to the tolerance above).
+            if dtype == DType::F32 {
+                assert_eq!(
+                    greedy(&mut group, &p[..24], 8),
+                    greedy(&mut single, &p[..24], 8),
+                    "{name} EP {world}: greedy tokens"
+                );
+            }
+        }
+    }
+}
+
+/// The streaming load (each rank's tensors from the files to the device part by part, through
+/// pinned staging) puts on the device exactly what uploading the host model puts there: the
+/// logits agree bit for bit, for every storage type, whole and as expert-parallel ranks.
+#[test]
+fn the_streaming_load_computes_what_the_host_upload_computes() {
+    if gpu().is_none() {
+        return;
+    }
+    use deepseek_engine::model::weights::Checkpoint;
+    for name in ["tiny-sharded", "tiny-fp8"] {
+        let (exp, _) = expected(name);
+        let prompt = &exp.prompt_ids[..32];
+        let whole = Model::load(&dir(name)).unwrap();
+        let cfg = whole.config.clone();
+        let block = cfg
+            .quantization
+            .as_ref()
+            .map(|q| q.block)
+            .unwrap_or([128, 128]);
+        for dtype in [DType::F32, DType::Bf16, DType::Fp8] {
+            let g = geometry(16, 16);
+            let want = score(&mut executor(&whole, g, dtype), prompt);
+            let ckpt = Checkpoint::open(&dir(name), block).unwrap();
+            let mut streamed =
+                CudaExecutor::load(&ckpt, &cfg, ExpertShard::WHOLE, g, false, 0, options(dtype))
+                    .expect("streamed load");
+            assert_eq!(score(&mut streamed, prompt), want, "{name} {dtype:?}");
+            // Rank 1 of 2 reads only its own experts and matches the host-loaded rank 1.
+            let shard = ExpertShard::new(1, 2, cfg.n_routed_experts).unwrap();
+            let ckpt = Checkpoint::open(&dir(name), block).unwrap();
+            let rank = CudaExecutor::load(&ckpt, &cfg, shard, g, false, 0, options(dtype)).unwrap();
+            let read: Vec<String> = ckpt
+                .tensor_names()
+                .filter(|n| !ckpt.unconsumed().contains(&n.to_string()))
+                .map(str::to_string)
+                .collect();
+            assert!(
+                read.iter().all(|n| !n.contains(".mlp.experts.0.")),
+                "{name}: rank 1 read expert 0"
+            );
+            drop(rank);
+        }
     }
 }

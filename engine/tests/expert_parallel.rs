@@ -310,3 +310,60 @@ fn a_worker_rank_needs_no_tokenizer() {
     let status = worker.wait_exit();
     assert!(status.success(), "{status}: {}", worker.log());
 }
+
+/// Two processes of a group holding two ranks each (LOCAL_WORLD_SIZE=2, as a pod with two
+/// GPUs does): the four ranks generate what one process holding every expert generates.
+#[test]
+fn processes_holding_several_ranks_each_generate_what_one_process_does() {
+    let model = dir("tiny-deep");
+    let generate = |envs: &[(&str, String)]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_deepseek-engine"));
+        c.args(["generate", "--prompt-ids", "5,6,7,8,9", "--max-tokens", "6"])
+            .args(["--temperature", "0", "--ignore-eos", "--backend", "cpu"])
+            .arg("--model")
+            .arg(&model)
+            .env("RUST_LOG", "warn")
+            .env_remove("RANK")
+            .env_remove("WORLD_SIZE")
+            .env_remove("LEADER_ADDR")
+            .env_remove("LOCAL_WORLD_SIZE");
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let one = generate(&[]).wait_with_output().unwrap();
+    assert!(
+        one.status.success(),
+        "{}",
+        String::from_utf8_lossy(&one.stderr)
+    );
+    let leader = format!("127.0.0.1:{}", common::free_port());
+    let group = |rank: &str| {
+        generate(&[
+            ("RANK", rank.into()),
+            ("WORLD_SIZE", "2".into()),
+            ("LOCAL_WORLD_SIZE", "2".into()),
+            ("LEADER_ADDR", leader.clone()),
+        ])
+    };
+    let (r1, r0) = (group("1"), group("0"));
+    let out0 = r0.wait_with_output().unwrap();
+    let out1 = r1.wait_with_output().unwrap();
+    assert!(
+        out0.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out0.stderr)
+    );
+    assert!(
+        out1.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out1.stderr)
+    );
+    let tokens = |b: &[u8]| serde_json::from_slice::<Value>(b).unwrap()["token_ids"].clone();
+    assert_eq!(tokens(&out0.stdout), tokens(&one.stdout));
+    assert!(out1.stdout.is_empty(), "a worker process prints nothing");
+}

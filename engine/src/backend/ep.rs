@@ -3,11 +3,14 @@
 //! attention; a sequence stays on the rank its first KV block maps to, so prefix-cache hits
 //! land where the data is), runs its own share, and gathers the logits. Worker ranks run
 //! [`run_worker`]: receive a step, run it (MoE layers exchange tokens with every rank), reply.
+//!
+//! What a rank computes with is a [`RankCompute`]: the CPU reference ([`CpuExecutor`]) or one
+//! GPU ([`crate::backend::cuda::CudaExecutor`]). Both speak the same MoE exchange, so the
+//! protocol here is the same for either.
 
 use std::sync::Arc;
 
-use super::Executor;
-use super::cpu::CpuKvCache;
+use super::{CpuExecutor, Executor};
 use crate::dist::{DistError, Reader, Transport, Writer};
 use crate::kv::{BlockTable, KvGeometry};
 use crate::model::{ForwardError, LogitsWanted, Model, SeqChunk};
@@ -15,9 +18,43 @@ use crate::model::{ForwardError, LogitsWanted, Model, SeqChunk};
 const STEP: u32 = 1;
 const SHUTDOWN: u32 = 2;
 
+/// One rank's share of an expert-parallel step: its own sequences through every layer, with
+/// each MoE layer exchanging tokens with the other ranks through `comm`. A rank with no
+/// sequences still takes part in every exchange, so collectives never hang.
+pub trait RankCompute: Send {
+    fn forward_rank(
+        &mut self,
+        batch: &[SeqChunk],
+        comm: &mut dyn Transport,
+    ) -> Result<Vec<Vec<f32>>, ForwardError>;
+    fn kv_geometry(&self) -> KvGeometry;
+    /// Uses at most `num_blocks` KV blocks: the group's ranks agree on the fewest any holds,
+    /// since the leader's block ids may be stored on any rank.
+    fn limit_blocks(&mut self, num_blocks: usize);
+    fn device_name(&self) -> String;
+}
+
+impl RankCompute for CpuExecutor {
+    fn forward_rank(
+        &mut self,
+        batch: &[SeqChunk],
+        comm: &mut dyn Transport,
+    ) -> Result<Vec<Vec<f32>>, ForwardError> {
+        self.model.forward_with(&mut self.cache, batch, Some(comm))
+    }
+    fn kv_geometry(&self) -> KvGeometry {
+        self.cache.geometry
+    }
+    fn limit_blocks(&mut self, num_blocks: usize) {
+        self.cache.geometry.num_blocks = self.cache.geometry.num_blocks.min(num_blocks);
+    }
+    fn device_name(&self) -> String {
+        Executor::device_name(self)
+    }
+}
+
 pub struct ExpertParallelExecutor {
-    model: Arc<Model>,
-    cache: CpuKvCache,
+    local: Box<dyn RankCompute>,
     transport: Box<dyn Transport>,
     /// Threads of in-process worker ranks, joined on drop.
     workers: Vec<std::thread::JoinHandle<Result<(), ForwardError>>>,
@@ -32,42 +69,66 @@ impl std::fmt::Debug for ExpertParallelExecutor {
 }
 
 impl ExpertParallelExecutor {
-    /// The leader side; `transport` must be rank 0 of the group.
+    /// The leader side on the CPU; `transport` must be rank 0 of the group.
     pub fn new(model: Arc<Model>, geometry: KvGeometry, transport: Box<dyn Transport>) -> Self {
-        let cache = CpuKvCache::new(&model.config, geometry);
+        Self::with_rank(Box::new(CpuExecutor::new(model, geometry)), transport)
+    }
+
+    /// The leader side computing with `local`; `transport` must be rank 0 of the group.
+    pub fn with_rank(local: Box<dyn RankCompute>, transport: Box<dyn Transport>) -> Self {
         ExpertParallelExecutor {
-            model,
-            cache,
+            local,
             transport,
             workers: Vec::new(),
         }
     }
 
-    /// A whole group in this process: `models[r]` is rank r's shard; ranks 1.. run on threads.
+    /// Adds threads of this process's other ranks (running [`run_worker_with`]), joined when
+    /// the executor is dropped.
+    pub fn with_workers(
+        mut self,
+        workers: Vec<std::thread::JoinHandle<Result<(), ForwardError>>>,
+    ) -> Self {
+        self.workers.extend(workers);
+        self
+    }
+
+    /// A whole group on the CPU in this process: `models[r]` is rank r's shard; ranks 1.. run
+    /// on threads.
     pub fn in_process(models: Vec<Arc<Model>>, geometry: KvGeometry) -> Result<Self, ForwardError> {
-        let world = models.len();
+        let ranks = models
+            .into_iter()
+            .map(|m| Box::new(CpuExecutor::new(m, geometry)) as Box<dyn RankCompute>)
+            .collect();
+        Self::in_process_ranks(ranks)
+    }
+
+    /// A whole group in this process over in-process channels: `ranks[r]` computes rank r's
+    /// share (for example one GPU each); ranks 1.. run on threads.
+    pub fn in_process_ranks(ranks: Vec<Box<dyn RankCompute>>) -> Result<Self, ForwardError> {
+        let world = ranks.len();
         let mut endpoints = crate::dist::in_process_group(world).into_iter();
-        let mut models = models.into_iter();
-        let (Some(leader_t), Some(leader_m)) = (endpoints.next(), models.next()) else {
+        let mut ranks = ranks.into_iter();
+        let (Some(leader_t), Some(leader)) = (endpoints.next(), ranks.next()) else {
             return Err(ForwardError::Backend(
                 "an expert-parallel group needs at least one rank".into(),
             ));
         };
         let workers = endpoints
-            .zip(models)
-            .map(|(t, m)| {
+            .zip(ranks)
+            .map(|(t, r)| {
                 std::thread::Builder::new()
                     .name(format!("ep-rank-{}", t.rank()))
                     .spawn(move || {
-                        let mut t = t;
-                        run_worker(&m, geometry, &mut t)
+                        let (mut t, mut r) = (t, r);
+                        run_worker_with(r.as_mut(), &mut t)
                     })
                     .map_err(|e| {
                         ForwardError::Backend(format!("could not start a rank thread: {e}"))
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut ex = ExpertParallelExecutor::new(leader_m, geometry, Box::new(leader_t));
+        let mut ex = ExpertParallelExecutor::with_rank(leader, Box::new(leader_t));
         ex.workers = workers;
         Ok(ex)
     }
@@ -145,8 +206,7 @@ fn decode_chunks(bytes: &[u8]) -> Result<Option<Vec<OwnedChunk>>, DistError> {
 }
 
 fn run_local(
-    model: &Model,
-    cache: &mut CpuKvCache,
+    local: &mut dyn RankCompute,
     chunks: &[OwnedChunk],
     t: &mut dyn Transport,
 ) -> Result<Vec<Vec<f32>>, ForwardError> {
@@ -159,16 +219,24 @@ fn run_local(
             logits: c.logits,
         })
         .collect();
-    model.forward_with(cache, &views, Some(t))
+    local.forward_rank(&views, t)
 }
 
-/// A worker rank's loop: returns `Ok` when the leader shuts the group down.
+/// A worker rank's loop on the CPU: returns `Ok` when the leader shuts the group down.
 pub fn run_worker(
-    model: &Model,
+    model: &Arc<Model>,
     geometry: KvGeometry,
     t: &mut dyn Transport,
 ) -> Result<(), ForwardError> {
-    let mut cache = CpuKvCache::new(&model.config, geometry);
+    run_worker_with(&mut CpuExecutor::new(model.clone(), geometry), t)
+}
+
+/// A worker rank's loop computing with `local`: returns `Ok` when the leader shuts the group
+/// down.
+pub fn run_worker_with(
+    local: &mut dyn RankCompute,
+    t: &mut dyn Transport,
+) -> Result<(), ForwardError> {
     let world = t.world_size();
     loop {
         let got = t.all_to_all(vec![Vec::new(); world])?;
@@ -176,7 +244,7 @@ pub fn run_worker(
             tracing::info!(rank = t.rank(), "the leader closed the group");
             return Ok(());
         };
-        let logits = run_local(model, &mut cache, &chunks, t)?;
+        let logits = run_local(local, &chunks, t)?;
         let mut w = Writer::default();
         w.u32(chunks.len() as u32);
         for (c, l) in chunks.iter().zip(&logits) {
@@ -200,9 +268,7 @@ impl Executor for ExpertParallelExecutor {
         self.transport.all_to_all(parts)?;
 
         let own: Vec<SeqChunk> = per_rank[0].iter().map(|(_, c)| **c).collect();
-        let own_logits =
-            self.model
-                .forward_with(&mut self.cache, &own, Some(self.transport.as_mut()))?;
+        let own_logits = self.local.forward_rank(&own, self.transport.as_mut())?;
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); batch.len()];
         for ((i, _), l) in per_rank[0].iter().zip(own_logits) {
             out[*i] = l;
@@ -226,7 +292,7 @@ impl Executor for ExpertParallelExecutor {
     }
 
     fn kv_geometry(&self) -> KvGeometry {
-        self.cache.geometry
+        self.local.kv_geometry()
     }
 
     /// A rank that died or froze while the group idles fails this check within the transport's
@@ -237,7 +303,8 @@ impl Executor for ExpertParallelExecutor {
 
     fn device_name(&self) -> String {
         format!(
-            "cpu, expert-parallel over {} ranks",
+            "{}, expert-parallel over {} ranks",
+            self.local.device_name(),
             self.transport.world_size()
         )
     }

@@ -27,10 +27,8 @@ pub struct BackendChoice {
     pub reason: String,
 }
 
-/// Decides the backend from the flag, whether a GPU is usable (`gpu_unavailable` says why
-/// not), and the replica's expert-parallel ranks. Expert parallelism runs only on the CPU in
-/// this build, so `auto` on a GPU machine with more than one rank is refused rather than left
-/// to compute in f32 on the CPU beside idle GPUs; `--backend cpu` still runs it.
+/// Decides the backend from the flag and whether a GPU is usable (`gpu_unavailable` says why
+/// not). Expert parallelism runs on either backend, so `ranks` only shows in the reason.
 pub fn choose_backend(
     flag: BackendFlag,
     gpu_unavailable: Option<&str>,
@@ -42,20 +40,15 @@ pub fn choose_backend(
         (BackendFlag::Cuda, Some(why)) => Err(Error::Options(format!(
             "--backend cuda: CUDA is not available: {why}"
         ))),
-        (BackendFlag::Cuda, None) if ranks > 1 => Err(Error::Options(format!(
-            "--backend cuda with --expert-parallel {ranks}: expert parallelism over GPUs is not \
-             in this build; use --backend cpu or --expert-parallel 1"
-        ))),
         (BackendFlag::Cuda, None) => choice(Compute::Cuda, "--backend cuda".into()),
         (BackendFlag::Auto, Some(_)) => choice(
             Compute::Cpu,
             "no usable GPU was found (RUST_LOG=debug says why)".into(),
         ),
-        (BackendFlag::Auto, None) if ranks > 1 => Err(Error::Options(format!(
-            "--backend auto found a GPU, but expert parallelism (--expert-parallel {ranks}) runs \
-             only on the CPU in this build, in f32, leaving the GPU idle; pass --backend cpu to \
-             run it on the CPU anyway, or --expert-parallel 1 to use the GPU"
-        ))),
+        (BackendFlag::Auto, None) if ranks > 1 => choice(
+            Compute::Cuda,
+            format!("a GPU is usable; {ranks} expert-parallel ranks, one GPU each"),
+        ),
         (BackendFlag::Auto, None) => choice(Compute::Cuda, "a GPU is usable".into()),
     }
 }
@@ -109,18 +102,13 @@ mod tests {
     const NO_GPU: Option<&str> = Some("no CUDA device is present");
 
     #[test]
-    fn auto_with_expert_parallelism_on_a_gpu_machine_is_refused_loudly() {
-        let e = choose_backend(BackendFlag::Auto, None, 2)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("--backend auto found a GPU") && e.contains("--backend cpu"),
-            "{e}"
-        );
-        let e = choose_backend(BackendFlag::Cuda, None, 4)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("--expert-parallel 4"), "{e}");
+    fn expert_parallelism_takes_the_gpu_when_one_is_usable() {
+        for flag in [BackendFlag::Auto, BackendFlag::Cuda] {
+            let c = choose_backend(flag, None, 4).unwrap();
+            assert_eq!(c.compute, Compute::Cuda);
+        }
+        let c = choose_backend(BackendFlag::Auto, None, 4).unwrap();
+        assert!(c.reason.contains("4 expert-parallel ranks"), "{}", c.reason);
     }
 
     #[test]

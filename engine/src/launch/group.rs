@@ -9,21 +9,23 @@ use crate::dist::GroupEnv;
 pub enum Role {
     /// The whole replica in this process (with `ep` ranks as threads when ep > 1).
     Single { ep: usize },
-    /// One rank of a multi-process group.
-    Group(GroupEnv),
+    /// One process of a multi-process group: `env` says which process (pod) of how many, and
+    /// the process holds `local` consecutive ranks, one per GPU (global ranks
+    /// `env.rank × local ..`).
+    Group { env: GroupEnv, local: usize },
 }
 
 impl Role {
     /// Whether this process is a worker rank of a group (it serves no API).
     pub fn is_worker(&self) -> bool {
-        matches!(self, Role::Group(env) if env.rank != 0)
+        matches!(self, Role::Group { env, .. } if env.rank != 0)
     }
 
     /// Expert-parallel ranks of the whole replica.
     pub fn ranks(&self) -> usize {
         match self {
             Role::Single { ep } => *ep,
-            Role::Group(env) => env.world_size,
+            Role::Group { env, local } => env.world_size * local,
         }
     }
 }
@@ -70,13 +72,7 @@ pub fn resolve(
         // One process holds the whole replica, its ranks as threads.
         return Ok(Role::Single { ep });
     }
-    if local > 1 {
-        return Err(Error::Options(format!(
-            "LOCAL_WORLD_SIZE={local}: several ranks per process need the CUDA backend with NCCL, \
-             which this build does not have"
-        )));
-    }
-    Ok(Role::Group(env))
+    Ok(Role::Group { env, local })
 }
 
 /// The role of this process, from `--expert-parallel` and its environment.
@@ -88,6 +84,13 @@ pub fn from_env(expert_parallel: Option<usize>) -> Result<Role> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn group(rank: usize, world_size: usize, local: usize) -> Role {
+        Role::Group {
+            env: env(rank, world_size).unwrap(),
+            local,
+        }
+    }
 
     fn env(rank: usize, world_size: usize) -> Option<GroupEnv> {
         Some(GroupEnv {
@@ -115,14 +118,8 @@ mod tests {
 
     #[test]
     fn expert_parallel_defaults_to_world_size_times_local_world_size() {
-        assert_eq!(
-            resolve(env(1, 2), None, None).unwrap(),
-            Role::Group(env(1, 2).unwrap())
-        );
-        assert_eq!(
-            resolve(env(0, 4), Some("1"), None).unwrap(),
-            Role::Group(env(0, 4).unwrap())
-        );
+        assert_eq!(resolve(env(1, 2), None, None).unwrap(), group(1, 2, 1));
+        assert_eq!(resolve(env(0, 4), Some("1"), None).unwrap(), group(0, 4, 1));
         assert_eq!(
             resolve(env(0, 1), Some("4"), None).unwrap(),
             Role::Single { ep: 4 }
@@ -136,7 +133,7 @@ mod tests {
     fn an_explicit_expert_parallel_must_match_the_group() {
         assert_eq!(
             resolve(env(0, 2), Some("1"), Some(2)).unwrap(),
-            Role::Group(env(0, 2).unwrap())
+            group(0, 2, 1)
         );
         let e = resolve(env(0, 2), None, Some(4)).unwrap_err().to_string();
         assert!(
@@ -155,14 +152,14 @@ mod tests {
                 "{e}"
             );
         }
-        let e = resolve(env(0, 2), Some("8"), None).unwrap_err().to_string();
-        assert!(
-            e.contains("LOCAL_WORLD_SIZE=8") && e.contains("NCCL"),
-            "{e}"
-        );
-        assert_eq!(
-            resolve(env(0, 2), Some(""), None).unwrap(),
-            Role::Group(env(0, 2).unwrap())
-        );
+        assert_eq!(resolve(env(0, 2), Some(""), None).unwrap(), group(0, 2, 1));
+    }
+
+    #[test]
+    fn a_process_of_a_group_may_hold_several_ranks() {
+        let role = resolve(env(1, 2), Some("8"), None).unwrap();
+        assert_eq!(role, group(1, 2, 8));
+        assert_eq!(role.ranks(), 16);
+        assert!(role.is_worker());
     }
 }

@@ -18,6 +18,7 @@ pub mod replica;
 pub mod serve;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -27,6 +28,7 @@ use crate::dist::{DEFAULT_PEER_TIMEOUT, DistError};
 use crate::generate::GenerateError;
 use crate::kv::KvError;
 use crate::model::builtin::BUILTIN_MODEL;
+use crate::model::weights::LoadProgress;
 use crate::model::{ForwardError, ModelError};
 use crate::tokenizer::TokenizerError;
 
@@ -119,6 +121,8 @@ pub struct ModelOptions {
     pub weight_dtype: String,
     /// `--kv-cache-dtype`: fp8, bf16, f32 or auto.
     pub kv_cache_dtype: String,
+    /// Bytes of weights read so far, for the load-progress metric.
+    pub load_progress: Arc<LoadProgress>,
 }
 
 impl Default for ModelOptions {
@@ -132,6 +136,7 @@ impl Default for ModelOptions {
             device: 0,
             weight_dtype: "auto".into(),
             kv_cache_dtype: "auto".into(),
+            load_progress: LoadProgress::new(),
         }
     }
 }

@@ -120,6 +120,45 @@ pub struct Model {
     pub expert_routed_tokens: Vec<AtomicU64>,
 }
 
+/// Receives a model part by part as it is read, so a loader can move each part elsewhere (a
+/// GPU) and drop it before reading the next: host memory then holds one part at a time, not
+/// the model. Each routed expert comes on its own, before the layer it belongs to; the layer
+/// then comes with `experts` all `None`.
+pub trait PartSink {
+    type Error: From<ModelError>;
+    fn expert(&mut self, layer: usize, expert: usize, mlp: Mlp) -> Result<(), Self::Error>;
+    fn layer(&mut self, index: usize, layer: DecoderLayer) -> Result<(), Self::Error>;
+}
+
+/// Collects the parts into the layers of a host [`Model`].
+#[derive(Default)]
+struct HostLayers {
+    pending: Vec<Option<Mlp>>,
+    layers: Vec<DecoderLayer>,
+}
+
+impl PartSink for HostLayers {
+    type Error = ModelError;
+
+    fn expert(&mut self, _layer: usize, expert: usize, mlp: Mlp) -> Result<(), ModelError> {
+        if self.pending.len() <= expert {
+            self.pending.resize_with(expert + 1, || None);
+        }
+        self.pending[expert] = Some(mlp);
+        Ok(())
+    }
+    fn layer(&mut self, _index: usize, mut layer: DecoderLayer) -> Result<(), ModelError> {
+        if let FeedForward::Moe(moe) = &mut layer.mlp {
+            for (slot, mlp) in moe.experts.iter_mut().zip(self.pending.drain(..)) {
+                *slot = mlp;
+            }
+        }
+        self.pending.clear();
+        self.layers.push(layer);
+        Ok(())
+    }
+}
+
 struct Loader<'a> {
     src: &'a dyn TensorSource,
     /// Keep FP8 linears as codes only (no f32 copy on the host).
@@ -238,25 +277,29 @@ impl Model {
         Self::build(config, src, shard, LoadOptions::default())
     }
 
-    fn build(
-        config: ModelConfig,
+    /// Reads every decoder layer of `config` from `src` into `sink`, one part at a time:
+    /// routed experts one by one (only those `shard` owns), then the rest of their layer.
+    /// Embeddings, the final norm and lm_head are not included.
+    pub fn stream_layers<S: PartSink + ?Sized>(
+        config: &ModelConfig,
         src: &dyn TensorSource,
         shard: ExpertShard,
         options: LoadOptions,
-    ) -> Result<Self, ModelError> {
+        sink: &mut S,
+    ) -> Result<(), S::Error> {
         if shard.world > 1 && !config.n_routed_experts.is_multiple_of(shard.world) {
             return Err(ModelError::InvalidConfig(format!(
                 "n_routed_experts ({}) cannot be split over {} expert-parallel ranks",
                 config.n_routed_experts, shard.world
-            )));
+            ))
+            .into());
         }
         let l = Loader {
             src,
             fp8_codes_only: options.fp8_codes_only,
         };
-        let c = &config;
+        let c = config;
         let h = c.hidden_size;
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let a = format!("{p}.self_attn");
@@ -312,16 +355,19 @@ impl Model {
                         &format!("{p}.mlp.gate.e_score_correction_bias"),
                         c.n_routed_experts,
                     )?,
-                    experts: (0..c.n_routed_experts)
-                        .map(|e| {
+                    experts: {
+                        for e in 0..c.n_routed_experts {
                             if shard.owns(e, c.n_routed_experts) {
-                                l.mlp(&format!("{p}.mlp.experts.{e}"), h, c.moe_intermediate_size)
-                                    .map(Some)
-                            } else {
-                                Ok(None)
+                                let m = l.mlp(
+                                    &format!("{p}.mlp.experts.{e}"),
+                                    h,
+                                    c.moe_intermediate_size,
+                                )?;
+                                sink.expert(i, e, m)?;
                             }
-                        })
-                        .collect::<Result<_, _>>()?,
+                        }
+                        (0..c.n_routed_experts).map(|_| None).collect()
+                    },
                     shared_experts: if c.n_shared_experts > 0 {
                         Some(l.mlp(
                             &format!("{p}.mlp.shared_experts"),
@@ -333,14 +379,35 @@ impl Model {
                     },
                 }),
             };
-            layers.push(DecoderLayer {
-                input_layernorm: l.vec(&format!("{p}.input_layernorm.weight"), h)?,
-                self_attn,
-                post_attention_layernorm: l
-                    .vec(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                mlp,
-            });
+            sink.layer(
+                i,
+                DecoderLayer {
+                    input_layernorm: l.vec(&format!("{p}.input_layernorm.weight"), h)?,
+                    self_attn,
+                    post_attention_layernorm: l
+                        .vec(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                    mlp,
+                },
+            )?;
         }
+        Ok(())
+    }
+
+    fn build(
+        config: ModelConfig,
+        src: &dyn TensorSource,
+        shard: ExpertShard,
+        options: LoadOptions,
+    ) -> Result<Self, ModelError> {
+        let mut host = HostLayers::default();
+        Self::stream_layers(&config, src, shard, options, &mut host)?;
+        let layers = host.layers;
+        let l = Loader {
+            src,
+            fp8_codes_only: options.fp8_codes_only,
+        };
+        let c = &config;
+        let h = c.hidden_size;
         let embed_tokens = src.f32_tensor("model.embed_tokens.weight", &[c.vocab_size, h])?;
         let lm_head = if c.tie_word_embeddings && !src.contains("lm_head.weight") {
             Linear::new(embed_tokens.clone(), c.vocab_size, h)

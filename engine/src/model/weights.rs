@@ -5,10 +5,11 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
@@ -31,6 +32,56 @@ pub trait TensorSource {
     fn fp8_codes(&self, _name: &str, _shape: &[usize]) -> Result<Option<Fp8Weight>, ModelError> {
         Ok(None)
     }
+}
+
+/// Bytes of weights read so far and to be read, shared between a loader and whoever reports
+/// on it (the log, the `deepseek_engine_model_load_progress` gauge).
+#[derive(Debug, Default)]
+pub struct LoadProgress {
+    done: AtomicU64,
+    total: AtomicU64,
+}
+
+impl LoadProgress {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+    /// Sets how many bytes the load will read in all.
+    pub fn set_total(&self, bytes: u64) {
+        self.total.store(bytes, Ordering::Relaxed);
+    }
+    pub fn add(&self, bytes: u64) {
+        self.done.fetch_add(bytes, Ordering::Relaxed);
+    }
+    /// (bytes read, bytes to read).
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
+    }
+    /// Share done, 0 to 1 (0 while the total is unknown).
+    pub fn fraction(&self) -> f64 {
+        let (done, total) = self.bytes();
+        if total == 0 {
+            0.0
+        } else {
+            (done as f64 / total as f64).min(1.0)
+        }
+    }
+}
+
+/// Where one tensor's bytes lie in its file, for readers that copy them elsewhere (a GPU)
+/// without going through the memory map.
+#[derive(Debug, Clone)]
+pub struct RawTensor {
+    pub name: String,
+    pub path: PathBuf,
+    /// Byte offset of the first element in the file.
+    pub offset: u64,
+    pub len: usize,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
 }
 
 struct Shard {
@@ -58,7 +109,10 @@ pub struct Checkpoint {
     consumed: Mutex<HashSet<String>>,
     /// Bytes of tensor data read so far, for load progress.
     loaded_bytes: Mutex<(u64, Instant)>,
+    /// Bytes this load will read: the whole checkpoint unless narrowed with
+    /// [`Checkpoint::expect_bytes`].
     total_bytes: u64,
+    progress: Arc<LoadProgress>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -194,7 +248,82 @@ impl Checkpoint {
             consumed: Mutex::new(HashSet::new()),
             loaded_bytes: Mutex::new((0, Instant::now())),
             total_bytes,
+            progress: {
+                let p = LoadProgress::new();
+                p.set_total(total_bytes);
+                p
+            },
         })
+    }
+
+    /// Reports the bytes read to `progress` from now on.
+    pub fn with_progress(mut self, progress: Arc<LoadProgress>) -> Self {
+        progress.set_total(self.total_bytes);
+        self.progress = progress;
+        self
+    }
+
+    /// Narrows the load's total to the tensors `wanted` accepts (an expert-parallel rank reads
+    /// its own experts only), so progress and ETA are this rank's.
+    pub fn expect_bytes(&mut self, wanted: impl Fn(&str) -> bool) {
+        self.total_bytes = self
+            .entries
+            .iter()
+            .filter(|(n, _)| wanted(n))
+            .map(|(_, e)| (e.end - e.start) as u64)
+            .sum();
+        self.progress.set_total(self.total_bytes);
+    }
+
+    /// Bytes of every tensor in the checkpoint.
+    pub fn total_bytes(&self) -> u64 {
+        self.entries
+            .values()
+            .map(|e| (e.end - e.start) as u64)
+            .sum()
+    }
+
+    /// Where `name`'s bytes are, checked against `shape`; `Ok(None)` when absent.
+    pub fn raw_tensor(&self, name: &str, shape: &[usize]) -> Result<Option<RawTensor>, ModelError> {
+        let Some(e) = self.entries.get(name) else {
+            return Ok(None);
+        };
+        self.check_shape(name, e, shape)?;
+        let shard = &self.shards[e.shard];
+        Ok(Some(RawTensor {
+            name: name.to_string(),
+            path: shard.path.clone(),
+            offset: (shard.data_start + e.start) as u64,
+            len: e.end - e.start,
+            dtype: e.dtype,
+            shape: e.shape.clone(),
+        }))
+    }
+
+    /// Records that a reader outside the memory map consumed `t` (progress and the
+    /// unconsumed-tensor check).
+    pub fn consumed_raw(&self, t: &RawTensor) {
+        self.mark(&t.name, t.len);
+    }
+
+    /// Drops the pages of `e` from this process's view of the map once its bytes were copied
+    /// elsewhere, so resident memory does not grow with the checkpoint. The page cache keeps
+    /// them, and a later read faults them back in from the file.
+    fn release(&self, e: &Entry) {
+        const PAGE: usize = 4096;
+        let shard = &self.shards[e.shard];
+        let start = (shard.data_start + e.start) / PAGE * PAGE;
+        let end = (shard.data_start + e.end).min(shard.mmap.len());
+        if end <= start {
+            return;
+        }
+        // SAFETY: the map is read-only and file-backed, so dropped pages read back the same
+        // bytes from the file; nothing of the range is borrowed past the copy that came before.
+        let _ = unsafe {
+            shard
+                .mmap
+                .unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start)
+        };
     }
 
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
@@ -232,6 +361,7 @@ impl Checkpoint {
         if let Ok(mut c) = self.consumed.lock() {
             c.insert(name.to_string());
         }
+        self.progress.add(bytes as u64);
         if let Ok(mut g) = self.loaded_bytes.lock() {
             let before = g.0;
             g.0 += bytes as u64;
@@ -321,7 +451,7 @@ impl TensorSource for Checkpoint {
         if se.dtype != Dtype::F32 || se.shape != [rows.div_ceil(br), cols.div_ceil(bc)] {
             return None;
         }
-        Some(Fp8Weight {
+        let q = Fp8Weight {
             codes: bytes.to_vec(),
             scale_inv: sbytes
                 .chunks_exact(4)
@@ -330,7 +460,10 @@ impl TensorSource for Checkpoint {
             rows,
             cols,
             block: self.fp8_block,
-        })
+        };
+        self.release(e);
+        self.release(se);
+        Some(q)
     }
 
     fn f32_tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
@@ -340,6 +473,21 @@ impl TensorSource for Checkpoint {
         })?;
         self.check_shape(name, e, shape)?;
         self.mark(name, bytes.len());
+        let values = self.decode(name, e, bytes, shape);
+        self.release(e);
+        values
+    }
+}
+
+impl Checkpoint {
+    /// `bytes` of tensor `name` (entry `e`) as f32 values.
+    fn decode(
+        &self,
+        name: &str,
+        e: &Entry,
+        bytes: &[u8],
+        shape: &[usize],
+    ) -> Result<Vec<f32>, ModelError> {
         match e.dtype {
             Dtype::F32 => Ok(bytes
                 .chunks_exact(4)

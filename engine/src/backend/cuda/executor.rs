@@ -10,15 +10,24 @@
 //! row and the 132-byte indexer key of DeepSeek-V3.2) ([`CudaOptions`]). MoE routing is
 //! computed on the device and copied back once per MoE layer to group tokens by expert; each
 //! expert then runs its three linears over its own tokens.
+//!
+//! As one rank of an expert-parallel group ([`RankCompute`]) the executor holds its own range
+//! of routed experts: each MoE layer sends every (token, expert) row to the rank owning the
+//! expert, computes what arrives with its local experts and sends the results back, over the
+//! group's [`Transport`] with host staging, in the wire format of the CPU reference.
 
 use super::CudaError;
 use super::device::{Device, Gemm};
+use super::load::{self, Uploader};
 use super::ops::{self, MlaDims, RouteParams};
 use super::plan::{self, MemoryPlan};
 use super::weights::{self, DType, DevBuf, DevFeedForward, DevLayer, DevMlp, DevModel, DevMoe};
 use crate::backend::Executor;
+use crate::backend::ep::RankCompute;
+use crate::dist::{ExpertShard, Reader, Transport, Writer};
 use crate::generate::{RowSummary, Sampled, Sampler, sample_candidates, sample_row};
 use crate::kv::KvGeometry;
+use crate::model::weights::Checkpoint;
 use crate::model::{ForwardError, LogitsWanted, Model, ModelConfig, SeqChunk};
 
 /// Precision and sizing choices of the CUDA backend.
@@ -66,6 +75,8 @@ pub struct CudaExecutor {
     experts_touched: std::sync::atomic::AtomicUsize,
     /// Sampled rows the device's candidates could not decide (copied whole to the host).
     whole_rows_sampled: std::sync::atomic::AtomicUsize,
+    /// The routed experts this executor holds (all of them outside expert parallelism).
+    shard: ExpertShard,
 }
 
 fn check_shapes(cfg: &ModelConfig, options: &CudaOptions) -> Result<(), CudaError> {
@@ -144,7 +155,7 @@ impl CudaExecutor {
         dev.load_all()?;
         dev.set_gemm(options.gemm)?;
         let w = DevModel::upload(&dev, model, options.weights)?;
-        Self::assemble(
+        let mut ex = Self::assemble(
             dev,
             device_ordinal,
             cfg,
@@ -153,7 +164,77 @@ impl CudaExecutor {
             options,
             plan,
             (model.rope.attention_factor, model.softmax_scale),
-        )
+        )?;
+        ex.shard = model.shard;
+        Ok(ex)
+    }
+
+    /// Streams the weights rank `shard` holds from `ckpt` to device `ordinal` (see
+    /// [`DevModel::load`]: part by part through pinned staging, nothing whole on the host).
+    /// The memory plan is checked from the config before any weight is read; with
+    /// `auto_blocks` the cache takes every block of `geometry.block_size` that fits.
+    pub fn load(
+        ckpt: &Checkpoint,
+        cfg: &ModelConfig,
+        shard: ExpertShard,
+        geometry: KvGeometry,
+        auto_blocks: bool,
+        ordinal: usize,
+        options: CudaOptions,
+    ) -> Result<Self, CudaError> {
+        cfg.validate()
+            .map_err(|e| CudaError::Unsupported(format!("config: {e}")))?;
+        check_shapes(cfg, &options)?;
+        let dev = Device::new(ordinal)?;
+        let (free, total) = dev.mem_info()?;
+        let weight_bytes = weights::config_weight_split(cfg, options.weights).per_rank(shard.world);
+        let plan = plan::plan(
+            cfg,
+            weight_bytes,
+            options.cache,
+            free,
+            geometry.block_size,
+            options.max_batch_tokens,
+            (!auto_blocks).then_some(geometry.num_blocks),
+        )?;
+        const MIB: usize = 1 << 20;
+        tracing::info!(
+            device = %dev.name,
+            total_mib = total / MIB,
+            free_mib = free / MIB,
+            weights_mib = plan.weight_bytes / MIB,
+            weights = ?options.weights,
+            workspace_mib = plan.workspace_bytes / MIB,
+            kv_mib = plan.kv_bytes() / MIB,
+            cache = ?options.cache,
+            kv_blocks = plan.num_blocks,
+            rank = shard.rank,
+            world = shard.world,
+            "CUDA memory plan"
+        );
+        dev.load_all()?;
+        dev.set_gemm(options.gemm)?;
+        let w = {
+            let mut up = Uploader::staged(&dev, load::STAGING_CHUNK)?;
+            DevModel::load(&mut up, ckpt, cfg, options.weights, shard)?
+        };
+        let rope = crate::model::rope::RopeTable::new(cfg);
+        let geometry = KvGeometry {
+            num_blocks: plan.num_blocks,
+            block_size: geometry.block_size,
+        };
+        let mut ex = Self::assemble(
+            dev,
+            ordinal,
+            cfg.clone(),
+            w,
+            geometry,
+            options,
+            plan,
+            (rope.attention_factor, cfg.softmax_scale()),
+        )?;
+        ex.shard = shard;
+        Ok(ex)
     }
 
     /// The executor around uploaded weights: allocates the zeroed caches.
@@ -192,7 +273,14 @@ impl CudaExecutor {
             plan,
             experts_touched: Default::default(),
             whole_rows_sampled: Default::default(),
+            shard: ExpertShard::WHOLE,
         })
+    }
+
+    /// Uses at most `num_blocks` of the blocks its cache was sized for (the rest stays
+    /// allocated): the blocks every rank of its group holds.
+    pub fn limit_blocks(&mut self, num_blocks: usize) {
+        self.geometry.num_blocks = self.geometry.num_blocks.min(num_blocks);
     }
 
     /// Sampled rows that had to be copied whole to the host since the executor was built.
@@ -302,8 +390,20 @@ impl CudaExecutor {
         self.options
     }
 
-    /// The step on the device; the requested rows' logits stay there.
-    fn forward_impl(&mut self, batch: &[SeqChunk]) -> Result<StepLogits, ForwardError> {
+    /// The step on the device; the requested rows' logits stay there. With `comm`, MoE layers
+    /// exchange tokens with the other ranks of the group (every rank calls this every step,
+    /// even with an empty batch); without it every routed expert must be here.
+    fn forward_impl(
+        &mut self,
+        batch: &[SeqChunk],
+        mut comm: Option<&mut dyn Transport>,
+    ) -> Result<StepLogits, ForwardError> {
+        if self.shard.world > 1 && comm.is_none() {
+            return Err(ForwardError::Backend(format!(
+                "this executor holds the experts of rank {} of {}; it runs only within its group",
+                self.shard.rank, self.shard.world
+            )));
+        }
         let cfg = &self.cfg;
         let h = cfg.hidden_size;
         let num_slots = self.geometry.num_slots();
@@ -348,6 +448,19 @@ impl CudaExecutor {
         }
         let n = ids.len();
         if n == 0 {
+            if let Some(comm) = comm {
+                self.dev
+                    .ctx
+                    .bind_to_thread()
+                    .map_err(CudaError::from)
+                    .map_err(backend)?;
+                // No tokens of its own, but this rank's experts still serve the others.
+                for layer in &self.w.layers {
+                    if let DevFeedForward::Moe(moe) = &layer.mlp {
+                        self.moe_exchange(moe, 0, 0, comm)?;
+                    }
+                }
+            }
             return Ok(StepLogits {
                 logits: None,
                 per_chunk: vec![0; batch.len()],
@@ -399,11 +512,11 @@ impl CudaExecutor {
                 cfg.rms_norm_eps,
             )
             .map_err(backend)?;
-            let ffn = match &layer.mlp {
-                DevFeedForward::Dense(m) => self.mlp(m, pxn, n),
-                DevFeedForward::Moe(moe) => self.moe(moe, pxn, n),
-            }
-            .map_err(backend)?;
+            let ffn = match (&layer.mlp, comm.as_deref_mut()) {
+                (DevFeedForward::Dense(m), _) => self.mlp(m, pxn, n).map_err(backend)?,
+                (DevFeedForward::Moe(moe), None) => self.moe(moe, pxn, n).map_err(backend)?,
+                (DevFeedForward::Moe(moe), Some(comm)) => self.moe_exchange(moe, pxn, n, comm)?,
+            };
             ops::add(dev, px, dev.ptr(&ffn, 0), n * h).map_err(backend)?;
         }
 
@@ -788,38 +901,11 @@ impl CudaExecutor {
     ) -> Result<cudarc::driver::CudaSlice<f32>, CudaError> {
         let (dev, c) = (&self.dev, &self.cfg);
         let (h, e, k) = (c.hidden_size, c.n_routed_experts, c.num_experts_per_tok);
-        let logits = dev.alloc::<f32>(n * e)?;
-        ops::linear(dev, dev.ptr(&logits, 0), xn, &moe.gate, n)?;
-        let ids = dev.alloc::<i32>(n * k)?;
-        let wts = dev.alloc::<f32>(n * k)?;
-        let params = RouteParams {
-            n_experts: e,
-            n_group: c.n_group,
-            topk_group: c.topk_group,
-            top_k: k,
-            normalize: c.norm_topk_prob,
-            scaling: c.routed_scaling_factor,
-        };
-        ops::moe_route(
-            dev,
-            dev.ptr(&ids, 0),
-            dev.ptr(&wts, 0),
-            dev.ptr(&logits, 0),
-            dev.ptr(&moe.e_score_correction_bias, 0),
-            n,
-            params,
-        )?;
-        let host_ids = dev.download(&ids, n * k)?;
+        let (host_ids, wts) = self.route(moe, xn, n)?;
         // Sorted rows: by expert, then token. perm[row] = token; row_of[t·k + i] = row.
         let mut counts = vec![0usize; e];
         for &x in &host_ids {
-            let x = x as usize;
-            if x >= e {
-                return Err(CudaError::Unsupported(format!(
-                    "router chose expert {x} of {e}"
-                )));
-            }
-            counts[x] += 1;
+            counts[x as usize] += 1;
         }
         let mut offsets = vec![0usize; e + 1];
         for x in 0..e {
@@ -847,6 +933,9 @@ impl CudaExecutor {
             if cnt == 0 {
                 continue;
             }
+            let m = m.as_ref().ok_or_else(|| {
+                CudaError::Unsupported(format!("expert {x} is held by another rank"))
+            })?;
             let off = offsets[x] * h;
             self.mlp_into(m, dev.ptr(&xs, off), cnt, dev.ptr(&ys, off))?;
         }
@@ -864,6 +953,256 @@ impl CudaExecutor {
         if let Some(shared) = &moe.shared_experts {
             let s = self.mlp(shared, xn, n)?;
             ops::add(dev, dev.ptr(&y, 0), dev.ptr(&s, 0), n * h)?;
+        }
+        Ok(y)
+    }
+
+    /// Routes `n` tokens on the device. Returns the chosen experts `[n·k]` on the host and the
+    /// device buffer of their weights.
+    fn route(
+        &self,
+        moe: &DevMoe,
+        xn: u64,
+        n: usize,
+    ) -> Result<(Vec<i32>, cudarc::driver::CudaSlice<f32>), CudaError> {
+        let (dev, c) = (&self.dev, &self.cfg);
+        let (e, k) = (c.n_routed_experts, c.num_experts_per_tok);
+        let logits = dev.alloc::<f32>(n * e)?;
+        ops::linear(dev, dev.ptr(&logits, 0), xn, &moe.gate, n)?;
+        let ids = dev.alloc::<i32>(n * k)?;
+        let wts = dev.alloc::<f32>(n * k)?;
+        let params = RouteParams {
+            n_experts: e,
+            n_group: c.n_group,
+            topk_group: c.topk_group,
+            top_k: k,
+            normalize: c.norm_topk_prob,
+            scaling: c.routed_scaling_factor,
+        };
+        ops::moe_route(
+            dev,
+            dev.ptr(&ids, 0),
+            dev.ptr(&wts, 0),
+            dev.ptr(&logits, 0),
+            dev.ptr(&moe.e_score_correction_bias, 0),
+            n,
+            params,
+        )?;
+        let host_ids = dev.download(&ids, n * k)?;
+        if let Some(bad) = host_ids.iter().find(|x| **x < 0 || **x as usize >= e) {
+            return Err(CudaError::Unsupported(format!(
+                "router chose expert {bad} of {e}"
+            )));
+        }
+        Ok((host_ids, wts))
+    }
+
+    /// Runs the local experts over `rows` (host values `[rows·h]`, expert ids per row),
+    /// grouped by expert on the device; returns the outputs in the rows' order.
+    fn run_local_experts(
+        &self,
+        moe: &DevMoe,
+        experts: &[usize],
+        rows: &[f32],
+    ) -> Result<Vec<f32>, CudaError> {
+        let (dev, h, e) = (&self.dev, self.cfg.hidden_size, self.cfg.n_routed_experts);
+        let m = experts.len();
+        if m == 0 {
+            return Ok(Vec::new());
+        }
+        let mut counts = vec![0usize; e];
+        for &x in experts {
+            counts[x] += 1;
+        }
+        let mut offsets = vec![0usize; e + 1];
+        for x in 0..e {
+            offsets[x + 1] = offsets[x] + counts[x];
+        }
+        // sorted[slot] = row; slot_of[row] = slot.
+        let mut fill = offsets.clone();
+        let mut sorted = vec![0i32; m];
+        let mut slot_of = vec![0i32; m];
+        for (r, &x) in experts.iter().enumerate() {
+            sorted[fill[x]] = r as i32;
+            slot_of[r] = fill[x] as i32;
+            fill[x] += 1;
+        }
+        let d_rows = dev.upload(rows)?;
+        let d_sorted = dev.upload(&sorted)?;
+        let xs = dev.alloc::<f32>(m * h)?;
+        ops::gather_rows(
+            dev,
+            dev.ptr(&xs, 0),
+            dev.ptr(&d_rows, 0),
+            dev.ptr(&d_sorted, 0),
+            m,
+            h,
+        )?;
+        let ys = dev.alloc::<f32>(m * h)?;
+        let mut ran = 0;
+        for (x, mlp) in moe.experts.iter().enumerate() {
+            let cnt = counts[x];
+            if cnt == 0 {
+                continue;
+            }
+            let mlp = mlp.as_ref().ok_or_else(|| {
+                CudaError::Unsupported(format!("expert {x} was sent here but is not held here"))
+            })?;
+            ran += 1;
+            let off = offsets[x] * h;
+            self.mlp_into(mlp, dev.ptr(&xs, off), cnt, dev.ptr(&ys, off))?;
+        }
+        self.experts_touched
+            .fetch_add(ran, std::sync::atomic::Ordering::Relaxed);
+        // Back to the rows' order.
+        let d_slot_of = dev.upload(&slot_of)?;
+        ops::gather_rows(
+            dev,
+            dev.ptr(&d_rows, 0),
+            dev.ptr(&ys, 0),
+            dev.ptr(&d_slot_of, 0),
+            m,
+            h,
+        )?;
+        dev.download(&d_rows, m * h)
+    }
+
+    /// Expert-parallel MoE: route on the device, send each (token, expert) row to the rank
+    /// owning the expert, run the local experts on what arrives, send the results back and
+    /// combine them with the routing weights on the device, plus the shared experts. With
+    /// `n == 0` the rank only serves the others. The messages are the CPU reference's
+    /// (`Model::forward_with`), so ranks agree whatever each computes with.
+    fn moe_exchange(
+        &self,
+        moe: &DevMoe,
+        xn: u64,
+        n: usize,
+        comm: &mut dyn Transport,
+    ) -> Result<cudarc::driver::CudaSlice<f32>, ForwardError> {
+        let (dev, c) = (&self.dev, &self.cfg);
+        let (h, e, k) = (c.hidden_size, c.n_routed_experts, c.num_experts_per_tok);
+        let world = comm.world_size();
+        if world != self.shard.world {
+            return Err(ForwardError::Backend(format!(
+                "a group of {world} ranks, but this executor holds 1/{} of the experts",
+                self.shard.world
+            )));
+        }
+        // Own rows sorted by expert: expert ranges are contiguous per rank, so the rows for
+        // each destination are one contiguous run.
+        let mut dispatch = vec![Vec::new(); world];
+        let mut sent_rows = vec![0usize; world];
+        let mut combine = None;
+        if n > 0 {
+            let (ids, wts) = self.route(moe, xn, n).map_err(backend)?;
+            let mut order: Vec<usize> = (0..n * k).collect();
+            order.sort_by_key(|&r| ids[r]);
+            let mut row_of = vec![0i32; n * k];
+            let mut perm = vec![0i32; n * k];
+            for (slot, &r) in order.iter().enumerate() {
+                row_of[r] = slot as i32;
+                perm[slot] = (r / k) as i32;
+            }
+            let d_perm = dev.upload(&perm).map_err(backend)?;
+            let xs = dev.alloc::<f32>(n * k * h).map_err(backend)?;
+            ops::gather_rows(dev, dev.ptr(&xs, 0), xn, dev.ptr(&d_perm, 0), n * k, h)
+                .map_err(backend)?;
+            let host_xs = dev.download(&xs, n * k * h).map_err(backend)?;
+            let mut writers: Vec<Writer> = (0..world).map(|_| Writer::default()).collect();
+            for &r in &order {
+                sent_rows[self.shard.owner(ids[r] as usize, e)] += 1;
+            }
+            for (dest, w) in writers.iter_mut().enumerate() {
+                w.u32(sent_rows[dest] as u32);
+            }
+            for (slot, &r) in order.iter().enumerate() {
+                let x = ids[r] as usize;
+                writers[self.shard.owner(x, e)]
+                    .u32(x as u32)
+                    .f32s(&host_xs[slot * h..(slot + 1) * h]);
+            }
+            dispatch = writers.into_iter().map(Writer::finish).collect();
+            combine = Some((row_of, wts));
+        } else {
+            for part in &mut dispatch {
+                let mut w = Writer::default();
+                w.u32(0);
+                *part = w.finish();
+            }
+        }
+        let received = comm.all_to_all(dispatch)?;
+
+        // Every row that arrived, from every rank, through the local experts at once.
+        let mut experts = Vec::new();
+        let mut rows = Vec::new();
+        let mut per_source = Vec::with_capacity(world);
+        for (src, bytes) in received.iter().enumerate() {
+            let mut r = Reader::new(bytes, src);
+            let count = if bytes.is_empty() {
+                0
+            } else {
+                r.u32()? as usize
+            };
+            for _ in 0..count {
+                let x = r.u32()? as usize;
+                let v = r.f32s()?;
+                if x >= e || v.len() != h || !self.shard.owns(x, e) {
+                    return Err(ForwardError::Backend(format!(
+                        "rank {src} sent a row for expert {x} that this rank cannot compute"
+                    )));
+                }
+                experts.push(x);
+                rows.extend_from_slice(&v);
+            }
+            per_source.push(count);
+        }
+        let out = self
+            .run_local_experts(moe, &experts, &rows)
+            .map_err(backend)?;
+        let mut replies = Vec::with_capacity(world);
+        let mut at = 0;
+        for count in per_source {
+            let mut w = Writer::default();
+            w.f32s(&out[at * h..(at + count) * h]);
+            replies.push(w.finish());
+            at += count;
+        }
+        let results = comm.all_to_all(replies)?;
+
+        let y = dev.alloc::<f32>(n.max(1) * h).map_err(backend)?;
+        let Some((row_of, wts)) = combine else {
+            return Ok(y);
+        };
+        // The results come back in the order sent: by destination rank, then by expert,
+        // which is the sorted order `row_of` indexes.
+        let mut ys = Vec::with_capacity(n * k * h);
+        for (dest, bytes) in results.iter().enumerate() {
+            let part = Reader::new(bytes, dest).f32s()?;
+            if part.len() != sent_rows[dest] * h {
+                return Err(ForwardError::Backend(format!(
+                    "rank {dest} returned {} values for {} rows",
+                    part.len(),
+                    sent_rows[dest]
+                )));
+            }
+            ys.extend_from_slice(&part);
+        }
+        let d_ys = dev.upload(&ys).map_err(backend)?;
+        let d_row_of = dev.upload(&row_of).map_err(backend)?;
+        ops::moe_combine(
+            dev,
+            dev.ptr(&y, 0),
+            dev.ptr(&d_ys, 0),
+            dev.ptr(&d_row_of, 0),
+            dev.ptr(&wts, 0),
+            n,
+            k,
+            h,
+        )
+        .map_err(backend)?;
+        if let Some(shared) = &moe.shared_experts {
+            let s = self.mlp(shared, xn, n).map_err(backend)?;
+            ops::add(dev, dev.ptr(&y, 0), dev.ptr(&s, 0), n * h).map_err(backend)?;
         }
         Ok(y)
     }
@@ -896,7 +1235,7 @@ pub const SAMPLE_CANDIDATES: usize = 1024;
 
 impl Executor for CudaExecutor {
     fn forward(&mut self, batch: &[SeqChunk]) -> Result<Vec<Vec<f32>>, ForwardError> {
-        let step = self.forward_impl(batch)?;
+        let step = self.forward_impl(batch, None)?;
         self.download_logits(&step).map_err(backend)
     }
 
@@ -905,7 +1244,7 @@ impl Executor for CudaExecutor {
         batch: &[SeqChunk],
         samplers: &mut [Option<Sampler>],
     ) -> Result<Vec<Option<Sampled>>, ForwardError> {
-        let step = self.forward_impl(batch)?;
+        let step = self.forward_impl(batch, None)?;
         self.sample_on_device(&step, samplers).map_err(backend)
     }
     fn kv_geometry(&self) -> KvGeometry {
@@ -916,5 +1255,25 @@ impl Executor for CudaExecutor {
             "cuda:{} ({}, {})",
             self.ordinal, self.dev.name, self.dev.arch
         )
+    }
+}
+
+impl RankCompute for CudaExecutor {
+    fn forward_rank(
+        &mut self,
+        batch: &[SeqChunk],
+        comm: &mut dyn Transport,
+    ) -> Result<Vec<Vec<f32>>, ForwardError> {
+        let step = self.forward_impl(batch, Some(comm))?;
+        self.download_logits(&step).map_err(backend)
+    }
+    fn kv_geometry(&self) -> KvGeometry {
+        self.geometry
+    }
+    fn limit_blocks(&mut self, num_blocks: usize) {
+        self.limit_blocks(num_blocks);
+    }
+    fn device_name(&self) -> String {
+        Executor::device_name(self)
     }
 }

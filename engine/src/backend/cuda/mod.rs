@@ -16,6 +16,7 @@
 pub mod bench;
 pub mod device;
 pub mod executor;
+pub mod load;
 pub mod ops;
 pub mod plan;
 pub mod weights;
@@ -41,6 +42,9 @@ pub enum CudaError {
     },
     #[error("unsupported by the CUDA backend: {0}")]
     Unsupported(String),
+    /// The checkpoint could not be read while streaming it to the device.
+    #[error(transparent)]
+    Model(crate::model::ModelError),
     #[error(
         "the model does not fit on the device: weights {weights_mib} MiB + workspace {workspace_mib} MiB + KV cache {kv_mib} MiB > {usable_mib} MiB usable of {free_mib} MiB free"
     )]
@@ -61,6 +65,7 @@ impl CudaError {
             CudaError::Driver(_) => "driver",
             CudaError::Compile { .. } => "compile",
             CudaError::Unsupported(_) => "unsupported",
+            CudaError::Model(_) => "model",
             CudaError::DoesNotFit { .. } => "does_not_fit",
         }
     }
@@ -82,6 +87,14 @@ pub fn unavailable_reason() -> Option<String> {
         Ok(Err(e)) => Some(format!("the CUDA driver did not initialise: {e}")),
         Err(_) => Some("the CUDA driver library could not be loaded".into()),
     }
+}
+
+/// GPUs visible to this process; an error (never a panic) when CUDA cannot be used.
+pub fn device_count() -> Result<usize, CudaError> {
+    if let Some(why) = unavailable_reason() {
+        return Err(CudaError::Unavailable(why));
+    }
+    Ok(cudarc::driver::CudaContext::device_count()? as usize)
 }
 
 /// True when [`CudaExecutor::new`] can be tried: driver and NVRTC present and a device visible.

@@ -988,7 +988,13 @@ pub fn linear_host(
     dtype: DType,
 ) -> Result<Vec<f32>, CudaError> {
     let n = x.len() / w.in_dim.max(1);
-    let dw = DevLinear::upload(dev, w, dtype, true, true)?;
+    let dw = DevLinear::upload(
+        &mut super::load::Uploader::direct(dev),
+        w,
+        dtype,
+        true,
+        true,
+    )?;
     let dx = dev.upload(x)?;
     let dy = poisoned(dev, n * w.out_dim)?;
     linear(dev, dev.ptr(&dy, 0), dev.ptr(&dx, 0), &dw, n)?;

@@ -13,6 +13,7 @@ use cudarc::driver::CudaSlice;
 
 use super::CudaError;
 use super::device::Device;
+use super::load::Uploader;
 use crate::backend::cpu::Linear;
 use crate::backend::cpu::fp8::Fp8Weight;
 use crate::model::{Attention, FeedForward, Mlp, MlpKind, Model, ModelConfig};
@@ -127,15 +128,15 @@ pub enum DevBuf {
 
 impl DevBuf {
     /// Uploads `host` as f32 or bf16 (`dtype.dense()`).
-    pub fn upload(dev: &Device, host: &[f32], dtype: DType) -> Result<Self, CudaError> {
+    pub fn upload(up: &mut Uploader, host: &[f32], dtype: DType) -> Result<Self, CudaError> {
         Ok(match dtype.dense() {
-            DType::F32 => DevBuf::F32(dev.upload(host)?),
+            DType::F32 => DevBuf::F32(up.upload(host)?),
             _ => {
                 let bits: Vec<u16> = host
                     .iter()
                     .map(|v| half::bf16::from_f32(*v).to_bits())
                     .collect();
-                DevBuf::Bf16(dev.upload(&bits)?)
+                DevBuf::Bf16(up.upload(&bits)?)
             }
         })
     }
@@ -192,7 +193,7 @@ impl DevLinear {
     /// checkpoint's codes (128×128 blocks), or is quantized here when it has none; the rest go
     /// up as bf16.
     pub fn upload(
-        dev: &Device,
+        up: &mut Uploader,
         l: &Linear,
         dtype: DType,
         quantizable: bool,
@@ -208,10 +209,10 @@ impl DevLinear {
                     [128, 128],
                 )),
             };
-            return Self::upload_fp8(dev, &q, pow2_act);
+            return Self::upload_fp8(up, &q, pow2_act);
         }
         Ok(DevLinear {
-            w: DevBuf::upload(dev, &host_values(l), dtype)?,
+            w: DevBuf::upload(up, &host_values(l), dtype)?,
             out_dim: l.out_dim,
             in_dim: l.in_dim,
             scale_inv: None,
@@ -219,12 +220,12 @@ impl DevLinear {
         })
     }
 
-    pub fn upload_fp8(dev: &Device, q: &Fp8Weight, pow2_act: bool) -> Result<Self, CudaError> {
+    pub fn upload_fp8(up: &mut Uploader, q: &Fp8Weight, pow2_act: bool) -> Result<Self, CudaError> {
         Ok(DevLinear {
-            w: DevBuf::Fp8(dev.upload(&q.codes)?),
+            w: DevBuf::Fp8(up.upload(&q.codes)?),
             out_dim: q.rows,
             in_dim: q.cols,
-            scale_inv: Some(dev.upload(&q.scale_inv)?),
+            scale_inv: Some(up.upload(&q.scale_inv)?),
             pow2_act,
         })
     }
@@ -238,12 +239,16 @@ pub struct DevMlp {
 }
 
 impl DevMlp {
-    fn upload(dev: &Device, m: &Mlp, dtype: DType, pow2: bool) -> Result<Self, CudaError> {
-        let l = |x: &Linear| DevLinear::upload(dev, x, dtype, true, pow2);
+    pub(crate) fn upload(
+        up: &mut Uploader,
+        m: &Mlp,
+        dtype: DType,
+        pow2: bool,
+    ) -> Result<Self, CudaError> {
         Ok(DevMlp {
-            gate_proj: l(&m.gate_proj)?,
-            up_proj: l(&m.up_proj)?,
-            down_proj: l(&m.down_proj)?,
+            gate_proj: DevLinear::upload(up, &m.gate_proj, dtype, true, pow2)?,
+            up_proj: DevLinear::upload(up, &m.up_proj, dtype, true, pow2)?,
+            down_proj: DevLinear::upload(up, &m.down_proj, dtype, true, pow2)?,
         })
     }
 }
@@ -270,23 +275,29 @@ pub struct DevAttention {
 }
 
 impl DevAttention {
-    fn upload(dev: &Device, a: &Attention, dtype: DType, pow2: bool) -> Result<Self, CudaError> {
-        let l = |x: &Linear| DevLinear::upload(dev, x, dtype, true, pow2);
-        let dense = |x: &Linear| DevLinear::upload(dev, x, dtype, false, pow2);
+    pub(crate) fn upload(
+        up: &mut Uploader,
+        a: &Attention,
+        dtype: DType,
+        pow2: bool,
+    ) -> Result<Self, CudaError> {
+        let l = |up: &mut Uploader, x: &Linear, quantizable: bool| {
+            DevLinear::upload(up, x, dtype, quantizable, pow2)
+        };
         Ok(DevAttention {
-            q_a_proj: l(&a.q_a_proj)?,
-            q_a_layernorm: dev.upload(&a.q_a_layernorm)?,
-            q_b_proj: l(&a.q_b_proj)?,
-            kv_a_proj_with_mqa: l(&a.kv_a_proj_with_mqa)?,
-            kv_a_layernorm: dev.upload(&a.kv_a_layernorm)?,
-            kv_b_proj: dense(&a.kv_b_proj)?,
-            o_proj: l(&a.o_proj)?,
+            q_a_proj: l(up, &a.q_a_proj, true)?,
+            q_a_layernorm: up.upload(&a.q_a_layernorm)?,
+            q_b_proj: l(up, &a.q_b_proj, true)?,
+            kv_a_proj_with_mqa: l(up, &a.kv_a_proj_with_mqa, true)?,
+            kv_a_layernorm: up.upload(&a.kv_a_layernorm)?,
+            kv_b_proj: l(up, &a.kv_b_proj, false)?,
+            o_proj: l(up, &a.o_proj, true)?,
             indexer: DevIndexer {
-                wq_b: l(&a.indexer.wq_b)?,
-                wk: l(&a.indexer.wk)?,
-                k_norm_weight: dev.upload(&a.indexer.k_norm_weight)?,
-                k_norm_bias: dev.upload(&a.indexer.k_norm_bias)?,
-                weights_proj: dense(&a.indexer.weights_proj)?,
+                wq_b: l(up, &a.indexer.wq_b, true)?,
+                wk: l(up, &a.indexer.wk, true)?,
+                k_norm_weight: up.upload(&a.indexer.k_norm_weight)?,
+                k_norm_bias: up.upload(&a.indexer.k_norm_bias)?,
+                weights_proj: l(up, &a.indexer.weights_proj, false)?,
             },
         })
     }
@@ -296,7 +307,8 @@ impl DevAttention {
 pub struct DevMoe {
     pub gate: DevLinear,
     pub e_score_correction_bias: CudaSlice<f32>,
-    pub experts: Vec<DevMlp>,
+    /// Indexed by global expert id; `None` for the experts another expert-parallel rank holds.
+    pub experts: Vec<Option<DevMlp>>,
     pub shared_experts: Option<DevMlp>,
 }
 
@@ -360,8 +372,9 @@ pub fn weight_bytes(model: &Model, dtype: DType) -> usize {
 }
 
 impl DevModel {
-    /// Uploads every weight; routed experts must all be present (no expert parallelism yet).
+    /// Uploads every weight `model` holds: with an expert shard, only its own routed experts.
     pub fn upload(dev: &Device, model: &Model, dtype: DType) -> Result<Self, CudaError> {
+        let up = &mut Uploader::direct(dev);
         let pow2 = model
             .config
             .quantization
@@ -371,44 +384,46 @@ impl DevModel {
         let mut layers = Vec::with_capacity(model.layers.len());
         for (i, layer) in model.layers.iter().enumerate() {
             let mlp = match &layer.mlp {
-                FeedForward::Dense(m) => {
-                    DevFeedForward::Dense(DevMlp::upload(dev, m, dtype, pow2)?)
-                }
+                FeedForward::Dense(m) => DevFeedForward::Dense(DevMlp::upload(up, m, dtype, pow2)?),
                 FeedForward::Moe(moe) => {
                     let mut experts = Vec::with_capacity(moe.experts.len());
                     for (e, m) in moe.experts.iter().enumerate() {
-                        let m = m.as_ref().ok_or_else(|| {
-                            CudaError::Unsupported(format!(
-                                "layer {i} expert {e} is held by another expert-parallel rank; the CUDA backend needs every expert on one device"
-                            ))
-                        })?;
-                        experts.push(DevMlp::upload(dev, m, dtype, pow2)?);
+                        let owned = model.shard.owns(e, model.config.n_routed_experts);
+                        experts.push(match m {
+                            Some(m) => Some(DevMlp::upload(up, m, dtype, pow2)?),
+                            None if owned => {
+                                return Err(CudaError::Unsupported(format!(
+                                    "layer {i} expert {e} belongs to this rank but was not loaded"
+                                )));
+                            }
+                            None => None,
+                        });
                     }
                     DevFeedForward::Moe(DevMoe {
-                        gate: DevLinear::upload(dev, &moe.gate, dtype, false, pow2)?,
-                        e_score_correction_bias: dev.upload(&moe.e_score_correction_bias)?,
+                        gate: DevLinear::upload(up, &moe.gate, dtype, false, pow2)?,
+                        e_score_correction_bias: up.upload(&moe.e_score_correction_bias)?,
                         experts,
                         shared_experts: moe
                             .shared_experts
                             .as_ref()
-                            .map(|m| DevMlp::upload(dev, m, dtype, pow2))
+                            .map(|m| DevMlp::upload(up, m, dtype, pow2))
                             .transpose()?,
                     })
                 }
             };
             layers.push(DevLayer {
-                input_layernorm: dev.upload(&layer.input_layernorm)?,
-                self_attn: DevAttention::upload(dev, &layer.self_attn, dtype, pow2)?,
-                post_attention_layernorm: dev.upload(&layer.post_attention_layernorm)?,
+                input_layernorm: up.upload(&layer.input_layernorm)?,
+                self_attn: DevAttention::upload(up, &layer.self_attn, dtype, pow2)?,
+                post_attention_layernorm: up.upload(&layer.post_attention_layernorm)?,
                 mlp,
             });
         }
         Ok(DevModel {
-            embed_tokens: DevBuf::upload(dev, &model.embed_tokens, dtype)?,
+            embed_tokens: DevBuf::upload(up, &model.embed_tokens, dtype)?,
             layers,
-            norm: dev.upload(&model.norm)?,
-            lm_head: DevLinear::upload(dev, &model.lm_head, dtype, false, pow2)?,
-            rope_inv_freq: dev.upload(&model.rope.inv_freq)?,
+            norm: up.upload(&model.norm)?,
+            lm_head: DevLinear::upload(up, &model.lm_head, dtype, false, pow2)?,
+            rope_inv_freq: up.upload(&model.rope.inv_freq)?,
         })
     }
 }
@@ -695,13 +710,13 @@ impl DevModel {
                 MlpKind::Moe => {
                     let mut experts = Vec::with_capacity(cfg.n_routed_experts);
                     for _ in 0..cfg.n_routed_experts {
-                        experts.push(DevMlp::random(
+                        experts.push(Some(DevMlp::random(
                             dev,
                             h,
                             cfg.moe_intermediate_size,
                             dtype,
                             &mut s,
-                        )?);
+                        )?));
                     }
                     DevFeedForward::Moe(DevMoe {
                         gate: DevLinear::random(

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# On a GPU machine, from prebuilt binaries (no Rust toolchain needed there): the CUDA and NCCL
+# tests, expert parallelism across two processes that share GPU 0 over the TCP transport
+# checked against one process, and the streaming load of a full-width FP8 checkpoint (peak
+# host memory and read rate, against the storage's own read rate).
+#
+#   scripts/cuda_ep_check.sh <bin dir: deepseek-engine, cuda-*, nccl-*> <out dir>
+set -u
+bins=${1:?usage: cuda_ep_check.sh <bin dir> <out dir>}
+out=${2:?usage: cuda_ep_check.sh <bin dir> <out dir>}
+root=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$out"
+libdir=$(mktemp -d)
+nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
+[ -n "$nccl" ] && [ -e "$nccl/libnccl.so.2" ] && ln -sf "$nccl/libnccl.so.2" "$libdir/libnccl.so"
+export LD_LIBRARY_PATH="$libdir:${nccl:-}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+export NCCL_NVLS_ENABLE=0
+export DEEPSEEK_ENGINE_KERNEL_CACHE="$libdir/ptx"
+engine="$bins/deepseek-engine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+status=0
+
+echo "== CUDA and NCCL tests"
+"$bins"/cuda-* --test-threads=1 > "$out/tests.log" 2>&1 || status=1
+"$bins"/nccl-* --test-threads=1 >> "$out/tests.log" 2>&1 || status=1
+grep -E "^test .*(FAILED|ok)$|test result|panicked" "$out/tests.log" | grep -vE " ok$" | head -20
+grep -E "EP [24] sequence" "$out/tests.log" | sort | uniq | head -8
+
+echo "== expert parallelism: two processes on GPU 0 over TCP against one process"
+ep_pair() {
+    local port=$1; shift
+    RANK=1 WORLD_SIZE=2 LEADER_ADDR=127.0.0.1:$port RUST_LOG=info "$engine" generate "$@" \
+        > "$out/ep_rank1.log" 2>&1 &
+    local worker=$!
+    RANK=0 WORLD_SIZE=2 LEADER_ADDR=127.0.0.1:$port RUST_LOG=info "$engine" generate "$@" \
+        2> "$out/ep_rank0.log"
+    wait $worker || echo "rank 1 exited with $?"
+}
+port=29611
+for spec in "tiny-deep f32" "tiny-sharded f32" "tiny-fp8 fp8" "tiny-deep bf16"; do
+    set -- $spec
+    flags=(--backend cuda --model "$root/engine/tests/fixtures/$1" --weight-dtype "$2"
+           --kv-cache-dtype "$2" --prompt-ids 5,6,7,8,9,10,11,12 --max-tokens 12 --ignore-eos)
+    one=$("$engine" generate "${flags[@]}" 2> "$out/ep_single.log")
+    two=$(ep_pair $port "${flags[@]}")
+    port=$((port + 1))
+    verdict=same; [ "$one" = "$two" ] || verdict=DIFFERENT
+    echo "$1 $2: one process $one | two ranks $two | $verdict"
+    [ "$2" = f32 ] && [ "$verdict" != same ] && status=1
+done
+grep -hE "expert|rank|ERROR|error" "$out/ep_rank0.log" "$out/ep_rank1.log" | head -6
+
+echo "== streaming load of a full-width checkpoint (1 dense + 1 MoE layer, FP8)"
+ckpt=/tmp/dsv32-fullwidth
+python3 "$root/scripts/make_checkpoint.py" --out "$ckpt" --dense-layers 1 --moe-layers 1 --fp8 \
+    > "$out/make_checkpoint.log" 2>&1 || { status=1; tail -5 "$out/make_checkpoint.log"; }
+tail -1 "$out/make_checkpoint.log"
+first=$(ls "$ckpt"/model-*.safetensors | head -1)
+echo "storage read rate (O_DIRECT, one shard):"
+dd if="$first" of=/dev/null bs=64M iflag=direct 2>&1 | tail -1
+for w in fp8 bf16; do
+    sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+    /usr/bin/time -v "$engine" generate --backend cuda --model "$ckpt" --weight-dtype $w \
+        --kv-cache-dtype bf16 --prompt-ids 1,2,3,4 --max-tokens 2 --ignore-eos \
+        > "$out/load_$w.out" 2> "$out/load_$w.log" || { status=1; tail -5 "$out/load_$w.log"; }
+    echo "weights $w: $(grep -o '"message":"weights streamed[^}]*' "$out/load_$w.log" | head -1 || true)"
+    grep -h "weights streamed" "$out/load_$w.log" | head -1
+    grep -E "Maximum resident|Elapsed" "$out/load_$w.log"
+    cat "$out/load_$w.out"
+done
+exit $status
