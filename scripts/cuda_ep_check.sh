@@ -5,7 +5,11 @@
 # host memory and read rate, against the storage's own read rate).
 #
 #   scripts/cuda_ep_check.sh <bin dir: deepseek-engine, cuda-*, nccl-*> <out dir>
+#
+# STAGES (default "tests ep load") picks the parts to run.
 set -u
+stages=" ${STAGES:-tests ep load} "
+
 bins=${1:?usage: cuda_ep_check.sh <bin dir> <out dir>}
 out=${2:?usage: cuda_ep_check.sh <bin dir> <out dir>}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,12 +24,15 @@ engine="$bins/deepseek-engine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 status=0
 
+if [[ $stages == *" tests "* ]]; then
 echo "== CUDA and NCCL tests"
 "$bins"/cuda-* --test-threads=1 > "$out/tests.log" 2>&1 || status=1
 "$bins"/nccl-* --test-threads=1 >> "$out/tests.log" 2>&1 || status=1
 grep -E "^test .*(FAILED|ok)$|test result|panicked" "$out/tests.log" | grep -vE " ok$" | head -20
 grep -E "EP [24] sequence" "$out/tests.log" | sort | uniq | head -8
+fi
 
+if [[ $stages == *" ep "* ]]; then
 echo "== expert parallelism: two processes on GPU 0 over TCP against one process"
 ep_pair() {
     local port=$1; shift
@@ -49,7 +56,9 @@ for spec in "tiny-deep f32" "tiny-sharded f32" "tiny-fp8 fp8" "tiny-deep bf16"; 
     [ "$2" = f32 ] && [ "$verdict" != same ] && status=1
 done
 grep -hE "expert|rank|ERROR|error" "$out/ep_rank0.log" "$out/ep_rank1.log" | head -6
+fi
 
+if [[ $stages == *" load "* ]]; then
 echo "== streaming load of a full-width checkpoint (1 dense + 1 MoE layer, FP8)"
 ckpt=/tmp/dsv32-fullwidth
 python3 "$root/scripts/make_checkpoint.py" --out "$ckpt" --dense-layers 1 --moe-layers 1 --fp8 \
@@ -58,14 +67,16 @@ tail -1 "$out/make_checkpoint.log"
 first=$(ls "$ckpt"/model-*.safetensors | head -1)
 echo "storage read rate (O_DIRECT, one shard):"
 dd if="$first" of=/dev/null bs=64M iflag=direct 2>&1 | tail -1
+timed=(); [ -x /usr/bin/time ] && timed=(/usr/bin/time -v)
 for w in fp8 bf16; do
     sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
-    /usr/bin/time -v "$engine" generate --backend cuda --model "$ckpt" --weight-dtype $w \
+    "${timed[@]}" "$engine" generate --backend cuda --model "$ckpt" --weight-dtype $w \
         --kv-cache-dtype bf16 --prompt-ids 1,2,3,4 --max-tokens 2 --ignore-eos \
         > "$out/load_$w.out" 2> "$out/load_$w.log" || { status=1; tail -5 "$out/load_$w.log"; }
-    echo "weights $w: $(grep -o '"message":"weights streamed[^}]*' "$out/load_$w.log" | head -1 || true)"
-    grep -h "weights streamed" "$out/load_$w.log" | head -1
+    echo "weights $w:"
+    grep -hE "weights streamed|CUDA memory plan" "$out/load_$w.log" | head -2
     grep -E "Maximum resident|Elapsed" "$out/load_$w.log"
     cat "$out/load_$w.out"
 done
+fi
 exit $status

@@ -334,14 +334,19 @@ impl Run {
                 let _ = stop_rx.wait_for(|s| *s).await;
             }));
         let group_timeout = self.opts.model.group_timeout;
+        // The load-progress gauge follows the bytes read until the model is up.
+        let progress = self.opts.model.load_progress.clone();
+        let gauge = self.metrics.model_load_progress.clone();
         let load_state = state.clone();
         let mut loaded = on_thread("model-loader", move || {
             self.start_engine(&load_state, config.index_topk)
         })?;
         let mut engine: Option<EngineHandle> = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
         let signal = loop {
             tokio::select! {
                 signal = signals.next() => break signal,
+                _ = tick.tick(), if engine.is_none() => gauge.set(progress.fraction().min(0.999)),
                 r = &mut loaded, if engine.is_none() => match r.map_err(thread_died).and_then(|r| r) {
                     Ok(e) => engine = Some(e),
                     Err(e) => {
