@@ -1190,3 +1190,56 @@ fn the_streaming_load_computes_what_the_host_upload_computes() {
         }
     }
 }
+
+/// The MoE exchange over NCCL (rows device to device): a world of one on GPU 0, and, where
+/// the machine has two GPUs, two ranks on GPUs 0 and 1; both give what one executor gives.
+#[test]
+fn an_expert_parallel_group_over_nccl_computes_what_one_gpu_computes() {
+    use deepseek_engine::dist::{NcclTransport, Transport, nccl};
+    if gpu().is_none() {
+        return;
+    }
+    if let Some(why) = nccl::unavailable_reason() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let gpus = cuda::device_count().unwrap();
+    let name = "tiny-deep";
+    let whole = Model::load(&dir(name)).unwrap();
+    let (exp, _) = expected(name);
+    let p = &exp.prompt_ids;
+    let g = geometry(16, 16);
+    let mut single = executor(&whole, g, DType::F32);
+    let worlds: &[usize] = if gpus >= 2 { &[1, 2] } else { &[1] };
+    if gpus < 2 {
+        eprintln!("only {gpus} GPU: the two-GPU NCCL group is not run");
+    }
+    for &world in worlds {
+        let ranks: Vec<Box<dyn RankCompute>> = (0..world)
+            .map(|r| {
+                let shard = ExpertShard::new(r, world, whole.config.n_routed_experts).unwrap();
+                let m = Model::load_sharded(&dir(name), shard).unwrap();
+                Box::new(
+                    CudaExecutor::with_options(&m, g, r, options(DType::F32)).expect("executor"),
+                ) as Box<dyn RankCompute>
+            })
+            .collect();
+        let ordinals: Vec<usize> = (0..world).collect();
+        let transports = NcclTransport::in_process(&ordinals)
+            .unwrap()
+            .into_iter()
+            .map(|t| Box::new(t) as Box<dyn Transport>)
+            .collect();
+        let mut group = ExpertParallelExecutor::in_process_over(ranks, transports).unwrap();
+        let want = score(&mut single, &p[..40]);
+        let got = score(&mut group, &p[..40]);
+        let e = rel_err(&got, &want);
+        eprintln!("NCCL world {world}: {e:.2e}");
+        assert!(e < 1e-4, "NCCL world {world}: {e}");
+        assert_eq!(
+            greedy(&mut group, &p[..24], 8),
+            greedy(&mut single, &p[..24], 8),
+            "NCCL world {world}: greedy tokens"
+        );
+    }
+}

@@ -106,8 +106,28 @@ impl ExpertParallelExecutor {
     /// A whole group in this process over in-process channels: `ranks[r]` computes rank r's
     /// share (for example one GPU each); ranks 1.. run on threads.
     pub fn in_process_ranks(ranks: Vec<Box<dyn RankCompute>>) -> Result<Self, ForwardError> {
-        let world = ranks.len();
-        let mut endpoints = crate::dist::in_process_group(world).into_iter();
+        let endpoints = crate::dist::in_process_group(ranks.len())
+            .into_iter()
+            .map(|t| Box::new(t) as Box<dyn Transport>)
+            .collect();
+        Self::in_process_over(ranks, endpoints)
+    }
+
+    /// A whole group in this process: `ranks[r]` computes rank r's share and talks through
+    /// `transports[r]` (in-process channels, or one NCCL endpoint per GPU); ranks 1.. run on
+    /// threads.
+    pub fn in_process_over(
+        ranks: Vec<Box<dyn RankCompute>>,
+        transports: Vec<Box<dyn Transport>>,
+    ) -> Result<Self, ForwardError> {
+        if ranks.len() != transports.len() {
+            return Err(ForwardError::Backend(format!(
+                "{} ranks but {} transports",
+                ranks.len(),
+                transports.len()
+            )));
+        }
+        let mut endpoints = transports.into_iter();
         let mut ranks = ranks.into_iter();
         let (Some(leader_t), Some(leader)) = (endpoints.next(), ranks.next()) else {
             return Err(ForwardError::Backend(
@@ -121,14 +141,14 @@ impl ExpertParallelExecutor {
                     .name(format!("ep-rank-{}", t.rank()))
                     .spawn(move || {
                         let (mut t, mut r) = (t, r);
-                        run_worker_with(r.as_mut(), &mut t)
+                        run_worker_with(r.as_mut(), t.as_mut())
                     })
                     .map_err(|e| {
                         ForwardError::Backend(format!("could not start a rank thread: {e}"))
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut ex = ExpertParallelExecutor::with_rank(leader, Box::new(leader_t));
+        let mut ex = ExpertParallelExecutor::with_rank(leader, leader_t);
         ex.workers = workers;
         Ok(ex)
     }

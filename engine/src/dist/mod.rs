@@ -57,6 +57,11 @@ pub trait Transport: Send {
     fn check_alive(&mut self) -> Result<(), DistError> {
         Ok(())
     }
+    /// The NCCL endpoint behind this transport, for exchanges of device buffers that must not
+    /// pass through host memory (the MoE rows); `None` for host transports.
+    fn as_nccl(&mut self) -> Option<&mut NcclTransport> {
+        None
+    }
 }
 
 /// Which routed experts this rank holds: a contiguous range of `n_experts / world`.

@@ -498,6 +498,10 @@ impl Transport for NcclTransport {
         self.rank
     }
 
+    fn as_nccl(&mut self) -> Option<&mut NcclTransport> {
+        Some(self)
+    }
+
     fn world_size(&self) -> usize {
         self.world
     }

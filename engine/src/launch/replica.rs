@@ -13,7 +13,9 @@ use crate::backend::cuda::load::rank_reads;
 use crate::backend::cuda::{CudaExecutor, CudaOptions, Gemm};
 use crate::backend::ep::{ExpertParallelExecutor, RankCompute, run_worker_with};
 use crate::backend::{CpuExecutor, Executor};
-use crate::dist::{ExpertShard, Reader, TcpOptions, TcpTransport, Transport, Writer};
+use crate::dist::{
+    ExpertShard, NcclTransport, Reader, TcpOptions, TcpTransport, Transport, Writer,
+};
 use crate::kv::KvGeometry;
 use crate::model::builtin::{RandomWeights, builtin_config, is_builtin};
 use crate::model::weights::Checkpoint;
@@ -287,13 +289,27 @@ pub fn build_replica(
             for r in &mut ranks {
                 r.limit_blocks(blocks);
             }
-            let ranks = ranks
+            let ranks: Vec<Box<dyn RankCompute>> = ranks
                 .into_iter()
                 .map(|r| Box::new(r) as Box<dyn RankCompute>)
                 .collect();
-            Ok(Replica::Executor(Box::new(
-                ExpertParallelExecutor::in_process_ranks(ranks)?,
-            )))
+            // NCCL moves the MoE rows between the GPUs directly; without it, host channels.
+            let ordinals: Vec<usize> = (opts.device..opts.device + ep).collect();
+            let group = match NcclTransport::in_process(&ordinals) {
+                Ok(endpoints) => {
+                    tracing::info!(ranks = ep, "the ranks exchange MoE rows over NCCL");
+                    let endpoints = endpoints
+                        .into_iter()
+                        .map(|t| Box::new(t) as Box<dyn Transport>)
+                        .collect();
+                    ExpertParallelExecutor::in_process_over(ranks, endpoints)?
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "NCCL is not usable; the ranks exchange MoE rows through host memory");
+                    ExpertParallelExecutor::in_process_ranks(ranks)?
+                }
+            };
+            Ok(Replica::Executor(Box::new(group)))
         }
         Role::Single { ep } => {
             tracing::info!(

@@ -24,7 +24,7 @@ use super::plan::{self, MemoryPlan};
 use super::weights::{self, DType, DevBuf, DevFeedForward, DevLayer, DevMlp, DevModel, DevMoe};
 use crate::backend::Executor;
 use crate::backend::ep::RankCompute;
-use crate::dist::{ExpertShard, Reader, Transport, Writer};
+use crate::dist::{ExpertShard, NcclTransport, Reader, Transport, Writer};
 use crate::generate::{RowSummary, Sampled, Sampler, sample_candidates, sample_row};
 use crate::kv::KvGeometry;
 use crate::model::weights::Checkpoint;
@@ -77,6 +77,7 @@ pub struct CudaExecutor {
     whole_rows_sampled: std::sync::atomic::AtomicUsize,
     /// The routed experts this executor holds (all of them outside expert parallelism).
     shard: ExpertShard,
+    exchange: std::sync::Mutex<ExchangeStats>,
 }
 
 fn check_shapes(cfg: &ModelConfig, options: &CudaOptions) -> Result<(), CudaError> {
@@ -274,6 +275,7 @@ impl CudaExecutor {
             experts_touched: Default::default(),
             whole_rows_sampled: Default::default(),
             shard: ExpertShard::WHOLE,
+            exchange: Default::default(),
         })
     }
 
@@ -997,18 +999,36 @@ impl CudaExecutor {
         Ok((host_ids, wts))
     }
 
-    /// Runs the local experts over `rows` (host values `[rows·h]`, expert ids per row),
-    /// grouped by expert on the device; returns the outputs in the rows' order.
+    /// Runs the local experts over `rows` (host values `[rows·h]`, expert ids per row);
+    /// returns the outputs in the rows' order, on the host.
     fn run_local_experts(
         &self,
         moe: &DevMoe,
         experts: &[usize],
         rows: &[f32],
     ) -> Result<Vec<f32>, CudaError> {
+        if experts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let d_rows = self.dev.upload(rows)?;
+        let out = self.run_local_experts_on_device(moe, experts, &d_rows)?;
+        self.dev
+            .download(&out, experts.len() * self.cfg.hidden_size)
+    }
+
+    /// Runs the local experts over the device rows `rows` (`[experts.len(), h]`, expert ids
+    /// per row), grouped by expert on the device; returns the outputs in the rows' order.
+    fn run_local_experts_on_device(
+        &self,
+        moe: &DevMoe,
+        experts: &[usize],
+        rows: &cudarc::driver::CudaSlice<f32>,
+    ) -> Result<cudarc::driver::CudaSlice<f32>, CudaError> {
         let (dev, h, e) = (&self.dev, self.cfg.hidden_size, self.cfg.n_routed_experts);
         let m = experts.len();
+        let out = dev.alloc::<f32>(m.max(1) * h)?;
         if m == 0 {
-            return Ok(Vec::new());
+            return Ok(out);
         }
         let mut counts = vec![0usize; e];
         for &x in experts {
@@ -1027,13 +1047,12 @@ impl CudaExecutor {
             slot_of[r] = fill[x] as i32;
             fill[x] += 1;
         }
-        let d_rows = dev.upload(rows)?;
         let d_sorted = dev.upload(&sorted)?;
         let xs = dev.alloc::<f32>(m * h)?;
         ops::gather_rows(
             dev,
             dev.ptr(&xs, 0),
-            dev.ptr(&d_rows, 0),
+            dev.ptr(rows, 0),
             dev.ptr(&d_sorted, 0),
             m,
             h,
@@ -1058,20 +1077,94 @@ impl CudaExecutor {
         let d_slot_of = dev.upload(&slot_of)?;
         ops::gather_rows(
             dev,
-            dev.ptr(&d_rows, 0),
+            dev.ptr(&out, 0),
             dev.ptr(&ys, 0),
             dev.ptr(&d_slot_of, 0),
             m,
             h,
         )?;
-        dev.download(&d_rows, m * h)
+        Ok(out)
+    }
+
+    /// Routes `n` tokens and lays their (token, expert) rows out by expert, which is also by
+    /// owning rank (expert ranges are contiguous). Returns the rows `[n·k, h]` on the device,
+    /// their experts in that order, `row_of[t·k + i]` (the sorted slot of token t's i-th
+    /// choice, what `moe_combine` reads), and the routing weights on the device.
+    fn route_sorted(&self, moe: &DevMoe, xn: u64, n: usize) -> Result<SortedRows, CudaError> {
+        let (dev, c) = (&self.dev, &self.cfg);
+        let (h, k) = (c.hidden_size, c.num_experts_per_tok);
+        let (ids, wts) = self.route(moe, xn, n)?;
+        let mut order: Vec<usize> = (0..n * k).collect();
+        order.sort_by_key(|&r| ids[r]);
+        let mut row_of = vec![0i32; n * k];
+        let mut perm = vec![0i32; n * k];
+        for (slot, &r) in order.iter().enumerate() {
+            row_of[r] = slot as i32;
+            perm[slot] = (r / k) as i32;
+        }
+        let d_perm = dev.upload(&perm)?;
+        let xs = dev.alloc::<f32>(n * k * h)?;
+        ops::gather_rows(dev, dev.ptr(&xs, 0), xn, dev.ptr(&d_perm, 0), n * k, h)?;
+        Ok(SortedRows {
+            xs,
+            experts: order.iter().map(|&r| ids[r] as usize).collect(),
+            row_of,
+            wts,
+        })
+    }
+
+    /// Combines the expert outputs `ys` (sorted like [`SortedRows`]) with the routing weights
+    /// and adds the shared experts: the MoE layer's output for the `n` tokens.
+    fn combine(
+        &self,
+        moe: &DevMoe,
+        xn: u64,
+        n: usize,
+        ys: &cudarc::driver::CudaSlice<f32>,
+        sorted: &SortedRows,
+    ) -> Result<cudarc::driver::CudaSlice<f32>, CudaError> {
+        let (dev, c) = (&self.dev, &self.cfg);
+        let (h, k) = (c.hidden_size, c.num_experts_per_tok);
+        let y = dev.alloc::<f32>(n.max(1) * h)?;
+        let d_row_of = dev.upload(&sorted.row_of)?;
+        ops::moe_combine(
+            dev,
+            dev.ptr(&y, 0),
+            dev.ptr(ys, 0),
+            dev.ptr(&d_row_of, 0),
+            dev.ptr(&sorted.wts, 0),
+            n,
+            k,
+            h,
+        )?;
+        if let Some(shared) = &moe.shared_experts {
+            let s = self.mlp(shared, xn, n)?;
+            ops::add(dev, dev.ptr(&y, 0), dev.ptr(&s, 0), n * h)?;
+        }
+        Ok(y)
+    }
+
+    /// Exchange timing so far: (MoE layers exchanged, seconds in dispatch, seconds in
+    /// combine, rows sent).
+    pub fn exchange_stats(&self) -> ExchangeStats {
+        *self.exchange.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record_exchange(&self, dispatch: f64, combine: f64, rows: usize) {
+        let mut s = self.exchange.lock().unwrap_or_else(|e| e.into_inner());
+        s.layers += 1;
+        s.dispatch_secs += dispatch;
+        s.combine_secs += combine;
+        s.rows_sent += rows as u64;
     }
 
     /// Expert-parallel MoE: route on the device, send each (token, expert) row to the rank
     /// owning the expert, run the local experts on what arrives, send the results back and
     /// combine them with the routing weights on the device, plus the shared experts. With
-    /// `n == 0` the rank only serves the others. The messages are the CPU reference's
-    /// (`Model::forward_with`), so ranks agree whatever each computes with.
+    /// `n == 0` the rank only serves the others. Over NCCL the rows move device to device
+    /// ([`Self::moe_exchange_nccl`]); over a host transport they are staged through host memory
+    /// in the CPU reference's messages (`Model::forward_with`), so ranks agree whatever each
+    /// computes with.
     fn moe_exchange(
         &self,
         moe: &DevMoe,
@@ -1079,8 +1172,6 @@ impl CudaExecutor {
         n: usize,
         comm: &mut dyn Transport,
     ) -> Result<cudarc::driver::CudaSlice<f32>, ForwardError> {
-        let (dev, c) = (&self.dev, &self.cfg);
-        let (h, e, k) = (c.hidden_size, c.n_routed_experts, c.num_experts_per_tok);
         let world = comm.world_size();
         if world != self.shard.world {
             return Err(ForwardError::Backend(format!(
@@ -1088,49 +1179,39 @@ impl CudaExecutor {
                 self.shard.world
             )));
         }
-        // Own rows sorted by expert: expert ranges are contiguous per rank, so the rows for
-        // each destination are one contiguous run.
-        let mut dispatch = vec![Vec::new(); world];
+        if let Some(nccl) = comm.as_nccl() {
+            return self.moe_exchange_nccl(moe, xn, n, nccl);
+        }
+        let (dev, h, e) = (&self.dev, self.cfg.hidden_size, self.cfg.n_routed_experts);
+        let sorted = if n > 0 {
+            Some(self.route_sorted(moe, xn, n).map_err(backend)?)
+        } else {
+            None
+        };
+        let started = std::time::Instant::now();
         let mut sent_rows = vec![0usize; world];
-        let mut combine = None;
-        if n > 0 {
-            let (ids, wts) = self.route(moe, xn, n).map_err(backend)?;
-            let mut order: Vec<usize> = (0..n * k).collect();
-            order.sort_by_key(|&r| ids[r]);
-            let mut row_of = vec![0i32; n * k];
-            let mut perm = vec![0i32; n * k];
-            for (slot, &r) in order.iter().enumerate() {
-                row_of[r] = slot as i32;
-                perm[slot] = (r / k) as i32;
-            }
-            let d_perm = dev.upload(&perm).map_err(backend)?;
-            let xs = dev.alloc::<f32>(n * k * h).map_err(backend)?;
-            ops::gather_rows(dev, dev.ptr(&xs, 0), xn, dev.ptr(&d_perm, 0), n * k, h)
+        let mut writers: Vec<Writer> = (0..world).map(|_| Writer::default()).collect();
+        if let Some(sorted) = &sorted {
+            let host_xs = dev
+                .download(&sorted.xs, sorted.experts.len() * h)
                 .map_err(backend)?;
-            let host_xs = dev.download(&xs, n * k * h).map_err(backend)?;
-            let mut writers: Vec<Writer> = (0..world).map(|_| Writer::default()).collect();
-            for &r in &order {
-                sent_rows[self.shard.owner(ids[r] as usize, e)] += 1;
+            for &x in &sorted.experts {
+                sent_rows[self.shard.owner(x, e)] += 1;
             }
             for (dest, w) in writers.iter_mut().enumerate() {
                 w.u32(sent_rows[dest] as u32);
             }
-            for (slot, &r) in order.iter().enumerate() {
-                let x = ids[r] as usize;
+            for (slot, &x) in sorted.experts.iter().enumerate() {
                 writers[self.shard.owner(x, e)]
                     .u32(x as u32)
                     .f32s(&host_xs[slot * h..(slot + 1) * h]);
             }
-            dispatch = writers.into_iter().map(Writer::finish).collect();
-            combine = Some((row_of, wts));
         } else {
-            for part in &mut dispatch {
-                let mut w = Writer::default();
+            for w in &mut writers {
                 w.u32(0);
-                *part = w.finish();
             }
         }
-        let received = comm.all_to_all(dispatch)?;
+        let received = comm.all_to_all(writers.into_iter().map(Writer::finish).collect())?;
 
         // Every row that arrived, from every rank, through the local experts at once.
         let mut experts = Vec::new();
@@ -1156,9 +1237,11 @@ impl CudaExecutor {
             }
             per_source.push(count);
         }
+        let dispatched = started.elapsed().as_secs_f64();
         let out = self
             .run_local_experts(moe, &experts, &rows)
             .map_err(backend)?;
+        let combining = std::time::Instant::now();
         let mut replies = Vec::with_capacity(world);
         let mut at = 0;
         for count in per_source {
@@ -1168,14 +1251,13 @@ impl CudaExecutor {
             at += count;
         }
         let results = comm.all_to_all(replies)?;
-
-        let y = dev.alloc::<f32>(n.max(1) * h).map_err(backend)?;
-        let Some((row_of, wts)) = combine else {
-            return Ok(y);
+        let Some(sorted) = sorted else {
+            self.record_exchange(dispatched, combining.elapsed().as_secs_f64(), 0);
+            return dev.alloc::<f32>(h).map_err(backend);
         };
         // The results come back in the order sent: by destination rank, then by expert,
         // which is the sorted order `row_of` indexes.
-        let mut ys = Vec::with_capacity(n * k * h);
+        let mut ys = Vec::with_capacity(sorted.experts.len() * h);
         for (dest, bytes) in results.iter().enumerate() {
             let part = Reader::new(bytes, dest).f32s()?;
             if part.len() != sent_rows[dest] * h {
@@ -1188,24 +1270,118 @@ impl CudaExecutor {
             ys.extend_from_slice(&part);
         }
         let d_ys = dev.upload(&ys).map_err(backend)?;
-        let d_row_of = dev.upload(&row_of).map_err(backend)?;
-        ops::moe_combine(
-            dev,
-            dev.ptr(&y, 0),
-            dev.ptr(&d_ys, 0),
-            dev.ptr(&d_row_of, 0),
-            dev.ptr(&wts, 0),
-            n,
-            k,
-            h,
-        )
-        .map_err(backend)?;
-        if let Some(shared) = &moe.shared_experts {
-            let s = self.mlp(shared, xn, n).map_err(backend)?;
-            ops::add(dev, dev.ptr(&y, 0), dev.ptr(&s, 0), n * h).map_err(backend)?;
-        }
-        Ok(y)
+        self.record_exchange(
+            dispatched,
+            combining.elapsed().as_secs_f64(),
+            sorted.experts.len(),
+        );
+        self.combine(moe, xn, n, &d_ys, &sorted).map_err(backend)
     }
+
+    /// [`Self::moe_exchange`] over NCCL: only the routing plan (each row's expert) goes
+    /// through the transport's byte exchange; the rows and their results move between the
+    /// GPUs' buffers and never visit host memory.
+    fn moe_exchange_nccl(
+        &self,
+        moe: &DevMoe,
+        xn: u64,
+        n: usize,
+        nccl: &mut NcclTransport,
+    ) -> Result<cudarc::driver::CudaSlice<f32>, ForwardError> {
+        let (dev, h, e) = (&self.dev, self.cfg.hidden_size, self.cfg.n_routed_experts);
+        let world = nccl.world_size();
+        let sorted = if n > 0 {
+            Some(self.route_sorted(moe, xn, n).map_err(backend)?)
+        } else {
+            None
+        };
+        let started = std::time::Instant::now();
+        let mut sent_rows = vec![0usize; world];
+        let mut plans: Vec<Vec<u32>> = vec![Vec::new(); world];
+        if let Some(sorted) = &sorted {
+            for &x in &sorted.experts {
+                let dest = self.shard.owner(x, e);
+                sent_rows[dest] += 1;
+                plans[dest].push(x as u32);
+            }
+        }
+        let parts = plans
+            .iter()
+            .map(|p| {
+                let mut w = Writer::default();
+                w.u32s(p);
+                w.finish()
+            })
+            .collect();
+        let received = nccl.all_to_all(parts)?;
+        let mut experts = Vec::new();
+        let mut recv_rows = Vec::with_capacity(world);
+        for (src, bytes) in received.iter().enumerate() {
+            let plan = Reader::new(bytes, src).u32s()?;
+            for &x in &plan {
+                let x = x as usize;
+                if x >= e || !self.shard.owns(x, e) {
+                    return Err(ForwardError::Backend(format!(
+                        "rank {src} sent a row for expert {x} that this rank cannot compute"
+                    )));
+                }
+                experts.push(x);
+            }
+            recv_rows.push(plan.len());
+        }
+        let nothing = dev.alloc::<f32>(h).map_err(backend)?;
+        let send = sorted.as_ref().map_or(&nothing, |s| &s.xs);
+        let mut rows = dev
+            .alloc::<f32>(experts.len().max(1) * h)
+            .map_err(backend)?;
+        let exchange = |nccl: &mut NcclTransport,
+                        send: &cudarc::driver::CudaSlice<f32>,
+                        send_counts: &[usize],
+                        recv: &mut cudarc::driver::CudaSlice<f32>,
+                        recv_counts: &[usize]|
+         -> Result<(), ForwardError> {
+            // The rows were written on this executor's stream; NCCL runs on its own.
+            dev.stream.synchronize().map_err(|e| backend(e.into()))?;
+            nccl.all_to_all_rows(send, send_counts, recv, recv_counts, h)?;
+            nccl.stream().synchronize().map_err(|e| backend(e.into()))?;
+            Ok(())
+        };
+        exchange(nccl, send, &sent_rows, &mut rows, &recv_rows)?;
+        let dispatched = started.elapsed().as_secs_f64();
+        let out = self
+            .run_local_experts_on_device(moe, &experts, &rows)
+            .map_err(backend)?;
+        let combining = std::time::Instant::now();
+        let total: usize = sent_rows.iter().sum();
+        let mut ys = dev.alloc::<f32>(total.max(1) * h).map_err(backend)?;
+        exchange(nccl, &out, &recv_rows, &mut ys, &sent_rows)?;
+        self.record_exchange(dispatched, combining.elapsed().as_secs_f64(), total);
+        match &sorted {
+            Some(sorted) => self.combine(moe, xn, n, &ys, sorted).map_err(backend),
+            None => Ok(nothing),
+        }
+    }
+}
+
+/// One step's (token, expert) rows of an MoE layer, laid out by expert.
+struct SortedRows {
+    xs: cudarc::driver::CudaSlice<f32>,
+    experts: Vec<usize>,
+    row_of: Vec<i32>,
+    wts: cudarc::driver::CudaSlice<f32>,
+}
+
+/// Where expert-parallel MoE layers spent their exchange time.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ExchangeStats {
+    /// MoE layers that exchanged rows (every rank counts every layer of every step).
+    pub layers: u64,
+    /// Sending the rows to their experts' ranks, until every row for this rank arrived.
+    pub dispatch_secs: f64,
+    /// Sending the results back, until every result for this rank's rows arrived.
+    pub combine_secs: f64,
+    /// (token, expert) rows this rank sent.
+    pub rows_sent: u64,
 }
 
 /// Per-step index arrays on the device.
@@ -1275,5 +1451,24 @@ impl RankCompute for CudaExecutor {
     }
     fn device_name(&self) -> String {
         Executor::device_name(self)
+    }
+}
+
+impl Drop for CudaExecutor {
+    /// The MoE exchange's cost over the executor's life, for benchmarks and post-mortems.
+    fn drop(&mut self) {
+        let s = self.exchange_stats();
+        if s.layers > 0 {
+            let per = |secs: f64| format!("{:.3}", 1e3 * secs / s.layers as f64);
+            tracing::info!(
+                rank = self.shard.rank,
+                world = self.shard.world,
+                layers = s.layers,
+                dispatch_ms_mean = per(s.dispatch_secs),
+                combine_ms_mean = per(s.combine_secs),
+                rows_sent = s.rows_sent,
+                "expert-parallel MoE exchanges"
+            );
+        }
     }
 }
