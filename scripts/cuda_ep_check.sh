@@ -6,9 +6,11 @@
 #
 #   scripts/cuda_ep_check.sh <bin dir: deepseek-engine, cuda-*, nccl-*> <out dir>
 #
-# STAGES (default "tests ep load") picks the parts to run.
+# STAGES (default "tests ep load fullwidth") picks the parts to run; "fullwidth" splits a
+# full-width FP8 checkpoint with 2 MoE layers over two processes and compares logits, greedy
+# tokens and decode speed with one process, and times the MoE exchange.
 set -u
-stages=" ${STAGES:-tests ep load} "
+stages=" ${STAGES:-tests ep load fullwidth} "
 
 bins=${1:?usage: cuda_ep_check.sh <bin dir> <out dir>}
 out=${2:?usage: cuda_ep_check.sh <bin dir> <out dir>}
@@ -24,6 +26,16 @@ engine="$bins/deepseek-engine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 status=0
 
+ep_pair() {
+    local port=$1; shift
+    RANK=1 WORLD_SIZE=2 LEADER_ADDR=127.0.0.1:$port RUST_LOG=info "$engine" "$@" \
+        > "$out/ep_rank1.log" 2>&1 &
+    local worker=$!
+    RANK=0 WORLD_SIZE=2 LEADER_ADDR=127.0.0.1:$port RUST_LOG=info "$engine" "$@" \
+        2> "$out/ep_rank0.log"
+    wait $worker || echo "rank 1 exited with $?"
+}
+
 if [[ $stages == *" tests "* ]]; then
 echo "== CUDA and NCCL tests"
 "$bins"/cuda-* --test-threads=1 > "$out/tests.log" 2>&1 || status=1
@@ -34,22 +46,13 @@ fi
 
 if [[ $stages == *" ep "* ]]; then
 echo "== expert parallelism: two processes on GPU 0 over TCP against one process"
-ep_pair() {
-    local port=$1; shift
-    RANK=1 WORLD_SIZE=2 LEADER_ADDR=127.0.0.1:$port RUST_LOG=info "$engine" generate "$@" \
-        > "$out/ep_rank1.log" 2>&1 &
-    local worker=$!
-    RANK=0 WORLD_SIZE=2 LEADER_ADDR=127.0.0.1:$port RUST_LOG=info "$engine" generate "$@" \
-        2> "$out/ep_rank0.log"
-    wait $worker || echo "rank 1 exited with $?"
-}
 port=29611
 for spec in "tiny-deep f32" "tiny-sharded f32" "tiny-fp8 fp8" "tiny-deep bf16"; do
     set -- $spec
     flags=(--backend cuda --model "$root/engine/tests/fixtures/$1" --weight-dtype "$2"
            --kv-cache-dtype "$2" --prompt-ids 5,6,7,8,9,10,11,12 --max-tokens 12 --ignore-eos)
     one=$("$engine" generate "${flags[@]}" 2> "$out/ep_single.log")
-    two=$(ep_pair $port "${flags[@]}")
+    two=$(ep_pair $port generate "${flags[@]}")
     port=$((port + 1))
     verdict=same; [ "$one" = "$two" ] || verdict=DIFFERENT
     echo "$1 $2: one process $one | two ranks $two | $verdict"
@@ -61,8 +64,9 @@ fi
 if [[ $stages == *" load "* ]]; then
 echo "== streaming load of a full-width checkpoint (1 dense + 1 MoE layer, FP8)"
 ckpt=/tmp/dsv32-fullwidth
-python3 "$root/scripts/make_checkpoint.py" --out "$ckpt" --dense-layers 1 --moe-layers 1 --fp8 \
-    > "$out/make_checkpoint.log" 2>&1 || { status=1; tail -5 "$out/make_checkpoint.log"; }
+[ -e "$ckpt/model.safetensors.index.json" ] || python3 "$root/scripts/make_checkpoint.py" \
+    --out "$ckpt" --dense-layers 1 --moe-layers 1 --fp8 > "$out/make_checkpoint.log" 2>&1 \
+    || { status=1; tail -5 "$out/make_checkpoint.log"; }
 tail -1 "$out/make_checkpoint.log"
 first=$(ls "$ckpt"/model-*.safetensors | head -1)
 echo "storage read rate (O_DIRECT, one shard):"
@@ -78,5 +82,41 @@ for w in fp8 bf16; do
     grep -E "Maximum resident|Elapsed" "$out/load_$w.log"
     cat "$out/load_$w.out"
 done
+fi
+if [[ $stages == *" fullwidth "* ]]; then
+echo "== full width, 1 dense + 2 MoE layers, FP8: two processes on GPU 0 against one"
+ckpt2=/tmp/dsv32-fullwidth-2moe
+[ -e "$ckpt2/model.safetensors.index.json" ] || python3 "$root/scripts/make_checkpoint.py" \
+    --out "$ckpt2" --dense-layers 1 --moe-layers 2 --fp8 > "$out/make_checkpoint2.log" 2>&1 \
+    || { status=1; tail -5 "$out/make_checkpoint2.log"; }
+tail -1 "$out/make_checkpoint2.log"
+prompt=$(python3 -c 'print(",".join(str(7 * i % 120000 + 3) for i in range(16)))')
+long=$(python3 -c 'print(",".join(str(13 * i % 120000 + 3) for i in range(512)))')
+common=(--backend cuda --model "$ckpt2" --weight-dtype fp8 --kv-cache-dtype fp8)
+"$engine" score "${common[@]}" --prompt-ids "$prompt" > "$out/score_one.json" 2> "$out/score_one.log"
+ep_pair 29650 score "${common[@]}" --prompt-ids "$prompt" > "$out/score_two.json"
+python3 - "$out/score_one.json" "$out/score_two.json" <<'PY' && rm -f "$out/score_one.json" "$out/score_two.json"
+import json, sys, math
+a = json.load(open(sys.argv[1]))["logits"]; b = json.load(open(sys.argv[2]))["logits"]
+worst = 0.0
+for ra, rb in zip(a, b):
+    num = math.sqrt(sum((x - y) ** 2 for x, y in zip(ra, rb))); den = math.sqrt(sum(x * x for x in ra))
+    worst = max(worst, num / max(den, 1e-30))
+am = [max(range(len(r)), key=r.__getitem__) for r in a]; bm = [max(range(len(r)), key=r.__getitem__) for r in b]
+print(f"score, 16 positions: worst relative L2 error two ranks vs one {worst:.2e}; argmax equal at {sum(x == y for x, y in zip(am, bm))}/16")
+PY
+gen=(generate "${common[@]}" --prompt-ids "$prompt" --max-tokens 64 --ignore-eos)
+one=$("$engine" "${gen[@]}" 2> "$out/gen_one.log")
+two=$(ep_pair 29651 "${gen[@]}")
+cp "$out/ep_rank0.log" "$out/gen_two_rank0.log"; cp "$out/ep_rank1.log" "$out/gen_two_rank1.log"
+verdict=same; [ "$one" = "$two" ] || { verdict=DIFFERENT; status=1; }
+echo "generate 64 tokens: $verdict"
+for f in gen_one gen_two_rank0; do
+    echo "$f: $(grep -o 'generated=[0-9]* .*secs="[0-9.]*"' "$out/$f.log" | head -1)"
+done
+grep -h "expert-parallel MoE exchanges" "$out/gen_two_rank0.log" "$out/gen_two_rank1.log" | sed 's/.*exchanges//'
+ep_pair 29652 score "${common[@]}" --prompt-ids "$long" --last-only > /dev/null
+echo "prefill of 512 tokens (4096 rows per MoE layer):"
+grep -h "expert-parallel MoE exchanges" "$out/ep_rank0.log" "$out/ep_rank1.log" | sed 's/.*exchanges//'
 fi
 exit $status
