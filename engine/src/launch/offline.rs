@@ -97,6 +97,13 @@ pub struct BenchOptions {
 /// On the CPU: the given model. With the CUDA backend: a DeepSeek-V3.2-shaped model at full
 /// width with fewer layers and random weights generated on the GPU. Returns the JSON report.
 pub fn bench(opts: &ModelOptions, b: &BenchOptions) -> Result<Value> {
+    if opts.expert_parallel.is_some_and(|ep| ep > 1) {
+        return Err(Error::Options(
+            "bench times one device; time expert parallelism with generate or score over the \
+             group's ranks (scripts/cuda_ep_check.sh does, and logs the MoE exchange's cost)"
+                .into(),
+        ));
+    }
     if Setup::whole(opts)?.on_gpu() {
         let (weights, cache) = gpu_dtypes(opts, true)?;
         let gpu = cuda::bench::BenchOptions {
