@@ -90,6 +90,8 @@ struct NetEntry {
     subdomain: Option<String>,
     labels: BTreeMap<String, String>,
     ready: bool,
+    /// Marked for deletion: the name no longer leads here (see [`Resolver`]).
+    terminating: bool,
     ip: Option<Ipv4Addr>,
     /// Host ports standing for container ports named after this pod's DNS name.
     host_ports: BTreeMap<u16, u16>,
@@ -131,6 +133,7 @@ impl Net {
             .as_ref()
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        entry.terminating = pod.metadata.deletion_timestamp.is_some();
     }
 
     fn forget(&mut self, uid: &str) {
@@ -165,7 +168,12 @@ impl Net {
 
 /// The agent's DNS: a pod DNS name resolves when a headless Service of that name selects a
 /// pod with that hostname and subdomain, and that pod is ready or the Service publishes
-/// not-ready addresses.
+/// not-ready addresses, and is not being deleted.
+///
+/// A process gets the answer once, at start, where a real one would look the name up again
+/// on every connection. So a pod being deleted does not answer: a group's new rank started
+/// while the old rank 0 is still going away would otherwise keep the old address for good.
+/// It waits instead, and starts once the new pod of that name has its address.
 struct Resolver<'a> {
     net: &'a mut Net,
     services: &'a Store<Service>,
@@ -189,6 +197,7 @@ impl Network for Resolver<'_> {
                 && !selector.is_empty()
                 && selector.iter().all(|(k, v)| e.labels.get(k) == Some(v))
                 && (publish_not_ready || e.ready)
+                && !e.terminating
         })?;
         let ip = entry.ip?;
         let host_port = match port {

@@ -123,6 +123,23 @@ pub async fn the_tiny_example_serves_chat_through_the_leader_pod(env: Shared) {
     env.drop_namespace(ns).await;
 }
 
+/// The engine's `--shutdown-grace-seconds` in the pod.
+fn shutdown_grace(pod: &Pod) -> std::time::Duration {
+    let args = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.iter().find(|c| c.name == "engine"))
+        .and_then(|c| c.args.clone())
+        .unwrap_or_default();
+    let secs = args
+        .iter()
+        .position(|a| a == "--shutdown-grace-seconds")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("the engine has --shutdown-grace-seconds");
+    std::time::Duration::from_secs(secs)
+}
+
 pub async fn a_killed_rank_gets_its_group_recreated_whole(env: Shared) {
     let ns = "e2e-kill";
     let _dsds = tiny_available(&env, ns).await;
@@ -147,6 +164,8 @@ pub async fn a_killed_rank_gets_its_group_recreated_whole(env: Shared) {
         })
         .expect("rank 1");
     let pid = engine_pid(rank1).expect("rank 1's process");
+    let grace = shutdown_grace(rank1);
+    let killed = std::time::Instant::now();
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe {
         libc::kill(pid as i32, libc::SIGKILL);
@@ -169,6 +188,13 @@ pub async fn a_killed_rank_gets_its_group_recreated_whole(env: Shared) {
     )
     .await
     .expect("group recreated");
+    // The restarted rank never joined a group, so nothing holds its deletion: waiting out the
+    // shutdown grace would delay every recreation by that much.
+    let took = killed.elapsed();
+    assert!(
+        took < grace,
+        "the group served again {took:?} after the kill, not within the shutdown grace ({grace:?})"
+    );
     let events: Api<Event> = Api::namespaced(env.admin.clone(), ns);
     wait_list(
         events,
