@@ -6,7 +6,8 @@
 //!
 //! This binary has its own runner (the control plane is started once and stopped at the end,
 //! which libtest cannot do): tests run one after another, each in its own namespace, with a
-//! bound on each. Arguments that are not flags filter tests by substring, as with libtest;
+//! bound on each. Arguments that are not flags filter tests by substring, and `--skip` leaves
+//! tests out, as with libtest (`--exact` makes both whole names);
 //! `--list` lists them. Without Go (and no cached binaries) it prints why it skipped.
 
 mod crd;
@@ -62,19 +63,18 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let exact = args.iter().any(|a| a == "--exact");
-    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    let Selection { filters, skips } = selection(&args);
+    let matches = |name: &str, pattern: &str| {
+        if exact {
+            name == pattern
+        } else {
+            name.contains(pattern)
+        }
+    };
     let selected: Vec<(&str, TestFn)> = all
         .into_iter()
-        .filter(|(name, _)| {
-            filters.is_empty()
-                || filters.iter().any(|f| {
-                    if exact {
-                        name == f
-                    } else {
-                        name.contains(f.as_str())
-                    }
-                })
-        })
+        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| matches(name, f)))
+        .filter(|(name, _)| !skips.iter().any(|s| matches(name, s)))
         .collect();
     if selected.is_empty() {
         return ExitCode::SUCCESS;
@@ -88,6 +88,35 @@ fn main() -> ExitCode {
         .build()
         .expect("tokio runtime");
     runtime.block_on(run(selected))
+}
+
+/// The name filters and `--skip` patterns among libtest's arguments.
+struct Selection {
+    filters: Vec<String>,
+    skips: Vec<String>,
+}
+
+/// libtest's options that take a value as the next argument; the value is not a filter.
+const VALUED: [&str; 5] = ["--test-threads", "--format", "--color", "--logfile", "-Z"];
+
+fn selection(args: &[String]) -> Selection {
+    let mut out = Selection {
+        filters: Vec::new(),
+        skips: Vec::new(),
+    };
+    let mut args = args.iter();
+    while let Some(a) = args.next() {
+        if a == "--skip" {
+            out.skips.extend(args.next().cloned());
+        } else if let Some(pattern) = a.strip_prefix("--skip=") {
+            out.skips.push(pattern.to_string());
+        } else if VALUED.contains(&a.as_str()) {
+            args.next();
+        } else if !a.starts_with('-') {
+            out.filters.push(a.clone());
+        }
+    }
+    out
 }
 
 async fn run(selected: Vec<(&'static str, TestFn)>) -> ExitCode {
