@@ -11,6 +11,7 @@
 //! `--list` lists them. Without Go (and no cached binaries) it prints why it skipped.
 
 mod crd;
+mod helm;
 mod rbac;
 mod rollout;
 mod serving;
@@ -51,6 +52,8 @@ fn main() -> ExitCode {
         rollout::a_spec_change_rolls_the_groups_one_at_a_time,
         rollout::an_operator_restarted_mid_rollout_keeps_the_groups_it_already_rolled,
         rollout::a_second_operator_takes_over_within_the_lease_duration,
+        // Last: it takes the CRD over from the suite and stops the suite's operators.
+        helm::the_chart_installs_serves_upgrades_and_uninstalls_keeping_the_crd,
     ];
     if args.iter().any(|a| a == "--list") {
         for (name, _) in &all {

@@ -309,6 +309,14 @@ impl Env {
         }
     }
 
+    /// Stops every operator process the suite started (SIGTERM) and waits for them to exit.
+    pub async fn stop_operators(&self) {
+        let running: Vec<Operator> = self.operators.lock().await.drain(..).collect();
+        for op in running {
+            op.stop(libc::SIGTERM).await;
+        }
+    }
+
     /// Stops the leading operator (SIGTERM: it releases the lease) and starts another one in
     /// its place; returns the new one's identity.
     pub async fn restart_operator(&self) -> Result<String, String> {
