@@ -1,8 +1,10 @@
 //! Shared helpers for the end-to-end suite.
 //!
-//! The tests run against the cluster named by `KUBECONFIG` and skip, printing why, when it is
-//! unset or the cluster cannot be reached. They run the controller in the test process, so only
-//! the CRD needs installing (the tests apply it) and no operator image is needed.
+//! Two kinds of tests use them. The `controlplane` test binary starts its own control plane
+//! ([`controlplane`]: etcd, kube-apiserver and kube-controller-manager built from Go modules)
+//! with a node agent ([`node`]) standing in for the kubelet, and runs the operator as a
+//! separate process against it. The other tests run against the cluster named by `KUBECONFIG`
+//! and skip, printing why, when it is unset or the cluster cannot be reached.
 
 use std::time::Duration;
 
@@ -11,6 +13,9 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, CustomResourceExt};
 
 use deepseek_operator::api::DeepSeekDeployment;
+
+pub mod controlplane;
+pub mod node;
 
 /// A client for the cluster in `KUBECONFIG`, or the reason the suite is skipped.
 pub async fn cluster() -> Result<Client, String> {
@@ -248,4 +253,58 @@ fn newest_mtime(path: &std::path::Path) -> Option<std::time::SystemTime> {
         .filter_map(|e| e.ok())
         .filter_map(|e| newest_mtime(&e.path()))
         .max()
+}
+
+/// The field manager of the suite's own server-side applies.
+pub const FIELD_MANAGER: &str = "deepseek-e2e";
+
+/// Server-side applies every document of a YAML stream in order, as `kubectl apply
+/// --server-side` does: namespaced kinds without a namespace go to `default_namespace`. `edit`
+/// may change each document first. Kinds defined by a CRD applied just before are waited for.
+pub async fn apply_manifest(
+    client: &Client,
+    text: &str,
+    default_namespace: &str,
+    mut edit: impl FnMut(&mut serde_json::Value),
+) -> Result<Vec<kube::api::DynamicObject>, String> {
+    use kube::ResourceExt;
+    use kube::api::DynamicObject;
+    use kube::core::GroupVersionKind;
+    use kube::discovery::{Scope, pinned_kind};
+
+    let mut applied = Vec::new();
+    for mut doc in yaml_documents(text)? {
+        edit(&mut doc);
+        let api_version = doc["apiVersion"].as_str().unwrap_or_default().to_string();
+        let kind = doc["kind"].as_str().unwrap_or_default().to_string();
+        let (group, version) = api_version
+            .rsplit_once('/')
+            .unwrap_or(("", api_version.as_str()));
+        let gvk = GroupVersionKind::gvk(group, version, &kind);
+        let found = wait_for(Duration::from_secs(60), || async {
+            pinned_kind(client, &gvk).await.ok()
+        })
+        .await;
+        let (resource, caps) =
+            found.ok_or_else(|| format!("{api_version} {kind} is not served"))?;
+        let obj: DynamicObject = serde_json::from_value(doc).map_err(|e| e.to_string())?;
+        let name = obj.name_any();
+        let api: Api<DynamicObject> = match caps.scope {
+            Scope::Cluster => Api::all_with(client.clone(), &resource),
+            Scope::Namespaced => {
+                let ns = obj.namespace().unwrap_or_else(|| default_namespace.into());
+                Api::namespaced_with(client.clone(), &ns, &resource)
+            }
+        };
+        let out = api
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&obj),
+            )
+            .await
+            .map_err(|e| format!("applying {kind} {name}: {e}"))?;
+        applied.push(out);
+    }
+    Ok(applied)
 }

@@ -9,7 +9,7 @@
 use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -465,6 +465,7 @@ impl Run {
             stop_rx,
         );
         let grace = self.opts.shutdown_grace;
+        let in_group = joined.clone();
         let mut group = on_thread("worker-rank", move || {
             build_replica(
                 &self.opts.model,
@@ -477,7 +478,12 @@ impl Run {
         })?;
         let ended = tokio::select! {
             r = &mut group => Some(r),
-            signal = signals.next() => {
+            signal = signals.next() => if !in_group.load(Ordering::Acquire) {
+                // Not in a group, so nothing to finish: waiting out the grace would only hold
+                // up the pod's replacement (a StatefulSet waits for the old pod to go).
+                tracing::info!(signal, "this worker rank has not joined a group");
+                None
+            } else {
                 tracing::info!(
                     signal,
                     grace_seconds = grace.as_secs_f64(),
