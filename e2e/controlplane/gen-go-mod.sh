@@ -10,12 +10,17 @@
 # go.etcd.io/etcd/server/v3 that kubernetes requires, so the server matches the client the
 # apiserver is built with.
 #
+# sigs.k8s.io/gateway-api-inference-extension is required at a pinned release for its
+# InferencePool CRD (config/crd/bases/), which the control-plane tests install from the module
+# cache; tools.go imports its API package so that tidy keeps the requirement.
+#
 # Usage: gen-go-mod.sh [KUBERNETES_VERSION]   (default v1.37.2)
 set -euo pipefail
 cd "$(dirname "$0")"
 
 k8s_version=${1:-v1.37.2}
 staging_version=v0.${k8s_version#v1.}
+inference_extension_version=v1.2.0
 
 export GOFLAGS=-mod=mod
 upstream_mod=$(go mod download -json "k8s.io/kubernetes@${k8s_version}" |
@@ -46,6 +51,7 @@ rm -f staging.required.tmp staging.replaced.tmp
   echo "require ("
   echo "	go.etcd.io/etcd/server/v3 ${etcd_version}"
   echo "	k8s.io/kubernetes ${k8s_version}"
+  echo "	sigs.k8s.io/gateway-api-inference-extension ${inference_extension_version}"
   echo ")"
   echo
   echo "replace ("

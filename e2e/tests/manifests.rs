@@ -343,6 +343,7 @@ fn plural(kind: &str) -> String {
         "StatefulSet" => "statefulsets".into(),
         "ConfigMap" => "configmaps".into(),
         "PodDisruptionBudget" => "poddisruptionbudgets".into(),
+        "InferencePool" => "inferencepools".into(),
         other => panic!("the operator renders a new kind {other}: grant it in the RBAC rules"),
     }
 }
@@ -409,6 +410,27 @@ fn rbac_grants_exactly_the_kinds_and_verbs_the_controller_uses() {
         }
         expected.insert((group_of(api_version), plural(kind)), set(verbs.as_slice()));
     }
+    // The InferencePool of spec.inferencePool (a dynamic object): listed by label, read by
+    // name, server-side applied, deleted when the field goes; never watched.
+    let mut with_pool = cpu_demo();
+    with_pool.spec.inference_pool = Some(
+        serde_json::from_value(serde_json::json!({"endpointPicker": {"name": "epp"}})).unwrap(),
+    );
+    let pool = serde_json::to_value(
+        render::desired(&with_pool)
+            .expect("renders")
+            .inference_pool
+            .expect("a pool"),
+    )
+    .unwrap();
+    let pool_kind = pool["kind"].as_str().unwrap().to_string();
+    expected.insert(
+        (
+            group_of(pool["apiVersion"].as_str().unwrap()),
+            plural(&pool_kind),
+        ),
+        set(&["list", "get", "create", "patch", "delete"]),
+    );
     // The custom resource: watched, status written, owner of the children.
     let crd = DeepSeekDeployment::crd();
     let group = crd.spec.group.clone();

@@ -97,6 +97,9 @@ struct Store {
     calls: Vec<Call>,
     /// Writes to paths containing this text are answered with 500.
     fail_writes_to: Option<String>,
+    /// Requests to paths containing this text are answered with 404, as for a resource type
+    /// the server does not serve (a CRD not installed).
+    not_served: Option<String>,
     resource_version: u64,
     uid: u64,
 }
@@ -213,6 +216,11 @@ impl Store {
         {
             let code = StatusCode::INTERNAL_SERVER_ERROR;
             return (code, status_body(code, "InternalError", "injected failure"));
+        }
+        if self.not_served.as_deref().is_some_and(|f| path.contains(f)) {
+            let code = StatusCode::NOT_FOUND;
+            let message = "the server could not find the requested resource";
+            return (code, status_body(code, "NotFound", message));
         }
         let (coll, name, sub) = split_path(path);
         let ns = coll.split('/').nth_back(1).unwrap_or_default().to_string();
@@ -457,6 +465,12 @@ impl FakeApiServer {
     /// Answers writes to paths containing `fragment` with 500 from now on (`None` stops it).
     pub fn fail_writes_to(&self, fragment: Option<&str>) {
         self.store.lock().expect("store").fail_writes_to = fragment.map(str::to_string);
+    }
+
+    /// Answers requests to paths containing `fragment` with 404 from now on, as a server
+    /// without that CRD does (`None` serves everything again).
+    pub fn not_serving(&self, fragment: Option<&str>) {
+        self.store.lock().expect("store").not_served = fragment.map(str::to_string);
     }
 
     /// Every call so far.

@@ -12,6 +12,7 @@
 
 mod crd;
 mod helm;
+mod inference_pool;
 mod rbac;
 mod rollout;
 mod serving;
@@ -52,6 +53,7 @@ fn main() -> ExitCode {
         rollout::a_spec_change_rolls_the_groups_one_at_a_time,
         rollout::an_operator_restarted_mid_rollout_keeps_the_groups_it_already_rolled,
         rollout::a_second_operator_takes_over_within_the_lease_duration,
+        inference_pool::the_inference_pool_waits_for_its_crd_selects_the_serving_pods_and_goes_with_the_field,
         // Last: it takes the CRD over from the suite and stops the suite's operators.
         helm::the_chart_installs_serves_upgrades_and_uninstalls_keeping_the_crd,
     ];

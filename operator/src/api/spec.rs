@@ -144,6 +144,61 @@ pub struct DeepSeekDeploymentSpec {
     /// restart alone.
     #[serde(default)]
     pub group_failure_policy: GroupFailurePolicy,
+
+    /// Publish the serving pods as a Gateway API Inference Extension `InferencePool`
+    /// (`inference.networking.k8s.io/v1`), so that a gateway's endpoint picker (llm-d,
+    /// kgateway, Istio) routes each request by the engines' KV-cache use and queue depth. The
+    /// pool selects the same pods as the serving Service: the leader (rank 0) pod of every
+    /// group that is not draining, on the engine's HTTP port. The InferencePool CRD must be
+    /// installed; without it the operator reports `InferencePoolReady=False` and serves as
+    /// usual. Unset: no InferencePool (one made earlier is deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference_pool: Option<InferencePoolSpec>,
+}
+
+/// The InferencePool the operator keeps for this deployment.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct InferencePoolSpec {
+    /// Name of the InferencePool, which HTTPRoutes name in their `backendRefs`. Unset: the
+    /// name of this DeepSeekDeployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("inferencePool.name must be a DNS label: lower-case letters, digits and '-', starting and ending with a letter or digit").reason(Reason::FieldValueInvalid))]
+    #[schemars(length(min = 1, max = 63))]
+    pub name: Option<String>,
+
+    /// The endpoint picker (EPP) that chooses a pod of the pool for each request.
+    pub endpoint_picker: EndpointPickerSpec,
+}
+
+/// The endpoint picker the InferencePool refers to: a Service in this namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointPickerSpec {
+    /// Name of the endpoint picker's Service in this namespace.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("inferencePool.endpointPicker.name must be a Service name: lower-case letters, digits and '-', starting with a letter").reason(Reason::FieldValueInvalid))]
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+
+    /// Port of the endpoint picker's gRPC (Envoy ext-proc) service. 9002 is the port the
+    /// upstream endpoint picker listens on.
+    #[serde(default = "default_endpoint_picker_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// What the gateway does when the endpoint picker fails or does not answer: `FailClose`
+    /// (default) refuses the request, `FailOpen` sends it to a pod of the pool chosen without
+    /// the picker.
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+}
+
+/// What the gateway does when the endpoint picker is unavailable.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FailureMode {
+    FailOpen,
+    #[default]
+    FailClose,
 }
 
 /// Where the model weights come from.
@@ -515,6 +570,11 @@ fn default_service_port() -> i32 {
 fn default_max_unavailable() -> i32 {
     1
 }
+/// The port the upstream endpoint picker serves its gRPC ext-proc API on.
+pub const DEFAULT_ENDPOINT_PICKER_PORT: i32 = 9002;
+fn default_endpoint_picker_port() -> i32 {
+    DEFAULT_ENDPOINT_PICKER_PORT
+}
 
 impl Default for EngineSpec {
     fn default() -> Self {
@@ -609,6 +669,23 @@ impl KvCacheDtype {
             KvCacheDtype::Fp8 => "fp8",
             KvCacheDtype::Bf16 => "bf16",
         }
+    }
+}
+
+impl FailureMode {
+    /// The value the InferencePool API expects in `endpointPickerRef.failureMode`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureMode::FailOpen => "FailOpen",
+            FailureMode::FailClose => "FailClose",
+        }
+    }
+}
+
+impl InferencePoolSpec {
+    /// Name of the InferencePool of deployment `deployment`.
+    pub fn pool_name(&self, deployment: &str) -> String {
+        self.name.clone().unwrap_or_else(|| deployment.to_string())
     }
 }
 

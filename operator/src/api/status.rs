@@ -62,7 +62,9 @@ pub struct DeepSeekDeploymentStatus {
     /// Standard conditions: `Available` (enough groups are ready to serve), `Progressing` (the
     /// operator is still creating, rolling, scaling or recreating groups) and `Degraded` (the
     /// spec is invalid, a group failed, or the last reconcile hit an error); with autoscaling,
-    /// also `ScalingLimited` (the autoscaler wanted another count than it chose, and why).
+    /// also `ScalingLimited` (the autoscaler wanted another count than it chose, and why); with
+    /// `spec.inferencePool`, also `InferencePoolReady` (the InferencePool is in place, or why
+    /// not).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -194,3 +196,5 @@ pub const CONDITION_PROGRESSING: &str = "Progressing";
 pub const CONDITION_DEGRADED: &str = "Degraded";
 /// Condition type: the autoscaler wanted another group count than it chose.
 pub const CONDITION_SCALING_LIMITED: &str = "ScalingLimited";
+/// Condition type: the InferencePool asked for by `spec.inferencePool` is in place.
+pub const CONDITION_INFERENCE_POOL_READY: &str = "InferencePoolReady";

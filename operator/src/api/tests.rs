@@ -287,6 +287,27 @@ const BAD: &[(&str, &str, &str, &str, &str)] = &[
         "spec.rollout.maxUnavailable: must be between 1 and 1000 (is 0)",
     ),
     (
+        "inference pool name not a DNS label",
+        "/spec/inferencePool",
+        r#"{"name": "Pool_1", "endpointPicker": {"name": "epp"}}"#,
+        "inferencePool.name must be a DNS label",
+        "spec.inferencePool.name: must be a DNS label",
+    ),
+    (
+        "endpoint picker not a Service name",
+        "/spec/inferencePool",
+        r#"{"endpointPicker": {"name": "9epp"}}"#,
+        "inferencePool.endpointPicker.name must be a Service name",
+        "spec.inferencePool.endpointPicker.name: must be a Service name",
+    ),
+    (
+        "endpoint picker port out of range",
+        "/spec/inferencePool",
+        r#"{"endpointPicker": {"name": "epp", "port": 0}}"#,
+        "greater than or equal to 1",
+        "spec.inferencePool.endpointPicker.port: must be between 1 and 65535 (is 0)",
+    ),
+    (
         "name too long",
         "/metadata/name",
         r#""a-very-long-deployment-name-that-goes-on-and-on""#,

@@ -558,6 +558,36 @@ pub fn validate(name: &str, spec: &DeepSeekDeploymentSpec) -> Result<(), Vec<Vio
         );
     }
 
+    // inference pool
+    if let Some(pool) = &spec.inference_pool {
+        if let Some(n) = &pool.name
+            && !is_dns_label(n)
+        {
+            bad(
+                "spec.inferencePool.name",
+                format!(
+                    "must be a DNS label: lower-case letters, digits and '-', at most 63 characters (is {n:?})"
+                ),
+            );
+        }
+        let epp = &pool.endpoint_picker;
+        if !is_dns_label(&epp.name) || !epp.name.starts_with(|c: char| c.is_ascii_lowercase()) {
+            bad(
+                "spec.inferencePool.endpointPicker.name",
+                format!(
+                    "must be a Service name: lower-case letters, digits and '-', starting with a letter, at most 63 characters (is {:?})",
+                    epp.name
+                ),
+            );
+        }
+        if !(1..=65535).contains(&epp.port) {
+            bad(
+                "spec.inferencePool.endpointPicker.port",
+                format!("must be between 1 and 65535 (is {})", epp.port),
+            );
+        }
+    }
+
     if v.is_empty() { Ok(()) } else { Err(v) }
 }
 

@@ -5,11 +5,13 @@
 //! Event); render the desired objects; list what exists; [`plan::plan`] the group actions;
 //! server-side apply what differs (under [`FIELD_MANAGER`]); delete surplus groups, highest
 //! index first; delete the pods of failed or outdated groups so their StatefulSets bring them
-//! back whole; write the status only if it changed. Reconciling a converged deployment again
+//! back whole; sync the InferencePool when one is asked for (its failures only reach its
+//! condition); write the status only if it changed. Reconciling a converged deployment again
 //! writes nothing. Structure after kube-rs's controller-rs sample: `Context`, `reconcile`,
 //! `error_policy`, errors counted by [`Error::metric_label`].
 
 pub mod autoscaling;
+pub mod inference_pool;
 pub mod leader;
 pub mod observed;
 pub mod plan;
@@ -38,7 +40,10 @@ use serde::de::DeserializeOwned;
 use tracing::{Instrument, field, info, info_span, warn};
 
 use crate::api::validate::{self, Violation};
-use crate::api::{CONDITION_DEGRADED, DeepSeekDeployment, DeepSeekDeploymentStatus};
+use crate::api::{
+    CONDITION_DEGRADED, CONDITION_INFERENCE_POOL_READY, DeepSeekDeployment,
+    DeepSeekDeploymentStatus,
+};
 use crate::autoscale::scrape::{HttpReader, MetricsReader};
 use crate::metrics::Metrics;
 use crate::render::{self, Desired, hash};
@@ -339,7 +344,20 @@ async fn apply(dsd: &DeepSeekDeployment, ctx: &Context, now: Timestamp) -> Resul
         }
     }
 
-    // 6. Status.
+    // 6. The InferencePool: its outcome goes into its condition, never into the result.
+    let had_pool = status::find(dsd.status.as_ref(), CONDITION_INFERENCE_POOL_READY).is_some();
+    let pool = inference_pool::sync(
+        client,
+        &ns,
+        &name,
+        dsd.metadata.uid.as_deref(),
+        desired.inference_pool.as_ref(),
+        had_pool,
+    )
+    .await;
+    publish_pool_events(dsd, ctx, &pool).await;
+
+    // 7. Status.
     let inputs = status::Inputs {
         name: &name,
         generation: dsd.metadata.generation,
@@ -353,6 +371,7 @@ async fn apply(dsd: &DeepSeekDeployment, ctx: &Context, now: Timestamp) -> Resul
         draining,
         load_progress: auto.as_ref().map(|o| &o.load),
         limited: auto.as_ref().and_then(|o| o.limited.as_deref()),
+        inference_pool: pool.report.clone(),
     };
     let st = status::compute(
         &dsd.spec,
@@ -371,11 +390,46 @@ async fn apply(dsd: &DeepSeekDeployment, ctx: &Context, now: Timestamp) -> Resul
     }
     let n = indices.len() as i32;
     let converged = plan.is_empty() && st.ready_replicas == n && st.updated_replicas == n;
-    let wait = if converged { RESYNC } else { PROGRESS_RECHECK };
+    let pool_pending = matches!(&pool.report, status::PoolReport::Synced(p) if !p.is_ready());
+    let wait = if converged && !pool_pending {
+        RESYNC
+    } else {
+        PROGRESS_RECHECK
+    };
     Ok(Action::requeue(match &auto {
         Some(o) => wait.min(o.requeue),
         None => wait,
     }))
+}
+
+/// One Event per change of the pool: created, deleted, or a new reason it is not ready (so a
+/// missing CRD is announced once, not at every reconcile).
+async fn publish_pool_events(
+    dsd: &DeepSeekDeployment,
+    ctx: &Context,
+    pool: &inference_pool::Synced,
+) {
+    if let Some(name) = &pool.created {
+        let note = format!("created InferencePool {name} over the serving pods");
+        ctx.publish(dsd, EventType::Normal, "InferencePoolCreated", note)
+            .await;
+    }
+    if !pool.deleted.is_empty() {
+        let note = format!("deleted InferencePool {}", pool.deleted.join(", "));
+        ctx.publish(dsd, EventType::Normal, "InferencePoolDeleted", note)
+            .await;
+    }
+    if let status::PoolReport::Synced(state) = &pool.report
+        && !state.is_ready()
+    {
+        let previous = status::find(dsd.status.as_ref(), CONDITION_INFERENCE_POOL_READY);
+        let message = state.message();
+        if !previous.is_some_and(|c| c.reason == state.reason() && c.message == message) {
+            warn!(reason = state.reason(), %message, "InferencePool not ready");
+            ctx.publish(dsd, EventType::Warning, state.reason(), message)
+                .await;
+        }
+    }
 }
 
 async fn refuse(

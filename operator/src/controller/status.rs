@@ -9,9 +9,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use super::observed::Observed;
 use super::plan::Plan;
 use crate::api::{
-    AutoscalingStatus, CONDITION_AVAILABLE, CONDITION_DEGRADED, CONDITION_PROGRESSING,
-    CONDITION_SCALING_LIMITED, DeepSeekDeploymentSpec, DeepSeekDeploymentStatus,
-    GroupFailurePolicy, GroupState, GroupStatus,
+    AutoscalingStatus, CONDITION_AVAILABLE, CONDITION_DEGRADED, CONDITION_INFERENCE_POOL_READY,
+    CONDITION_PROGRESSING, CONDITION_SCALING_LIMITED, DeepSeekDeploymentSpec,
+    DeepSeekDeploymentStatus, GroupFailurePolicy, GroupState, GroupStatus,
 };
 use crate::render;
 
@@ -42,6 +42,80 @@ pub struct Inputs<'a> {
     pub load_progress: Option<&'a BTreeMap<i32, f64>>,
     /// Why the autoscaler could not choose the count it wanted.
     pub limited: Option<&'a str>,
+    /// What became of the InferencePool.
+    pub inference_pool: PoolReport,
+}
+
+/// What the status says about the InferencePool of `spec.inferencePool`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum PoolReport {
+    /// Nothing was tried (the spec is refused): the previous condition stays as it is.
+    #[default]
+    Keep,
+    /// No pool is asked for and none is left: no condition.
+    Absent,
+    /// The pool was synced; the condition says how it went.
+    Synced(PoolState),
+}
+
+/// The outcome of syncing the InferencePool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PoolState {
+    /// The pool `name` is applied and selects the serving pods.
+    Ready {
+        /// The pool's name.
+        name: String,
+    },
+    /// The API server does not serve `inference.networking.k8s.io/v1` `inferencepools`.
+    CrdMissing,
+    /// A pool of that name exists and belongs to someone else; it is left alone.
+    Conflict {
+        /// The pool's name.
+        name: String,
+    },
+    /// A call about the pool failed; it is tried again at the next reconcile.
+    Failed {
+        /// The error.
+        message: String,
+    },
+}
+
+impl PoolState {
+    /// True when the condition is `True`.
+    pub fn is_ready(&self) -> bool {
+        matches!(self, PoolState::Ready { .. })
+    }
+
+    /// The condition's reason (also the reason of the Warning Event of a failure).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PoolState::Ready { .. } => "InferencePoolApplied",
+            PoolState::CrdMissing => "InferencePoolCRDMissing",
+            PoolState::Conflict { .. } => "InferencePoolConflict",
+            PoolState::Failed { .. } => "InferencePoolFailed",
+        }
+    }
+
+    /// The condition's message.
+    pub fn message(&self) -> String {
+        match self {
+            PoolState::Ready { name } => format!(
+                "InferencePool {name} selects the serving (rank 0) pods on port {}",
+                render::HTTP_PORT
+            ),
+            PoolState::CrdMissing => format!(
+                "the API server does not serve {}/{} {}: install the Gateway API Inference Extension CRDs (config/crd/bases of sigs.k8s.io/gateway-api-inference-extension, v1.0 or newer); the operator looks again every {} s",
+                render::inference_pool::INFERENCE_POOL_GROUP,
+                render::inference_pool::INFERENCE_POOL_VERSION,
+                render::inference_pool::INFERENCE_POOL_PLURAL,
+                super::PROGRESS_RECHECK.as_secs()
+            ),
+            PoolState::Conflict { name } => format!(
+                "InferencePool {name} exists and is not owned by this DeepSeekDeployment; left alone (set spec.inferencePool.name to another name)"
+            ),
+            PoolState::Failed { message } => message.clone(),
+        }
+    }
 }
 
 /// Computes the full status. Fields the autoscaler owns (`kvCacheUtilizationPercent`,
@@ -278,6 +352,18 @@ pub fn compute(
                 "the autoscaler chose the count it computed".into(),
             ),
         });
+    }
+    match &inputs.inference_pool {
+        PoolReport::Keep => {
+            conditions.extend(find(previous, CONDITION_INFERENCE_POOL_READY).cloned());
+        }
+        PoolReport::Absent => {}
+        PoolReport::Synced(state) => conditions.push(cond(
+            CONDITION_INFERENCE_POOL_READY,
+            state.is_ready(),
+            state.reason(),
+            state.message(),
+        )),
     }
     let kv_percent = autoscaling
         .as_ref()

@@ -697,3 +697,127 @@ async fn the_autoscaler_scales_groups_up_and_drains_the_idlest_one_before_deleti
     ctx.forget_deleted(&Default::default());
     assert!(!ctx.metrics.encode().contains(r#"deployment="tiny""#));
 }
+
+const POOLS: &str = "/apis/inference.networking.k8s.io/v1/namespaces/serving/inferencepools";
+
+fn pool_condition(fake: &FakeApiServer) -> Option<(String, String)> {
+    let dsd = fake.deployment("tiny");
+    status::find(
+        dsd.status.as_ref(),
+        crate::api::CONDITION_INFERENCE_POOL_READY,
+    )
+    .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+fn with_pool() -> DeepSeekDeployment {
+    DeepSeekDeployment::test().edited(|s| {
+        s.inference_pool = Some(
+            serde_json::from_value(serde_json::json!({"endpointPicker": {"name": "tiny-epp"}}))
+                .unwrap(),
+        )
+    })
+}
+
+fn pools(fake: &FakeApiServer) -> Vec<String> {
+    fake.calls()
+        .iter()
+        .filter(|c| c.path.starts_with(POOLS) && c.method == Method::PATCH)
+        .map(|c| c.path.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn without_the_inference_pool_crd_the_condition_says_so_once_and_the_groups_still_converge() {
+    let (fake, ctx) = setup(with_pool());
+    fake.not_serving(Some("/apis/inference.networking.k8s.io/"));
+    converge(&fake, &ctx, "tiny").await;
+    assert_eq!(
+        pool_condition(&fake),
+        Some(("False".into(), "InferencePoolCRDMissing".into()))
+    );
+    assert_eq!(
+        cond(&fake.deployment("tiny"), CONDITION_AVAILABLE),
+        ("True".into(), "MinimumGroupsAvailable".into())
+    );
+    let warned = fake
+        .calls()
+        .iter()
+        .filter(|c| c.method == Method::POST && c.path.ends_with("/events"))
+        .count();
+    // GroupsCreated and one InferencePoolCRDMissing; reconciling again adds nothing.
+    let before = fake.calls().len();
+    let action = reconcile_once(&fake, &ctx, "tiny").await.unwrap();
+    assert!(events(&fake, before).is_empty());
+    assert!(warned >= 2);
+    assert!(fake.writes_since(before).is_empty());
+    assert_eq!(
+        action,
+        Action::requeue(PROGRESS_RECHECK),
+        "looks again soon"
+    );
+}
+
+#[tokio::test]
+async fn once_the_crd_is_served_the_pool_is_applied_then_left_alone_and_deleted_with_the_field() {
+    let (fake, ctx) = setup(with_pool());
+    fake.not_serving(Some("/apis/inference.networking.k8s.io/"));
+    converge(&fake, &ctx, "tiny").await;
+    fake.not_serving(None);
+    converge(&fake, &ctx, "tiny").await;
+    assert_eq!(
+        pool_condition(&fake),
+        Some(("True".into(), "InferencePoolApplied".into()))
+    );
+    assert_eq!(pools(&fake), [format!("{POOLS}/tiny")], "applied once");
+    let before = fake.calls().len();
+    reconcile_once(&fake, &ctx, "tiny").await.unwrap();
+    assert!(fake.writes_since(before).is_empty(), "converged: no write");
+
+    // The field removed: the pool is deleted and the condition goes.
+    let edited = fake.deployment("tiny").edited(|s| s.inference_pool = None);
+    fake.insert(&edited);
+    converge(&fake, &ctx, "tiny").await;
+    assert_eq!(pool_condition(&fake), None);
+    let deletes: Vec<String> = fake
+        .calls()
+        .iter()
+        .filter(|c| c.method == Method::DELETE && c.path.starts_with(POOLS))
+        .map(|c| c.path.clone())
+        .collect();
+    assert_eq!(deletes, [format!("{POOLS}/tiny")]);
+    // Without the field and the condition, the pool API is not even asked.
+    let before = fake.calls().len();
+    reconcile_once(&fake, &ctx, "tiny").await.unwrap();
+    assert!(
+        fake.calls()[before..]
+            .iter()
+            .all(|c| !c.path.starts_with(POOLS))
+    );
+}
+
+#[tokio::test]
+async fn a_pool_of_that_name_owned_by_someone_else_is_left_alone() {
+    let (fake, ctx) = setup(with_pool());
+    {
+        let client = fake.client();
+        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
+            client,
+            NS,
+            &render::inference_pool::inference_pool_resource(),
+        );
+        let mut other = kube::api::DynamicObject::new(
+            "tiny",
+            &render::inference_pool::inference_pool_resource(),
+        );
+        other.data = serde_json::json!({"spec": {"selector": {"matchLabels": {"app": "x"}}}});
+        api.create(&kube::api::PostParams::default(), &other)
+            .await
+            .unwrap();
+    }
+    converge(&fake, &ctx, "tiny").await;
+    assert_eq!(
+        pool_condition(&fake),
+        Some(("False".into(), "InferencePoolConflict".into()))
+    );
+    assert!(pools(&fake).is_empty(), "never applied over it");
+}

@@ -4,7 +4,8 @@
 //! management, one pod per rank, rank = pod ordinal), a headless Service of the same name that
 //! gives rank 0 a stable DNS name for the other ranks, and a PodDisruptionBudget. Shared by all
 //! groups: the serving Service `<name>` that selects the ready rank-0 pods, and the engine
-//! ConfigMap `<name>-engine`. The shape follows LeaderWorkerSet's group-of-pods model, rendered
+//! ConfigMap `<name>-engine`; with `spec.inferencePool`, an `InferencePool` over the serving
+//! pods. The shape follows LeaderWorkerSet's group-of-pods model, rendered
 //! onto plain StatefulSets.
 //!
 //! Every object carries an owner reference to the `DeepSeekDeployment` (so deleting it deletes
@@ -14,6 +15,7 @@
 
 mod group;
 pub mod hash;
+pub mod inference_pool;
 mod model;
 mod serving;
 
@@ -23,6 +25,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::DynamicObject;
 use kube::{Resource, ResourceExt};
 
 use crate::api::validate::ModelSource;
@@ -33,8 +36,9 @@ pub use group::{
     LIVENESS_FAILURES, LIVENESS_PERIOD, SHUTDOWN_GRACE_SECONDS, SHUTDOWN_MARGIN_SECONDS,
     group_pod_template, headless_service, pod_disruption_budget, statefulset,
 };
+pub use inference_pool::inference_pool;
 pub use model::ModelMount;
-pub use serving::{engine_config_map, serving_service};
+pub use serving::{engine_config_map, serving_selector, serving_service};
 
 /// `app.kubernetes.io/name` of every object: the application.
 pub const APP_NAME: &str = "deepseek-engine";
@@ -207,6 +211,8 @@ pub struct Desired {
     pub service: Service,
     /// One entry per group, by index.
     pub groups: Vec<GroupObjects>,
+    /// The InferencePool, when `spec.inferencePool` asks for one.
+    pub inference_pool: Option<DynamicObject>,
 }
 
 /// Renders every object a valid `DeepSeekDeployment` asks for, with groups `0..spec.replicas`.
@@ -247,12 +253,21 @@ pub fn desired_groups(dsd: &DeepSeekDeployment, indices: &[i32]) -> Result<Desir
     let mut service = serving_service(&owner, spec);
     hash::stamp(&mut config_map)?;
     hash::stamp(&mut service)?;
+    let inference_pool = match &spec.inference_pool {
+        Some(pool) => {
+            let mut obj = inference_pool(&owner, pool);
+            hash::stamp(&mut obj)?;
+            Some(obj)
+        }
+        None => None,
+    };
     Ok(Desired {
         revision,
         pods_per_group: spec.parallelism.pods_per_group(),
         config_map,
         service,
         groups,
+        inference_pool,
     })
 }
 

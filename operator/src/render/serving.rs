@@ -16,6 +16,18 @@ use crate::Result;
 use crate::api::DeepSeekDeploymentSpec;
 use crate::api::validate::ModelSource;
 
+/// Labels of the pods that serve clients: the rank-0 pod of every group that is not draining.
+/// The serving Service and the InferencePool select exactly these.
+pub fn serving_selector(owner: &Owner) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (NAME_LABEL.to_string(), APP_NAME.to_string()),
+        (INSTANCE_LABEL.to_string(), owner.name.clone()),
+        (COMPONENT_LABEL.to_string(), COMPONENT_ENGINE.to_string()),
+        (RANK_LABEL.to_string(), "0".to_string()),
+        (SERVING_LABEL.to_string(), "true".to_string()),
+    ])
+}
+
 /// The Service clients call: it selects the rank-0 pod of every group that is not draining
 /// ([`SERVING_LABEL`]), and Kubernetes only routes to the ready ones.
 pub fn serving_service(owner: &Owner, spec: &DeepSeekDeploymentSpec) -> Service {
@@ -27,13 +39,7 @@ pub fn serving_service(owner: &Owner, spec: &DeepSeekDeploymentSpec) -> Service 
         metadata: meta,
         spec: Some(ServiceSpec {
             type_: Some(spec.service.type_.as_str().into()),
-            selector: Some(BTreeMap::from([
-                (NAME_LABEL.to_string(), APP_NAME.to_string()),
-                (INSTANCE_LABEL.to_string(), owner.name.clone()),
-                (COMPONENT_LABEL.to_string(), COMPONENT_ENGINE.to_string()),
-                (RANK_LABEL.to_string(), "0".to_string()),
-                (SERVING_LABEL.to_string(), "true".to_string()),
-            ])),
+            selector: Some(serving_selector(owner)),
             ports: Some(vec![ServicePort {
                 name: Some(HTTP_PORT_NAME.into()),
                 port: spec.service.port,

@@ -706,3 +706,83 @@ fn engine_and_download_containers_meet_the_restricted_pod_security_standard() {
         }
     }
 }
+
+fn with_pool(pool: serde_json::Value) -> DeepSeekDeployment {
+    DeepSeekDeployment::test().edited(|s| {
+        s.inference_pool = Some(serde_json::from_value(pool).expect("pool spec"));
+    })
+}
+
+#[test]
+fn no_inference_pool_is_rendered_without_the_field() {
+    assert!(render(&DeepSeekDeployment::test()).inference_pool.is_none());
+}
+
+#[test]
+fn the_inference_pool_selects_exactly_the_serving_services_pods_on_the_engine_port() {
+    let d = render(&with_pool(
+        serde_json::json!({"endpointPicker": {"name": "tiny-epp"}}),
+    ));
+    let pool = d.inference_pool.expect("pool rendered");
+    let v = serde_json::to_value(&pool).unwrap();
+    assert_eq!(v["apiVersion"], "inference.networking.k8s.io/v1");
+    assert_eq!(v["kind"], "InferencePool");
+    assert_eq!(
+        v["metadata"]["name"], "tiny",
+        "defaults to the deployment's name"
+    );
+    assert_eq!(v["metadata"]["namespace"], crate::fixtures::NS);
+    let service_selector = serde_json::to_value(d.service.spec.unwrap().selector).unwrap();
+    assert_eq!(v["spec"]["selector"]["matchLabels"], service_selector);
+    assert_eq!(v["spec"]["selector"]["matchLabels"][RANK_LABEL], "0");
+    assert_eq!(v["spec"]["selector"]["matchLabels"][SERVING_LABEL], "true");
+    assert_eq!(
+        v["spec"]["targetPorts"],
+        serde_json::json!([{"number": HTTP_PORT}])
+    );
+    assert_eq!(
+        v["spec"]["endpointPickerRef"],
+        serde_json::json!({
+            "kind": "Service", "name": "tiny-epp", "port": {"number": 9002},
+            "failureMode": "FailClose",
+        })
+    );
+    let owner = &pool.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("DeepSeekDeployment", "tiny", Some(true))
+    );
+    let labels = pool.metadata.labels.as_ref().unwrap();
+    assert_eq!(labels[COMPONENT_LABEL], "inference-pool");
+    assert_eq!(labels[INSTANCE_LABEL], "tiny");
+    assert_eq!(labels[MANAGED_BY_LABEL], MANAGED_BY);
+    assert!(hash::applied_hash(&pool).is_some());
+}
+
+#[test]
+fn a_named_pool_carries_its_name_port_and_failure_mode() {
+    let d = render(&with_pool(serde_json::json!({
+        "name": "deepseek",
+        "endpointPicker": {"name": "epp", "port": 9100, "failureMode": "FailOpen"},
+    })));
+    let v = serde_json::to_value(d.inference_pool.unwrap()).unwrap();
+    assert_eq!(v["metadata"]["name"], "deepseek");
+    assert_eq!(v["spec"]["endpointPickerRef"]["port"]["number"], 9100);
+    assert_eq!(v["spec"]["endpointPickerRef"]["failureMode"], "FailOpen");
+}
+
+#[test]
+fn a_change_of_endpoint_picker_changes_the_pools_applied_hash_but_not_the_revision() {
+    let a = render(&with_pool(
+        serde_json::json!({"endpointPicker": {"name": "a"}}),
+    ));
+    let b = render(&with_pool(
+        serde_json::json!({"endpointPicker": {"name": "b"}}),
+    ));
+    assert_ne!(
+        hash::applied_hash(a.inference_pool.as_ref().unwrap()),
+        hash::applied_hash(b.inference_pool.as_ref().unwrap())
+    );
+    assert_eq!(a.revision, b.revision, "the pool does not restart groups");
+    assert_eq!(a.revision, render(&DeepSeekDeployment::test()).revision);
+}
