@@ -166,6 +166,19 @@ pub async fn bad_deployments_are_refused_with_the_messages_the_docs_promise(env:
             |v| v["spec"]["model"]["credentialsSecret"] = json!("hf-token"),
             vec!["model.credentialsSecret is only used with hf:// and s3:// sources"],
         ),
+        case(
+            "an endpoint picker that is not a Service name",
+            |v| v["spec"]["inferencePool"] = json!({"endpointPicker": {"name": "EPP_Service"}}),
+            vec!["inferencePool.endpointPicker.name must be a Service name"],
+        ),
+        case(
+            "an InferencePool name that is not a DNS label",
+            |v| {
+                v["spec"]["inferencePool"] =
+                    json!({"name": "-pool", "endpointPicker": {"name": "epp"}})
+            },
+            vec!["inferencePool.name must be a DNS label"],
+        ),
         // Schema violations: ranges, enums, types, unknown fields.
         case(
             "negative replicas",
