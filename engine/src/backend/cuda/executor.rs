@@ -80,6 +80,33 @@ pub struct CudaExecutor {
     exchange: std::sync::Mutex<ExchangeStats>,
 }
 
+/// The memory plan a new executor was sized with, in one log line.
+fn log_plan(
+    dev: &Device,
+    (free, total): (usize, usize),
+    plan: &MemoryPlan,
+    options: &CudaOptions,
+    shard: ExpertShard,
+) {
+    const MIB: usize = 1 << 20;
+    tracing::info!(
+        device = %dev.name,
+        arch = %dev.arch,
+        total_mib = total / MIB,
+        free_mib = free / MIB,
+        weights_mib = plan.weight_bytes / MIB,
+        weights = ?options.weights,
+        workspace_mib = plan.workspace_bytes / MIB,
+        kv_mib = plan.kv_bytes() / MIB,
+        cache = ?options.cache,
+        kv_blocks = plan.num_blocks,
+        block_size = plan.block_size,
+        rank = shard.rank,
+        world = shard.world,
+        "CUDA memory plan"
+    );
+}
+
 fn check_shapes(cfg: &ModelConfig, options: &CudaOptions) -> Result<(), CudaError> {
     if options.cache == DType::Fp8
         && (!cfg.kv_lora_rank.is_multiple_of(4) || !cfg.index_head_dim.is_multiple_of(4))
@@ -138,21 +165,7 @@ impl CudaExecutor {
             options.max_batch_tokens,
             Some(geometry.num_blocks),
         )?;
-        const MIB: usize = 1 << 20;
-        tracing::info!(
-            device = %dev.name,
-            arch = %dev.arch,
-            total_mib = total / MIB,
-            free_mib = free / MIB,
-            weights_mib = plan.weight_bytes / MIB,
-            weights = ?options.weights,
-            workspace_mib = plan.workspace_bytes / MIB,
-            kv_mib = plan.kv_bytes() / MIB,
-            cache = ?options.cache,
-            kv_blocks = plan.num_blocks,
-            block_size = plan.block_size,
-            "CUDA memory plan"
-        );
+        log_plan(&dev, (free, total), &plan, &options, model.shard);
         dev.load_all()?;
         dev.set_gemm(options.gemm)?;
         let w = DevModel::upload(&dev, model, options.weights)?;
@@ -198,21 +211,7 @@ impl CudaExecutor {
             options.max_batch_tokens,
             (!auto_blocks).then_some(geometry.num_blocks),
         )?;
-        const MIB: usize = 1 << 20;
-        tracing::info!(
-            device = %dev.name,
-            total_mib = total / MIB,
-            free_mib = free / MIB,
-            weights_mib = plan.weight_bytes / MIB,
-            weights = ?options.weights,
-            workspace_mib = plan.workspace_bytes / MIB,
-            kv_mib = plan.kv_bytes() / MIB,
-            cache = ?options.cache,
-            kv_blocks = plan.num_blocks,
-            rank = shard.rank,
-            world = shard.world,
-            "CUDA memory plan"
-        );
+        log_plan(&dev, (free, total), &plan, &options, shard);
         dev.load_all()?;
         dev.set_gemm(options.gemm)?;
         let w = {
