@@ -30,11 +30,13 @@ RUN groupadd --system --gid 65532 engine \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/deepseek-engine /usr/local/bin/deepseek-engine
+# The bundled trained model, where the binary looks for it (<bin>/../share/deepseek-engine/models).
+COPY --from=build /src/models/deepseek-v3.2-mini /usr/local/share/deepseek-engine/models/deepseek-v3.2-mini
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     HOME=/home/engine
 USER 65532:65532
 WORKDIR /home/engine
-# The operator sets command and args; this default serves the built-in model.
+# The operator sets command and args; this default serves the bundled trained model.
 EXPOSE 8000 29500
 ENTRYPOINT ["deepseek-engine"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "8000", "--model", "builtin"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -18,7 +18,7 @@ use deepseek_engine::launch::logging::{self, LogFormat};
 use deepseek_engine::launch::offline::{self, BenchOptions, PlanOptions};
 use deepseek_engine::launch::serve::{self, ServeOptions};
 use deepseek_engine::launch::{BackendFlag, ModelOptions};
-use deepseek_engine::model::builtin::BUILTIN_MODEL;
+use deepseek_engine::model::catalog::{self, DEFAULT_MODEL};
 use deepseek_engine::server::ServeLimits;
 use serde_json::json;
 
@@ -256,8 +256,9 @@ struct ServeArgs {
 
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// Model directory (config.json + safetensors), or `builtin` for the built-in demo model.
-    #[arg(long, default_value = BUILTIN_MODEL)]
+    /// Model directory (config.json + safetensors), the name of a bundled model (default: the
+    /// trained deepseek-v3.2-mini), or `builtin` for random weights (tests).
+    #[arg(long, default_value = DEFAULT_MODEL, value_parser = catalog::resolve)]
     model: String,
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     backend: Backend,

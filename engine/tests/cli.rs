@@ -273,6 +273,7 @@ fn an_explicit_max_model_len_beyond_the_kv_cache_is_refused_at_start() {
     );
 }
 
+/// Also: `serve` with no `--model` serves the bundled trained model.
 #[test]
 fn logs_off_a_terminal_are_plain_and_say_when_the_api_is_ready() {
     let mut cmd = common::bin();
@@ -291,6 +292,28 @@ fn logs_off_a_terminal_are_plain_and_say_when_the_api_is_ready() {
     let lines = engine.lines();
     let at = |l: &str| lines.iter().position(|x| x == l).unwrap();
     assert!(at(&listening) < at(&ready), "{log}");
+
+    // With no --model it serves the bundled trained model, which answers the README's
+    // question in English.
+    let addr = listening
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .expect("the listening line names its address")
+        .to_string();
+    let models = common::http(&addr, "GET", "/v1/models", None).unwrap().json();
+    assert_eq!(models["data"][0]["id"], "deepseek-v3.2-mini", "{models}");
+    let body = json!({
+        "messages": [{ "role": "user", "content": "What does serendipity mean?" }],
+        "max_tokens": 24,
+        "temperature": 0,
+    });
+    let reply = common::http(&addr, "POST", "/v1/chat/completions", Some(&body)).unwrap();
+    let content = reply.json()["choices"][0]["message"]["content"].clone();
+    assert!(
+        content.as_str().unwrap().starts_with("The noun \"serendipity\" means"),
+        "{}",
+        reply.body
+    );
     engine.signal("TERM");
     assert!(engine.wait_exit().success(), "{}", engine.log());
 }

@@ -275,10 +275,8 @@ fn a_worker_rank_needs_no_tokenizer() {
     let single = generate::generate_batch(&whole, &reqs).unwrap();
     let geometry = generate::plan_geometry(whole.config.max_position_embeddings, &reqs).unwrap();
     let leader = format!("127.0.0.1:{}", common::free_port());
-    let mut worker = common::serve();
+    let mut worker = common::serve_model(dir(name));
     worker
-        .arg("--model")
-        .arg(dir(name))
         .args(["--num-kv-blocks", &geometry.num_blocks.to_string()])
         .env("RANK", "1")
         .env("WORLD_SIZE", "2")

@@ -5,6 +5,7 @@
 //! weights. The math is in [`forward`]; DEEPSEEK_V32.md §2 is its specification.
 
 pub mod builtin;
+pub mod catalog;
 pub mod config;
 pub mod forward;
 pub mod rope;

@@ -28,9 +28,14 @@ pub fn bin() -> Command {
     c
 }
 
-/// `serve` on a free loopback port with JSON logs, the built-in model on the CPU, and a KV
-/// cache small enough for many test processes at once.
+/// `serve` on a free loopback port with JSON logs, the random-weight `builtin` model on the
+/// CPU, and a KV cache small enough for many test processes at once.
 pub fn serve() -> Command {
+    serve_model("builtin")
+}
+
+/// [`serve`] with another `--model`.
+pub fn serve_model(model: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut c = bin();
     c.args([
         "serve",
@@ -40,7 +45,9 @@ pub fn serve() -> Command {
         "0",
         "--backend",
         "cpu",
+        "--model",
     ])
+    .arg(model)
     .args(["--log-format", "json", "--kv-cache-memory-gb", "0.1"]);
     c
 }
