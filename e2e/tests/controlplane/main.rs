@@ -47,6 +47,7 @@ fn main() -> ExitCode {
         crd::bad_deployments_are_refused_with_the_messages_the_docs_promise,
         rbac::the_operator_runs_as_its_service_account_and_is_denied_outside_its_role,
         serving::the_tiny_example_serves_chat_through_the_leader_pod,
+        serving::the_bundled_trained_model_answers_in_english_through_the_leader_pod,
         serving::a_killed_rank_gets_its_group_recreated_whole,
         serving::the_scale_subresource_adds_groups_and_drains_before_removing,
         serving::deleting_the_deployment_garbage_collects_what_it_owned,

@@ -1,5 +1,6 @@
 //! The tiny CPU example served end to end: groups of real engine processes run by the node
-//! agent, status and printer columns, a chat completion through the leader pod, a killed rank,
+//! agent, status and printer columns, a chat completion through the leader pod (and one from the
+//! bundled trained model), a killed rank,
 //! the scale subresource, and garbage collection.
 
 use deepseek_e2e::FIELD_MANAGER;
@@ -13,8 +14,8 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use crate::support::{
-    LONG, Shared, available_with, chat, engine_pid, leader, pod_ready, tiny_example, uids,
-    wait_dsd, wait_list,
+    LONG, Shared, available_with, chat, chat_with, engine_pid, leader, pod_ready, tiny_example,
+    uids, wait_dsd, wait_list,
 };
 
 const NAME: &str = "tiny";
@@ -22,13 +23,18 @@ const NAME: &str = "tiny";
 /// Applies the tiny example in a fresh namespace, waits until it is Available and returns its
 /// API handle.
 async fn tiny_available(env: &Shared, ns: &str) -> Api<DeepSeekDeployment> {
+    available(env, ns, tiny_example(ns)).await
+}
+
+/// Applies `dsd` (named [`NAME`]) in a fresh namespace and waits until it is Available.
+async fn available(env: &Shared, ns: &str, dsd: DeepSeekDeployment) -> Api<DeepSeekDeployment> {
     env.operator().await.expect("the operator runs");
     env.namespace(ns).await.expect("namespace");
     let dsds: Api<DeepSeekDeployment> = Api::namespaced(env.admin.clone(), ns);
     dsds.patch(
         NAME,
         &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&tiny_example(ns)),
+        &Patch::Apply(&dsd),
     )
     .await
     .expect("the example applies");
@@ -120,6 +126,26 @@ pub async fn the_tiny_example_serves_chat_through_the_leader_pod(env: Shared) {
     assert!(group.iter().all(|p| engine_pid(p).is_some()));
 
     chats(&env.admin, ns, 0).await;
+    env.drop_namespace(ns).await;
+}
+
+/// `builtin://mini`: the trained model the engine image bundles, split over the example's two
+/// ranks, answers a question in English through the leader pod, under the engine's name for it.
+pub async fn the_bundled_trained_model_answers_in_english_through_the_leader_pod(env: Shared) {
+    let ns = "e2e-mini";
+    let mut dsd = tiny_example(ns);
+    dsd.spec.model.source = "builtin://mini".into();
+    available(&env, ns, dsd).await;
+    let pod = leader(&env.admin, ns, NAME, 0).await.expect("leader pod");
+    let ip = pod.status.and_then(|s| s.pod_ip).expect("leader pod IP");
+    let reply = chat_with(&ip, "What does serendipity mean?", 24)
+        .await
+        .expect("chat completion");
+    assert_eq!(reply["model"], "deepseek-v3.2-mini", "{reply}");
+    let content = reply["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(content.contains("serendipity"), "{reply}");
     env.drop_namespace(ns).await;
 }
 

@@ -558,7 +558,18 @@ pub fn engine_pid(p: &Pod) -> Option<u32> {
 /// One chat completion from the engine at `ip`:8000, through its OpenAI API: the reply's
 /// JSON.
 pub async fn chat(ip: &str) -> Result<serde_json::Value, String> {
+    chat_with(ip, "Hello!", 4).await
+}
+
+/// A greedy chat completion of `content` from the engine at `ip`:8000, for the model it
+/// serves.
+pub async fn chat_with(
+    ip: &str,
+    content: &str,
+    max_tokens: u32,
+) -> Result<serde_json::Value, String> {
     let addr = format!("{ip}:8000");
+    let content = content.to_string();
     tokio::task::spawn_blocking(move || {
         let timeout = Duration::from_secs(120);
         let models = deepseek_e2e::http::request(&addr, "GET", "/v1/models", None, timeout)
@@ -571,8 +582,8 @@ pub async fn chat(ip: &str) -> Result<serde_json::Value, String> {
             .to_string();
         let body = serde_json::json!({
             "model": model,
-            "messages": [{"role": "user", "content": "Hello!"}],
-            "max_tokens": 4,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
             "temperature": 0,
         });
         let r = deepseek_e2e::http::request(

@@ -512,6 +512,10 @@ fn model_sources_parse_into_their_kinds() {
         ModelSource::parse("builtin://tiny").unwrap(),
         ModelSource::BuiltinTiny
     );
+    assert_eq!(
+        ModelSource::parse("builtin://mini").unwrap(),
+        ModelSource::BuiltinMini
+    );
     for bad in [
         "",
         "hf://",
@@ -535,6 +539,8 @@ fn the_cel_source_rule_accepts_exactly_what_the_operator_parses() {
         "s3://bucket-1/p",
         "/data/m",
         "builtin://tiny",
+        "builtin://mini",
+        "builtin://minis",
         "hf://x",
         "ftp://a/b",
         "builtin://huge",

@@ -57,6 +57,9 @@ pub const RESERVED_ENV: &[&str] = &[
 /// labels another 11 characters, all within 63.
 pub const MAX_NAME_LEN: usize = 40;
 
+/// The engine's name for the trained model its image bundles (`builtin://mini`).
+pub const BUNDLED_MINI_MODEL: &str = "deepseek-v3.2-mini";
+
 /// Where the model weights come from, parsed from `spec.model.source`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ModelSource {
@@ -83,14 +86,16 @@ pub enum ModelSource {
     },
     /// An absolute directory on the node.
     HostPath(String),
-    /// `builtin://tiny`: the engine's built-in demo model.
+    /// `builtin://tiny`: the engine's random-weight test model.
     BuiltinTiny,
+    /// `builtin://mini`: the small trained model bundled in the engine image.
+    BuiltinMini,
 }
 
 impl ModelSource {
     /// Parses a `spec.model.source` value.
     pub fn parse(source: &str) -> Result<Self, String> {
-        const HINT: &str = "expected hf://ORG/NAME[@REVISION], pvc://CLAIM[/PATH], s3://BUCKET[/PREFIX], builtin://tiny or an absolute node path";
+        const HINT: &str = "expected hf://ORG/NAME[@REVISION], pvc://CLAIM[/PATH], s3://BUCKET[/PREFIX], builtin://tiny, builtin://mini or an absolute node path";
         if let Some(rest) = source.strip_prefix("hf://") {
             let (repo, revision) = match rest.split_once('@') {
                 Some((repo, rev)) if !rev.is_empty() => (repo, Some(rev.to_string())),
@@ -149,6 +154,9 @@ impl ModelSource {
         if source == "builtin://tiny" {
             return Ok(ModelSource::BuiltinTiny);
         }
+        if source == "builtin://mini" {
+            return Ok(ModelSource::BuiltinMini);
+        }
         if source.starts_with('/') && source.len() > 1 && !source.starts_with("//") {
             if source.split('/').any(|s| s == "..") {
                 return Err(format!("{source:?}: the path must not contain '..'"));
@@ -192,6 +200,7 @@ impl ModelSource {
             }
             ModelSource::HostPath(p) => last(p),
             ModelSource::BuiltinTiny => "tiny".into(),
+            ModelSource::BuiltinMini => BUNDLED_MINI_MODEL.into(),
         };
         if name.is_empty() {
             "model".into()

@@ -7,7 +7,8 @@
 //!   container `model-download` fills by running `deepseek-engine download --source SRC --dest
 //!   MODEL_DIR`, with the credentials Secret's keys as environment variables. The engine then
 //!   mounts it read-only.
-//! - `builtin://tiny`: no volume; the engine serves its built-in model.
+//! - `builtin://tiny`: no volume; the engine builds its random-weight test model.
+//! - `builtin://mini`: no volume; the engine serves the trained model its image bundles.
 
 use k8s_openapi::api::core::v1::{
     Container, EmptyDirVolumeSource, EnvFromSource, HostPathVolumeSource,
@@ -15,7 +16,7 @@ use k8s_openapi::api::core::v1::{
 };
 
 use crate::api::DeepSeekDeploymentSpec;
-use crate::api::validate::ModelSource;
+use crate::api::validate::{BUNDLED_MINI_MODEL, ModelSource};
 
 /// Where model volumes are mounted in the engine and download containers.
 pub const MODEL_DIR: &str = "/models";
@@ -49,6 +50,12 @@ impl ModelMount {
         match source {
             ModelSource::BuiltinTiny => Self {
                 model_arg: spec.model.source.clone(),
+                volume: None,
+                mount: None,
+                download: None,
+            },
+            ModelSource::BuiltinMini => Self {
+                model_arg: BUNDLED_MINI_MODEL.into(),
                 volume: None,
                 mount: None,
                 download: None,

@@ -427,6 +427,22 @@ fn the_builtin_demo_model_needs_no_volume_and_no_gpu() {
 }
 
 #[test]
+fn the_bundled_trained_model_is_served_by_its_engine_name_with_no_volume() {
+    let mut dsd = DeepSeekDeployment::test();
+    dsd.spec.model.source = "builtin://mini".into();
+    let d = render(&dsd);
+    let spec = pod_spec(&d, 0);
+    assert!(spec.init_containers.is_none());
+    assert!(spec.volumes.unwrap().iter().all(|v| v.name != "model"));
+    let c = engine(&d, 0);
+    assert_eq!(arg_after(&c, "--model"), "deepseek-v3.2-mini");
+    assert_eq!(
+        env(&c)["SERVED_MODEL_NAME"].value.as_deref(),
+        Some("deepseek-v3.2-mini")
+    );
+}
+
+#[test]
 fn every_object_is_owned_by_the_deployment_and_labelled() {
     let dsd = DeepSeekDeployment::full().with_replicas(2);
     let d = render(&dsd);
