@@ -1243,3 +1243,134 @@ fn an_expert_parallel_group_over_nccl_computes_what_one_gpu_computes() {
         );
     }
 }
+
+#[derive(Deserialize)]
+struct TrainedGreedy {
+    id: String,
+    prompt_ids: Vec<u32>,
+    greedy_ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct HeldoutWindow {
+    ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct TrainedExpected {
+    greedy: Vec<TrainedGreedy>,
+    heldout_windows: Vec<HeldoutWindow>,
+}
+
+/// exp(mean next-token negative log-likelihood) over the held-out windows.
+fn perplexity(exec: &mut dyn Executor, windows: &[HeldoutWindow]) -> f64 {
+    let (mut nll, mut n) = (0f64, 0usize);
+    for w in windows {
+        let logits = score(exec, &w.ids);
+        let v = logits.len() / w.ids.len();
+        for (row, &next) in logits.chunks_exact(v).zip(&w.ids[1..]) {
+            nll -= generate::log_softmax(row)[next as usize] as f64;
+            n += 1;
+        }
+    }
+    (nll / n as f64).exp()
+}
+
+/// The trained model (`models/deepseek-v3.2-mini`, whose CPU greedy continuations equal
+/// transformers', see tests/trained.rs) on every GPU storage path: f32, bf16 and FP8 weights
+/// (FP8: the checkpoint's own E4M3 codes), each with bf16 and FP8 caches. Per path: the tokens
+/// equal to the CPU's greedy continuation before the first divergence (mean over 8 prompts of
+/// 64 tokens) and the held-out perplexity (18 windows of 513 tokens, past the indexer's top-k
+/// of 128, so sparse selection is real). FP8 must stay within 3% of f32's perplexity and bf16
+/// keep 90% of f32's greedy tokens. `DEEPSEEK_AGREEMENT_OUT` receives the table as JSON.
+#[test]
+fn the_trained_model_keeps_its_greedy_tokens_and_perplexity_on_every_gpu_path() {
+    if gpu().is_none() {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3.2-mini");
+    let exp: TrainedExpected =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let model = Model::load(&dir).unwrap();
+    let longest = exp
+        .heldout_windows
+        .iter()
+        .map(|w| w.ids.len())
+        .max()
+        .unwrap();
+    let blocks = longest.div_ceil(64) + 1;
+    let mut cpu_exec = CpuExecutor::new(
+        std::sync::Arc::new(Model::load(&dir).unwrap()),
+        geometry(blocks, 64),
+    );
+    let cpu_ppl = perplexity(&mut cpu_exec, &exp.heldout_windows);
+    eprintln!("trained model, CPU f32: held-out perplexity {cpu_ppl:.3}");
+    let mut rows = Vec::new();
+    let mut by_path = Vec::new();
+    let paths = [
+        (DType::F32, DType::F32),
+        (DType::F32, DType::Bf16),
+        (DType::F32, DType::Fp8),
+        (DType::Bf16, DType::Bf16),
+        (DType::Bf16, DType::Fp8),
+        (DType::Fp8, DType::Bf16),
+        (DType::Fp8, DType::Fp8),
+    ];
+    for (weights, cache) in paths {
+        let opts = CudaOptions {
+            weights,
+            cache,
+            max_batch_tokens: longest,
+            gemm: cuda::Gemm::Cublas,
+        };
+        let mut exec = CudaExecutor::with_options(&model, geometry(blocks, 64), 0, opts).unwrap();
+        let mut kept = Vec::new();
+        for g in &exp.greedy {
+            let got = greedy(&mut exec, &g.prompt_ids, g.greedy_ids.len());
+            let same = got
+                .iter()
+                .zip(&g.greedy_ids)
+                .take_while(|(a, b)| a == b)
+                .count();
+            if (weights, cache) == (DType::F32, DType::F32) {
+                assert_eq!(got, g.greedy_ids, "{}: f32 weights and cache", g.id);
+            }
+            kept.push(same as f64);
+        }
+        let mean_kept = kept.iter().sum::<f64>() / kept.len() as f64;
+        let ppl = perplexity(&mut exec, &exp.heldout_windows);
+        eprintln!(
+            "trained model, weights {weights:?} cache {cache:?}: {mean_kept:.1}/64 greedy tokens \
+             equal the CPU's before the first divergence (per prompt {kept:?}), held-out \
+             perplexity {ppl:.3} ({:+.2}% vs CPU f32)",
+            (ppl / cpu_ppl - 1.0) * 100.0
+        );
+        rows.push(serde_json::json!({
+            "weights": format!("{weights:?}"), "cache": format!("{cache:?}"),
+            "mean_greedy_tokens_kept": mean_kept, "greedy_tokens_kept": kept,
+            "heldout_perplexity": ppl, "cpu_f32_perplexity": cpu_ppl,
+        }));
+        by_path.push(((weights, cache), (mean_kept, ppl)));
+    }
+    if let Ok(path) = std::env::var("DEEPSEEK_AGREEMENT_OUT") {
+        std::fs::write(path, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+    }
+    let at = |path: (DType, DType)| by_path.iter().find(|(p, _)| *p == path).unwrap().1;
+    let (f32_kept, f32_ppl) = at((DType::F32, DType::F32));
+    assert!(
+        (f32_ppl / cpu_ppl - 1.0).abs() < 1e-3,
+        "f32 GPU {f32_ppl} vs CPU {cpu_ppl}"
+    );
+    for cache in [DType::Bf16, DType::Fp8] {
+        let (_, ppl) = at((DType::Fp8, cache));
+        assert!(
+            ppl <= f32_ppl * 1.03,
+            "FP8 weights, {cache:?} cache: perplexity {ppl} vs f32 {f32_ppl}"
+        );
+        let (kept, _) = at((DType::Bf16, cache));
+        assert!(
+            kept >= 0.9 * f32_kept,
+            "bf16 weights, {cache:?} cache: {kept} of {f32_kept} greedy tokens"
+        );
+    }
+}
