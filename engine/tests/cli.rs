@@ -300,7 +300,9 @@ fn logs_off_a_terminal_are_plain_and_say_when_the_api_is_ready() {
         .find_map(|w| w.strip_prefix("addr="))
         .expect("the listening line names its address")
         .to_string();
-    let models = common::http(&addr, "GET", "/v1/models", None).unwrap().json();
+    let models = common::http(&addr, "GET", "/v1/models", None)
+        .unwrap()
+        .json();
     assert_eq!(models["data"][0]["id"], "deepseek-v3.2-mini", "{models}");
     let body = json!({
         "messages": [{ "role": "user", "content": "What does serendipity mean?" }],
@@ -310,7 +312,10 @@ fn logs_off_a_terminal_are_plain_and_say_when_the_api_is_ready() {
     let reply = common::http(&addr, "POST", "/v1/chat/completions", Some(&body)).unwrap();
     let content = reply.json()["choices"][0]["message"]["content"].clone();
     assert!(
-        content.as_str().unwrap().starts_with("The noun \"serendipity\" means"),
+        content
+            .as_str()
+            .unwrap()
+            .starts_with("The noun \"serendipity\" means"),
         "{}",
         reply.body
     );
