@@ -1,9 +1,9 @@
 //! Models that ship with the engine, found by name, so `serve` with no `--model` answers with a
 //! trained model on a fresh machine and in the image, with no download.
 //!
-//! A `--model` value is, in this order: [`super::builtin::BUILTIN_MODEL`] (random weights, for tests and the
-//! operator's `builtin://tiny`); an existing directory; or the name of a bundled model, looked
-//! up in the catalog's directories. The bundled default is [`DEFAULT_MODEL`], a 24M-parameter
+//! A `--model` value is, in this order: [`super::builtin::BUILTIN_MODEL`] (random weights, for
+//! tests and the operator's `builtin://tiny`); an existing directory; or the name of a bundled
+//! model, looked up in the catalog's directories. The bundled default is [`DEFAULT_MODEL`], a 24M-parameter
 //! DeepSeek-V3.2-architecture model trained by the repository's `train/` pipeline.
 
 use std::ffi::OsString;
