@@ -17,11 +17,20 @@ etcd_version=$(awk '$1 == "go.etcd.io/etcd/server/v3" { print $2; exit }' "$here
 bin=${DEEPSEEK_CONTROLPLANE_BIN:-${XDG_CACHE_HOME:-$HOME/.cache}/deepseek-k8s/controlplane/$k8s_version}
 mkdir -p "$bin"
 
+# Whether `$1 --version` prints the line $2. The whole output is read before it is searched:
+# `grep -q` in a pipe exits at the first match, and under pipefail the SIGPIPE that etcd (which
+# prints four lines) may then get would make a complete cache look stale and rebuild it.
+reports() {
+  local out
+  out=$("$1" --version 2>/dev/null) || return 1
+  grep -qx -- "$2" <<<"$out"
+}
+
 stamped() {
   [[ -x $bin/etcd && -x $bin/kube-apiserver && -x $bin/kube-controller-manager ]] &&
-    "$bin/kube-apiserver" --version 2>/dev/null | grep -qx "Kubernetes $k8s_version" &&
-    "$bin/kube-controller-manager" --version 2>/dev/null | grep -qx "Kubernetes $k8s_version" &&
-    "$bin/etcd" --version 2>/dev/null | grep -qx "etcd Version: ${etcd_version#v}"
+    reports "$bin/kube-apiserver" "Kubernetes $k8s_version" &&
+    reports "$bin/kube-controller-manager" "Kubernetes $k8s_version" &&
+    reports "$bin/etcd" "etcd Version: ${etcd_version#v}"
 }
 
 if [[ ${1:-} == --check ]]; then
