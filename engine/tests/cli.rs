@@ -273,7 +273,6 @@ fn an_explicit_max_model_len_beyond_the_kv_cache_is_refused_at_start() {
     );
 }
 
-/// Also: `serve` with no `--model` serves the bundled trained model.
 #[test]
 fn logs_off_a_terminal_are_plain_and_say_when_the_api_is_ready() {
     let mut cmd = common::bin();
@@ -292,14 +291,28 @@ fn logs_off_a_terminal_are_plain_and_say_when_the_api_is_ready() {
     let lines = engine.lines();
     let at = |l: &str| lines.iter().position(|x| x == l).unwrap();
     assert!(at(&listening) < at(&ready), "{log}");
+    engine.signal("TERM");
+    assert!(engine.wait_exit().success(), "{}", engine.log());
+}
 
-    // With no --model it serves the bundled trained model, which answers the README's
-    // question in English.
-    let addr = listening
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("addr="))
-        .expect("the listening line names its address")
-        .to_string();
+/// `serve` with no `--model` serves the bundled trained model, which answers the README's
+/// question in English.
+#[test]
+fn serve_with_no_model_serves_the_bundled_trained_model() {
+    let mut cmd = common::bin();
+    cmd.args([
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--backend",
+        "cpu",
+    ])
+    .args(["--log-format", "json", "--kv-cache-memory-gb", "0.1"]);
+    let mut engine = Engine::spawn(cmd);
+    engine.wait_status("/ready", 200);
+    let addr = engine.addr();
     let models = common::http(&addr, "GET", "/v1/models", None)
         .unwrap()
         .json();

@@ -1291,7 +1291,7 @@ fn the_trained_model_keeps_its_greedy_tokens_and_perplexity_on_every_gpu_path() 
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3.2-mini");
     let exp: TrainedExpected =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    let model = Model::load(&dir).unwrap();
+    let model = std::sync::Arc::new(Model::load(&dir).unwrap());
     let longest = exp
         .heldout_windows
         .iter()
@@ -1299,14 +1299,10 @@ fn the_trained_model_keeps_its_greedy_tokens_and_perplexity_on_every_gpu_path() 
         .max()
         .unwrap();
     let blocks = longest.div_ceil(64) + 1;
-    let mut cpu_exec = CpuExecutor::new(
-        std::sync::Arc::new(Model::load(&dir).unwrap()),
-        geometry(blocks, 64),
-    );
+    let mut cpu_exec = CpuExecutor::new(model.clone(), geometry(blocks, 64));
     let cpu_ppl = perplexity(&mut cpu_exec, &exp.heldout_windows);
     eprintln!("trained model, CPU f32: held-out perplexity {cpu_ppl:.3}");
-    let mut rows = Vec::new();
-    let mut by_path = Vec::new();
+    let mut results = Vec::new();
     let paths = [
         (DType::F32, DType::F32),
         (DType::F32, DType::Bf16),
@@ -1345,17 +1341,25 @@ fn the_trained_model_keeps_its_greedy_tokens_and_perplexity_on_every_gpu_path() 
              perplexity {ppl:.3} ({:+.2}% vs CPU f32)",
             (ppl / cpu_ppl - 1.0) * 100.0
         );
-        rows.push(serde_json::json!({
-            "weights": format!("{weights:?}"), "cache": format!("{cache:?}"),
-            "mean_greedy_tokens_kept": mean_kept, "greedy_tokens_kept": kept,
-            "heldout_perplexity": ppl, "cpu_f32_perplexity": cpu_ppl,
-        }));
-        by_path.push(((weights, cache), (mean_kept, ppl)));
+        results.push(((weights, cache), kept, mean_kept, ppl));
     }
     if let Ok(path) = std::env::var("DEEPSEEK_AGREEMENT_OUT") {
+        let rows: Vec<_> = results
+            .iter()
+            .map(|((weights, cache), kept, mean_kept, ppl)| {
+                serde_json::json!({
+                    "weights": format!("{weights:?}"), "cache": format!("{cache:?}"),
+                    "mean_greedy_tokens_kept": mean_kept, "greedy_tokens_kept": kept,
+                    "heldout_perplexity": ppl, "cpu_f32_perplexity": cpu_ppl,
+                })
+            })
+            .collect();
         std::fs::write(path, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
     }
-    let at = |path: (DType, DType)| by_path.iter().find(|(p, _)| *p == path).unwrap().1;
+    let at = |path: (DType, DType)| {
+        let (_, _, kept, ppl) = results.iter().find(|(p, ..)| *p == path).unwrap();
+        (*kept, *ppl)
+    };
     let (f32_kept, f32_ppl) = at((DType::F32, DType::F32));
     assert!(
         (f32_ppl / cpu_ppl - 1.0).abs() < 1e-3,

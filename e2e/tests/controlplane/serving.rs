@@ -1,7 +1,6 @@
 //! The tiny CPU example served end to end: groups of real engine processes run by the node
-//! agent, status and printer columns, a chat completion through the leader pod (and one from the
-//! bundled trained model), a killed rank,
-//! the scale subresource, and garbage collection.
+//! agent, status and printer columns, a chat completion through the leader pod (and one from
+//! the bundled trained model), a killed rank, the scale subresource, and garbage collection.
 
 use deepseek_e2e::FIELD_MANAGER;
 use deepseek_operator::api::DeepSeekDeployment;

@@ -63,8 +63,7 @@ pub fn resolve(model: &str) -> Result<String, CatalogError> {
 /// its error where config.json is read); a bare name becomes the first catalog directory that
 /// holds `<name>/config.json`.
 pub fn resolve_in(model: &str, dirs: &[PathBuf]) -> Result<String, CatalogError> {
-    let bare_name =
-        !model.is_empty() && !model.contains(['/', '\\']) && model != "." && model != "..";
+    let bare_name = !model.is_empty() && !model.contains(['/', '\\']);
     if is_builtin(model) || !bare_name || Path::new(model).exists() {
         return Ok(model.to_string());
     }
