@@ -138,9 +138,49 @@ pub fn ceilings(dev: &Device) -> Result<(f64, f64), CudaError> {
     Ok((copy, flops))
 }
 
-/// The linear layers' rates at model shapes: FP8 block-scaled (activation quantization
-/// included) and bf16 cuBLAS (activation cast included), both with f32 outputs.
-fn time_gemms(dev: &Device, mm_flops: f64) -> Result<Vec<Value>, CudaError> {
+/// Median seconds of one `op`, from runs of `per_run` back-to-back launches between
+/// synchronisations (so host overhead is amortised over several launches, as in a step).
+fn time_op(
+    dev: &Device,
+    per_run: usize,
+    mut op: impl FnMut() -> Result<(), CudaError>,
+) -> Result<f64, CudaError> {
+    op()?;
+    let mut times = Vec::new();
+    for _ in 0..7 {
+        dev.stream.synchronize()?;
+        let t = Instant::now();
+        for _ in 0..per_run {
+            op()?;
+        }
+        dev.stream.synchronize()?;
+        times.push(t.elapsed().as_secs_f64() / per_run as f64);
+    }
+    Ok(median(times))
+}
+
+/// The weight shapes `(out, in)` of the model's FP8 linears: q_a, q_b, kv_a, kv_b... as the
+/// released checkpoint has them, and an expert's gate/up and down.
+const FP8_SHAPES: [(usize, usize); 8] = [
+    (1536, 7168),
+    (24576, 1536),
+    (576, 7168),
+    (32768, 512),
+    (7168, 16384),
+    (2048, 7168),
+    (7168, 2048),
+    (8192, 1536),
+];
+
+/// Token counts of the crossover sweep.
+const SWEEP_TOKENS: [usize; 11] = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096];
+
+/// The linear layers' rates at model shapes: FP8 block-scaled on both kernels and on the path
+/// the engine picks (activation quantization included), and bf16 cuBLAS (activation cast
+/// included), all with f32 outputs. Then, per FP8 weight shape, the sweep over token counts
+/// that `lt::CROSSOVER` is read from.
+fn time_gemms(dev: &Device, mm_flops: f64) -> Result<Value, CudaError> {
+    use super::device::Fp8Gemm;
     // (tokens, out, in): an expert's gate/up and down at decode batch 64 and a prefill chunk,
     // q_b_proj and o_proj over a 4096-token prefill.
     let shapes = [
@@ -150,40 +190,85 @@ fn time_gemms(dev: &Device, mm_flops: f64) -> Result<Vec<Value>, CudaError> {
         (4096, 24576, 1536),
         (4096, 7168, 16384),
     ];
+    let fp8_peak = 2.0 * mm_flops;
+    let max_n = SWEEP_TOKENS[SWEEP_TOKENS.len() - 1];
+    let max_k = FP8_SHAPES.iter().map(|s| s.1).max().unwrap_or(0);
+    let max_o = FP8_SHAPES.iter().map(|s| s.0).max().unwrap_or(0);
+    let x = super::weights::DevBuf::random(dev, max_n * max_k, DType::F32, 99, 1.0)?;
+    let y = dev.alloc::<f32>(max_n * max_o.max(24576))?;
+    let tflops = |n: usize, o: usize, k: usize, s: f64| 2.0 * (n * o * k) as f64 / s / 1e12;
     let mut out = Vec::new();
     for (i, &(n, o, k)) in shapes.iter().enumerate() {
-        let x = super::weights::DevBuf::random(dev, n * k, DType::F32, 99 + i as u64, 1.0)?;
-        let y = dev.alloc::<f32>(n * o)?;
         let mut rec = json!({"tokens": n, "out": o, "in": k});
         for dtype in [DType::Fp8, DType::Bf16] {
             let w = super::weights::random_linear(dev, o, k, dtype, 7 + i as u64)?;
-            let mut times = Vec::new();
-            for rep in 0..12 {
-                dev.stream.synchronize()?;
-                let t = Instant::now();
-                ops::linear(dev, dev.ptr(&y, 0), x.ptr(dev), &w, n)?;
-                dev.stream.synchronize()?;
-                if rep >= 2 {
-                    times.push(t.elapsed().as_secs_f64());
-                }
+            let pins: &[(&str, Fp8Gemm)] = if dtype == DType::Fp8 {
+                &[
+                    ("", Fp8Gemm::Auto),
+                    ("_ours", Fp8Gemm::Ours),
+                    ("_cublaslt", Fp8Gemm::Library),
+                ]
+            } else {
+                &[("", Fp8Gemm::Auto)]
+            };
+            for (tag, pin) in pins {
+                dev.set_fp8_gemm(*pin);
+                let s = time_op(dev, 5, || {
+                    ops::linear(dev, dev.ptr(&y, 0), x.ptr(dev), &w, n)
+                })?;
+                let key = format!("{}{tag}", dtype.suffix());
+                rec[key.as_str()] = json!({"us": s * 1e6, "tflops": tflops(n, o, k, s)});
             }
-            let s = median(times);
-            let tflops = 2.0 * (n * o * k) as f64 / s / 1e12;
-            rec[dtype.suffix()] = json!({"us": s * 1e6, "tflops": tflops});
+            dev.set_fp8_gemm(Fp8Gemm::Auto);
         }
+        rec["fp8_path"] = json!(format!("{:?}", dev.fp8_gemm_path(n, o, k)));
         let (f8, b16) = (
             rec["fp8"]["tflops"].as_f64(),
             rec["bf16"]["tflops"].as_f64(),
         );
         if let (Some(f8), Some(b16)) = (f8, b16) {
             // Hopper's dense FP8 rate is twice its bf16 rate.
-            rec["fp8_of_fp8_peak"] = json!(f8 * 1e12 / (2.0 * mm_flops));
+            rec["fp8_of_fp8_peak"] = json!(f8 * 1e12 / fp8_peak);
             rec["fp8_over_bf16_cublas"] = json!(f8 / b16);
         }
         tracing::info!(n, o, k, record = %rec, "GEMM timed");
         out.push(rec);
     }
-    Ok(out)
+    let mut sweep = Vec::new();
+    for (i, &(o, k)) in FP8_SHAPES.iter().enumerate() {
+        let w = super::weights::random_linear(dev, o, k, DType::Fp8, 70 + i as u64)?;
+        let mut rows = Vec::new();
+        let mut crossover = None;
+        for &n in &SWEEP_TOKENS {
+            let mut row = json!({"tokens": n});
+            let mut us = [f64::NAN; 2];
+            for (j, (tag, pin)) in [("ours", Fp8Gemm::Ours), ("cublaslt", Fp8Gemm::Library)]
+                .into_iter()
+                .enumerate()
+            {
+                dev.set_fp8_gemm(pin);
+                if pin == Fp8Gemm::Library
+                    && dev.fp8_gemm_path(n, o, k) != super::device::Fp8Path::Library
+                {
+                    row[tag] = json!(null);
+                    continue;
+                }
+                let s = time_op(dev, 5, || {
+                    ops::linear(dev, dev.ptr(&y, 0), x.ptr(dev), &w, n)
+                })?;
+                us[j] = s * 1e6;
+                row[tag] = json!({"us": s * 1e6, "tflops": tflops(n, o, k, s)});
+            }
+            dev.set_fp8_gemm(Fp8Gemm::Auto);
+            if crossover.is_none() && us[1] < us[0] {
+                crossover = Some(n);
+            }
+            rows.push(row);
+        }
+        tracing::info!(o, k, crossover = ?crossover, "FP8 GEMM sweep");
+        sweep.push(json!({"out": o, "in": k, "library_from_tokens": crossover, "rows": rows}));
+    }
+    Ok(json!({"shapes": out, "fp8_sweep": sweep}))
 }
 
 /// Bytes of the weights a step must read: everything but the routed experts, plus `touched`

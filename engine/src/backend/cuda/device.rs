@@ -15,6 +15,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStrea
 use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
+use super::lt::LtFp8;
 use super::{CudaError, unavailable_reason};
 
 const COMMON: &str = include_str!("kernels/common.cuh");
@@ -177,6 +178,25 @@ pub enum Gemm {
     Cublas,
 }
 
+/// Which kernel runs the FP8 block-scaled GEMMs under [`Gemm::Cublas`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fp8Gemm {
+    /// cuBLASLt where it beats ours at that shape ([`super::lt::library_wins`]), else ours.
+    #[default]
+    Auto = 0,
+    /// Our split-K `mma.sync` kernel everywhere.
+    Ours = 1,
+    /// cuBLASLt wherever it takes the shape.
+    Library = 2,
+}
+
+/// The kernel one FP8 GEMM runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fp8Path {
+    Ours,
+    Library,
+}
+
 /// Which sparse-attention kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Attention {
@@ -201,6 +221,9 @@ pub struct Device {
     gemm: AtomicU8,
     attention: AtomicU8,
     blas: Mutex<Option<Arc<CudaBlas>>>,
+    fp8_gemm: AtomicU8,
+    /// cuBLASLt, made on first use; the error text when it cannot be.
+    lt: Mutex<Option<Result<LtFp8, String>>>,
 }
 
 impl Device {
@@ -231,6 +254,8 @@ impl Device {
             gemm: AtomicU8::new(0),
             attention: AtomicU8::new(0),
             blas: Mutex::new(None),
+            fp8_gemm: AtomicU8::new(0),
+            lt: Mutex::new(None),
         })
     }
 
@@ -249,6 +274,77 @@ impl Device {
         }
         self.gemm.store(gemm as u8, Ordering::Relaxed);
         Ok(())
+    }
+
+    pub fn fp8_gemm(&self) -> Fp8Gemm {
+        match self.fp8_gemm.load(Ordering::Relaxed) {
+            1 => Fp8Gemm::Ours,
+            2 => Fp8Gemm::Library,
+            _ => Fp8Gemm::Auto,
+        }
+    }
+
+    /// Chooses the FP8 GEMM kernel (tests and the benchmark pin one to compare them).
+    pub fn set_fp8_gemm(&self, g: Fp8Gemm) {
+        self.fp8_gemm.store(g as u8, Ordering::Relaxed);
+    }
+
+    /// The kernel an `n x o x k` FP8 GEMM runs on: ours unless cuBLASLt loads, takes the shape
+    /// and is chosen for it.
+    pub fn fp8_gemm_path(&self, n: usize, o: usize, k: usize) -> Fp8Path {
+        let wanted = match self.fp8_gemm() {
+            Fp8Gemm::Ours => false,
+            Fp8Gemm::Library => true,
+            Fp8Gemm::Auto => super::lt::library_wins(n, o, k),
+        };
+        if wanted && super::lt::shape_supported(o, k) {
+            let takes = self.with_lt(|lt| Ok(lt.supports(self, n, o, k)));
+            if takes.unwrap_or(false) {
+                return Fp8Path::Library;
+            }
+        }
+        Fp8Path::Ours
+    }
+
+    /// Why cuBLASLt does not run an `n x o x k` FP8 GEMM here (library missing, or the shape
+    /// refused), or `None` when it does.
+    pub fn fp8_library_refusal(&self, n: usize, o: usize, k: usize) -> Option<String> {
+        if !super::lt::shape_supported(o, k) {
+            return Some(format!(
+                "{o}x{k} is not whole 128-wide K blocks with 16-aligned rows"
+            ));
+        }
+        match self.with_lt(|lt| {
+            Ok(if lt.supports(self, n, o, k) {
+                None
+            } else {
+                lt.refusal(n, o, k)
+            })
+        }) {
+            Ok(r) => r,
+            Err(e) => Some(e.to_string()),
+        }
+    }
+
+    /// Runs `f` with this device's cuBLASLt state, making it on first use; an error when the
+    /// library cannot be loaded (logged once, when first tried).
+    pub fn with_lt<R>(
+        &self,
+        f: impl FnOnce(&mut LtFp8) -> Result<R, CudaError>,
+    ) -> Result<R, CudaError> {
+        let mut slot = self.lt.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            let made = LtFp8::new(self).map_err(|e| e.to_string());
+            if let Err(e) = &made {
+                tracing::warn!(error = %e, "cuBLASLt is unavailable; FP8 GEMMs run on our kernel");
+            }
+            *slot = Some(made);
+        }
+        match slot.as_mut() {
+            Some(Ok(lt)) => f(lt),
+            Some(Err(e)) => Err(CudaError::Unavailable(e.clone())),
+            None => unreachable!("set above"),
+        }
     }
 
     pub fn attention(&self) -> Attention {

@@ -8,6 +8,7 @@
 //! - [`plan`]: the memory plan (weights, KV pages, workspace) from the config and free memory.
 //! - [`executor`]: [`CudaExecutor`], the [`crate::backend::Executor`] over the paged latent and
 //!   indexer-key caches in device memory.
+//! - [`lt`]: cuBLASLt's FP8 block-scaled GEMM, the prefill-size path of the FP8 linears.
 //! - [`ops`]: host-to-host wrappers of single kernels, for op-level checks against the CPU.
 //!
 //! cudarc loads the CUDA libraries at run time and panics when they are missing, so every entry
@@ -17,13 +18,14 @@ pub mod bench;
 pub mod device;
 pub mod executor;
 pub mod load;
+pub mod lt;
 pub mod ops;
 pub mod plan;
 pub mod weights;
 
 use thiserror::Error;
 
-pub use device::{Attention, Device, Gemm};
+pub use device::{Attention, Device, Fp8Gemm, Fp8Path, Gemm};
 pub use executor::{CudaExecutor, CudaOptions};
 pub use plan::MemoryPlan;
 pub use weights::DType;

@@ -5,7 +5,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::CudaError;
-use super::device::{Device, Family};
+use super::device::{Device, Family, Fp8Path};
 use super::weights::{DType, DevBuf, DevLinear, index_fp8_stride, latent_fp8_stride};
 use crate::backend::cpu::Linear;
 
@@ -140,6 +140,19 @@ pub fn cast_to_bf16(dev: &Device, out: u64, x: u64, n: usize) -> Result<(), Cuda
     )
 }
 
+/// `out[i] = f32(x[i])` for `n` bf16 values.
+pub fn cast_bf16_to_f32(dev: &Device, out: u64, x: u64, n: usize) -> Result<(), CudaError> {
+    launch(
+        dev,
+        Family::Norm,
+        "cast_bf16_f32",
+        (blocks(n, 256).min(65_535), 1, 1),
+        256,
+        0,
+        &[Arg::P(out), Arg::P(x), Arg::L(n as i64)],
+    )
+}
+
 /// `y[n, out] = x[n, in] · Wᵀ` through cuBLAS. Row-major Y is column-major Yᵀ `[out, n]` =
 /// W (column-major `[in, out]`, transposed) · Xᵀ (column-major `[in, n]`).
 fn linear_cublas(dev: &Device, y: u64, x: u64, w: &DevLinear, n: usize) -> Result<(), CudaError> {
@@ -175,8 +188,17 @@ fn linear_cublas(dev: &Device, y: u64, x: u64, w: &DevLinear, n: usize) -> Resul
     }
 }
 
-/// Per-token, per-128-channel E4M3 quantization of `x[n, k]` into `codes[n, k]` and
-/// `scales[n, ceil(k/128)]`.
+/// Where [`act_quant`] writes a token's scales.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleLayout {
+    /// `[n][ceil(k/128)]`: a token's scales together (our kernels).
+    TokenMajor,
+    /// `[ceil(k/128)][stride]`: tokens fastest, `stride >= n` (cuBLASLt's 1x128 mode).
+    BlockMajor { stride: usize },
+}
+
+/// Per-token, per-128-channel E4M3 quantization of `x[n, k]` into `codes[n, k]` and its scales.
+#[allow(clippy::too_many_arguments)]
 pub fn act_quant(
     dev: &Device,
     codes: u64,
@@ -185,6 +207,7 @@ pub fn act_quant(
     n: usize,
     k: usize,
     pow2: bool,
+    layout: ScaleLayout,
 ) -> Result<(), CudaError> {
     launch(
         dev,
@@ -200,6 +223,10 @@ pub fn act_quant(
             i(n),
             i(k),
             i(pow2 as usize),
+            i(match layout {
+                ScaleLayout::TokenMajor => 0,
+                ScaleLayout::BlockMajor { stride } => stride.max(1),
+            }),
         ],
     )
 }
@@ -243,19 +270,34 @@ pub fn split_k(tiles: usize, k_blocks: usize) -> (usize, usize) {
 }
 
 /// The FP8 linear: activations quantized per token and 128 channels, then the block-scaled
-/// GEMM, on the tensor cores ([`super::Gemm::Cublas`], the serving path) or in the reference
-/// order on the CUDA cores ([`super::Gemm::Tiled`]).
+/// GEMM, on the tensor cores ([`super::Gemm::Cublas`], the serving path: cuBLASLt's kernel or
+/// ours, by [`super::Device::fp8_gemm_path`]) or in the reference order on the CUDA cores
+/// ([`super::Gemm::Tiled`]).
 fn linear_fp8(dev: &Device, y: u64, x: u64, w: &DevLinear, n: usize) -> Result<(), CudaError> {
     let (o, k) = (w.out_dim, w.in_dim);
     let scale_inv = w
         .scale_inv
         .as_ref()
         .ok_or_else(|| CudaError::Unsupported("an FP8 weight without its block scales".into()))?;
+    let (wptr, sptr) = (w.w.ptr(dev), dev.ptr(scale_inv, 0));
+    if dev.gemm() == super::Gemm::Cublas && dev.fp8_gemm_path(n, o, k) == Fp8Path::Library {
+        // The library's token count is padded (its scale rows are 16-byte aligned); padding
+        // tokens have zero codes and scales and their outputs are dropped.
+        let np = super::lt::padded_tokens(n);
+        let (xa, sa) = if np == n {
+            (dev.alloc::<u8>(n * k)?, dev.alloc::<f32>(n * k / 128)?)
+        } else {
+            (dev.zeros::<u8>(np * k)?, dev.zeros::<f32>(np * k / 128)?)
+        };
+        let (pxa, psa) = (dev.ptr(&xa, 0), dev.ptr(&sa, 0));
+        let layout = ScaleLayout::BlockMajor { stride: np };
+        act_quant(dev, pxa, psa, x, n, k, w.pow2_act, layout)?;
+        return dev.with_lt(|lt| lt.gemm(dev, y, pxa, psa, wptr, sptr, n, o, k));
+    }
     let xa = dev.alloc::<u8>(n * k)?;
     let sa = dev.alloc::<f32>(n * k.div_ceil(128))?;
     let (pxa, psa) = (dev.ptr(&xa, 0), dev.ptr(&sa, 0));
-    act_quant(dev, pxa, psa, x, n, k, w.pow2_act)?;
-    let (wptr, sptr) = (w.w.ptr(dev), dev.ptr(scale_inv, 0));
+    act_quant(dev, pxa, psa, x, n, k, w.pow2_act, ScaleLayout::TokenMajor)?;
     if dev.gemm() != super::Gemm::Cublas {
         return launch(
             dev,

@@ -1,7 +1,8 @@
 // FP8 E4M3 linear layers with DeepSeek's block scaling (weights: one scale per 128×128 block;
 // activations: one per token per 128 channels; f32 promotion once per 128-wide K block).
 //
-// act_quant: codes[n, k] and scales[n, ceil(k/128)] of f32 activations; grid (n, groups), one
+// act_quant: codes[n, k] and scales of f32 activations, [n][ceil(k/128)] or, with a block
+//   stride s > 0, [ceil(k/128)][s] (cuBLASLt's 1x128 layout, s >= n); grid (n, groups), one
 //   warp per group.
 // quant_weight_blocks: E4M3 codes and scale_inv = amax/448 per 128×128 block of an f32 matrix
 //   (random benchmark weights, or weights a checkpoint stored in higher precision).
@@ -13,13 +14,13 @@
 // fp8_linear_pipe: the serving kernel for K a multiple of 16: 64×128 tiles, cp.async double
 //   buffering, swizzled shared rows (below).
 
-extern "C" __global__ void act_quant(fp8_t* codes, float* scales, const float* x, int n, int k, int pow2) {
+extern "C" __global__ void act_quant(fp8_t* codes, float* scales, const float* x, int n, int k, int pow2, int block_stride) {
     int r = blockIdx.x, g = blockIdx.y, groups = gridDim.y;
     int k0 = g * 128;
     int len = min(128, k - k0);
     const float* src = x + (long long)r * k + k0;
     float s = warp_quantize_group(src, codes + (long long)r * k + k0, len, pow2);
-    if (threadIdx.x == 0) scales[(long long)r * groups + g] = s;
+    if (threadIdx.x == 0) scales[block_stride > 0 ? (long long)g * block_stride + r : (long long)r * groups + g] = s;
 }
 
 extern "C" __global__ void quant_weight_blocks(fp8_t* codes, float* scale_inv, const float* w, int rows, int cols) {

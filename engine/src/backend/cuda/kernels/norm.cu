@@ -102,6 +102,12 @@ extern "C" __global__ void cast_f32_bf16(bf16_t* out, const float* x, long long 
         store_as(out + i, x[i]);
 }
 
+// bf16 GEMM outputs back to f32.
+extern "C" __global__ void cast_bf16_f32(float* out, const bf16_t* x, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        out[i] = to_f(x[i]);
+}
+
 // out[i] uniform in [lo, hi] with range = lo << 8 | hi (random FP8 cache rows for benchmarks).
 extern "C" __global__ void fill_bytes(unsigned char* out, long long n, unsigned long long seed, int range) {
     int lo = (range >> 8) & 0xff, hi = range & 0xff;
