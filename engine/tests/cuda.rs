@@ -485,6 +485,66 @@ fn fp8_linears_match_the_host_emulation_on_both_kernels() {
     dev.set_gemm(cuda::Gemm::Tiled).unwrap();
 }
 
+/// Both activation quantizers (the vectorized one for 16-byte-aligned whole 128-groups, the
+/// general one for the rest, here forced by a 4-byte offset) write exactly the host's codes and
+/// scales, in both scale layouts, at odd token counts; outputs are poisoned first.
+#[test]
+fn both_activation_quantizers_write_the_hosts_codes_and_scales() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(0xac7_0001);
+    for (n, k) in [(1, 128), (37, 7168), (5, 384), (300, 1536), (3, 200)] {
+        let x: Vec<f32> = rng
+            .vec(n * k)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| if i % 89 == 5 { v * 60.0 } else { *v })
+            .collect();
+        let groups = k.div_ceil(128);
+        for pow2 in [false, true] {
+            let (want_codes, want_scales) = cpu::fp8::act_quant(&x, n, k, pow2);
+            for shift in [0usize, 1] {
+                let mut padded = vec![0f32; shift];
+                padded.extend_from_slice(&x);
+                let dx = dev.upload(&padded).unwrap();
+                for layout in [
+                    ops::ScaleLayout::TokenMajor,
+                    ops::ScaleLayout::BlockMajor { stride: n + 3 },
+                ] {
+                    let codes = dev.upload(&vec![0xffu8; n * k]).unwrap();
+                    let scales = ops::poisoned(&dev, (n + 3) * groups).unwrap();
+                    ops::act_quant(
+                        &dev,
+                        dev.ptr(&codes, 0),
+                        dev.ptr(&scales, 0),
+                        dev.ptr(&dx, shift),
+                        n,
+                        k,
+                        pow2,
+                        layout,
+                    )
+                    .unwrap();
+                    let got_codes = dev.download(&codes, n * k).unwrap();
+                    let got_scales = dev.download(&scales, (n + 3) * groups).unwrap();
+                    assert_eq!(got_codes, want_codes, "{n}x{k} pow2 {pow2} shift {shift}");
+                    for t in 0..n {
+                        for g in 0..groups {
+                            let at = match layout {
+                                ops::ScaleLayout::TokenMajor => t * groups + g,
+                                ops::ScaleLayout::BlockMajor { stride } => g * stride + t,
+                            };
+                            assert_eq!(
+                                got_scales[at].to_bits(),
+                                want_scales[t * groups + g].to_bits(),
+                                "{n}x{k} pow2 {pow2} shift {shift} {layout:?} token {t} group {g}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// cuBLASLt's block-scaled FP8 GEMM and our kernel, each pinned, against the host emulation on
 /// the model's shapes and odd ones: single tokens, token counts off every tile size and off the
 /// library's multiple of four, K of three blocks over several scale rows (which the library
