@@ -5,7 +5,7 @@
 use thiserror::Error;
 
 use crate::backend::cpu::CpuKvCache;
-use crate::kv::{BlockAllocator, BlockTable, DEFAULT_BLOCK_SIZE, KvError, KvGeometry};
+use crate::kv::{BlockTable, DEFAULT_BLOCK_SIZE, KvError, KvGeometry, PrefixCachingPool};
 use crate::model::{ForwardError, LogitsWanted, Model, SeqChunk};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -385,22 +385,27 @@ pub fn generate_batch(
     generate_with(
         &mut |batch: &[SeqChunk]| model.forward(&mut cache, batch),
         geometry,
+        1,
         requests,
     )
 }
 
 /// Generates with any step function (a backend executor): one batched prefill, then one
-/// batched decode step per token until every sequence has finished. `geometry` must be at
-/// least what [`plan_geometry`] returns for these requests.
+/// batched decode step per token until every sequence has finished. Each of `geometry`'s
+/// `partitions` (one per rank of an expert-parallel executor, [`crate::backend::Executor::kv_partitions`])
+/// must hold what [`plan_geometry`] returns for these requests.
 pub fn generate_with(
     step: &mut StepFn,
     geometry: KvGeometry,
+    partitions: usize,
     requests: &[GenerateRequest],
 ) -> Result<Vec<Generation>, GenerateError> {
-    let mut alloc = BlockAllocator::new(geometry);
+    // Each sequence's whole length up front, every block of it in one partition (an
+    // expert-parallel group's rank), spread over the partitions by free space.
+    let mut pool = PrefixCachingPool::partitioned(geometry, partitions, false);
     let mut tables: Vec<BlockTable> = vec![BlockTable::default(); requests.len()];
     for (r, t) in requests.iter().zip(tables.iter_mut()) {
-        alloc.reserve(t, r.prompt.len() + r.max_tokens)?;
+        pool.reserve(t, r.prompt.len() + r.max_tokens)?;
     }
     let mut rngs: Vec<Rng> = requests
         .iter()
@@ -462,6 +467,7 @@ pub fn score(
     score_with(
         &mut |batch: &[SeqChunk]| model.forward(&mut cache, batch),
         geometry,
+        1,
         prompt,
         last_only,
         model.config.vocab_size,
@@ -488,13 +494,14 @@ pub fn score_geometry(limit: usize, prompt: &[u32]) -> Result<KvGeometry, Genera
 pub fn score_with(
     step: &mut StepFn,
     geometry: KvGeometry,
+    partitions: usize,
     prompt: &[u32],
     last_only: bool,
     vocab: usize,
 ) -> Result<Vec<Vec<f32>>, GenerateError> {
-    let mut alloc = BlockAllocator::new(geometry);
+    let mut pool = PrefixCachingPool::partitioned(geometry, partitions, false);
     let mut table = BlockTable::default();
-    alloc.reserve(&mut table, prompt.len())?;
+    pool.reserve(&mut table, prompt.len())?;
     let wanted = if last_only {
         LogitsWanted::Last
     } else {

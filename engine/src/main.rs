@@ -228,7 +228,8 @@ struct ServeArgs {
     /// Requests allowed to wait; beyond this the API answers 429.
     #[arg(long, default_value_t = 256)]
     max_waiting: usize,
-    /// KV-cache blocks (of --block-size tokens); default: sized from --kv-cache-memory-gb.
+    /// KV-cache blocks (of --block-size tokens) per rank; an expert-parallel group holds its
+    /// ranks' together. Default: sized from --kv-cache-memory-gb.
     #[arg(long)]
     num_kv_blocks: Option<usize>,
     /// Memory for the KV cache when --num-kv-blocks is not given.

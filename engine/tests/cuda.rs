@@ -10,7 +10,7 @@ use deepseek_engine::backend::ep::{ExpertParallelExecutor, RankCompute};
 use deepseek_engine::backend::{CpuExecutor, Executor};
 use deepseek_engine::dist::ExpertShard;
 use deepseek_engine::generate::{self, Sampler, SamplingParams, sample_row};
-use deepseek_engine::kv::{BlockAllocator, BlockTable, KvGeometry};
+use deepseek_engine::kv::{BlockAllocator, BlockTable, KvGeometry, PrefixCachingPool};
 use deepseek_engine::model::forward::route_scores;
 use deepseek_engine::model::{FeedForward, LogitsWanted, Model, SeqChunk};
 use safetensors::SafeTensors;
@@ -177,7 +177,7 @@ fn round_matrices_to_bf16(model: &mut Model) {
 
 /// All logits of `prompt` in one step on a fresh cache.
 fn score(exec: &mut dyn Executor, prompt: &[u32]) -> Vec<f32> {
-    let mut alloc = BlockAllocator::new(exec.kv_geometry());
+    let mut alloc = PrefixCachingPool::partitioned(exec.kv_geometry(), exec.kv_partitions(), false);
     let mut table = BlockTable::default();
     alloc.reserve(&mut table, prompt.len()).unwrap();
     exec.forward(&[SeqChunk {
@@ -192,7 +192,7 @@ fn score(exec: &mut dyn Executor, prompt: &[u32]) -> Vec<f32> {
 
 /// Greedy decoding: prefill, then one token per step.
 fn greedy(exec: &mut dyn Executor, prompt: &[u32], steps: usize) -> Vec<u32> {
-    let mut alloc = BlockAllocator::new(exec.kv_geometry());
+    let mut alloc = PrefixCachingPool::partitioned(exec.kv_geometry(), exec.kv_partitions(), false);
     let mut table = BlockTable::default();
     alloc.reserve(&mut table, prompt.len() + steps).unwrap();
     let mut out = Vec::new();
@@ -1241,29 +1241,40 @@ fn an_expert_parallel_group_of_gpu_ranks_computes_what_one_gpu_computes() {
                 })
                 .collect();
             let mut group = ExpertParallelExecutor::in_process_ranks(ranks).unwrap();
-            // Three sequences whose first blocks map to different ranks.
+            // Three sequences, placed on different ranks by the group's partitioned pool.
             let prompts: [&[u32]; 3] = [&p[..40], &p[3..20], &p[10..11]];
             let mut alloc = BlockAllocator::new(g);
-            let tables: Vec<BlockTable> = prompts
-                .iter()
-                .map(|q| {
-                    let mut t = BlockTable::default();
-                    alloc.reserve(&mut t, q.len()).unwrap();
-                    t
-                })
-                .collect();
-            let chunks: Vec<SeqChunk> = prompts
-                .iter()
-                .zip(&tables)
-                .map(|(q, t)| SeqChunk {
-                    tokens: q,
-                    start_pos: 0,
-                    blocks: t,
-                    logits: LogitsWanted::All,
-                })
-                .collect();
-            let want = single.forward(&chunks).unwrap();
-            let got = group.forward(&chunks).unwrap();
+            let mut pool =
+                PrefixCachingPool::partitioned(group.kv_geometry(), group.kv_partitions(), false);
+            let tables = |reserve: &mut dyn FnMut(&mut BlockTable, usize)| -> Vec<BlockTable> {
+                prompts
+                    .iter()
+                    .map(|q| {
+                        let mut t = BlockTable::default();
+                        reserve(&mut t, q.len());
+                        t
+                    })
+                    .collect()
+            };
+            let single_tables = tables(&mut |t, n| alloc.reserve(t, n).unwrap());
+            let group_tables = tables(&mut |t, n| pool.reserve(t, n).unwrap());
+            let ranks_used: std::collections::BTreeSet<_> =
+                group_tables.iter().map(|t| pool.partition_of(t)).collect();
+            assert!(ranks_used.len() >= 2, "{ranks_used:?}");
+            fn chunks<'a>(prompts: &[&'a [u32]], tables: &'a [BlockTable]) -> Vec<SeqChunk<'a>> {
+                prompts
+                    .iter()
+                    .zip(tables)
+                    .map(|(q, t)| SeqChunk {
+                        tokens: q,
+                        start_pos: 0,
+                        blocks: t,
+                        logits: LogitsWanted::All,
+                    })
+                    .collect()
+            }
+            let want = single.forward(&chunks(&prompts, &single_tables)).unwrap();
+            let got = group.forward(&chunks(&prompts, &group_tables)).unwrap();
             let tol = if dtype == DType::Fp8 { 2e-3 } else { 1e-4 };
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 let e = rel_err(a, b);

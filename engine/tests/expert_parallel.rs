@@ -81,10 +81,16 @@ fn an_in_process_group_matches_one_process_on_every_fixture() {
             let geometry =
                 generate::plan_geometry(whole.config.max_position_embeddings, &reqs).unwrap();
             let mut ex = ExpertParallelExecutor::in_process(shards(name, world), geometry).unwrap();
-            let g = ex.kv_geometry();
+            let (g, parts) = (ex.kv_geometry(), ex.kv_partitions());
+            assert_eq!(
+                g.num_blocks,
+                world * geometry.num_blocks,
+                "one partition per rank"
+            );
             let logits = generate::score_with(
                 &mut |b| ex.forward(b),
                 g,
+                parts,
                 &e.prompt_ids,
                 false,
                 whole.config.vocab_size,
@@ -93,7 +99,7 @@ fn an_in_process_group_matches_one_process_on_every_fixture() {
             .concat();
             let err = rel_err(&logits, &reference);
             assert!(err < 1e-5, "{name} EP{world}: relative error {err}");
-            let got = generate::generate_with(&mut |b| ex.forward(b), geometry, &reqs).unwrap();
+            let got = generate::generate_with(&mut |b| ex.forward(b), g, parts, &reqs).unwrap();
             assert_eq!(
                 got, single,
                 "{name} EP{world}: a mixed batch spread over the ranks"
@@ -101,6 +107,37 @@ fn an_in_process_group_matches_one_process_on_every_fixture() {
             assert_eq!(got[0].token_ids, e.greedy_ids[..8], "{name} EP{world}");
         }
     }
+}
+
+/// Each rank holds its own cache: a group of 2 ranks whose caches each fit only one of two
+/// sequences runs both at once (one per rank, the scheduler's pool in two partitions), with the
+/// tokens one process with room for both computes.
+#[test]
+fn a_group_holds_as_many_kv_blocks_as_its_ranks_together() {
+    let name = "tiny-deep";
+    let whole = Model::load(&dir(name)).unwrap();
+    let e = expected(name);
+    let p = &e.prompt_ids;
+    let reqs: Vec<GenerateRequest> = [&p[..40], &p[20..60]]
+        .iter()
+        .map(|q| GenerateRequest {
+            prompt: q.to_vec(),
+            max_tokens: 6,
+            sampling: SamplingParams::default(),
+            stop_token_ids: vec![],
+        })
+        .collect();
+    let both = generate::plan_geometry(whole.config.max_position_embeddings, &reqs).unwrap();
+    let one = generate::plan_geometry(whole.config.max_position_embeddings, &reqs[..1]).unwrap();
+    assert!(2 * one.num_blocks <= both.num_blocks + 1 && one.num_blocks < both.num_blocks);
+    let single = generate::generate_batch(&whole, &reqs).unwrap();
+    let mut ex = ExpertParallelExecutor::in_process(shards(name, 2), one).unwrap();
+    let (g, parts) = (ex.kv_geometry(), ex.kv_partitions());
+    assert_eq!((g.num_blocks, parts), (2 * one.num_blocks, 2));
+    let got = generate::generate_with(&mut |b| ex.forward(b), g, parts, &reqs).unwrap();
+    assert_eq!(got, single);
+    // One rank's cache alone cannot hold both.
+    assert!(generate::generate_with(&mut |b| ex.forward(b), one, 1, &reqs).is_err());
 }
 
 #[test]
@@ -142,7 +179,11 @@ fn a_tcp_group_on_loopback_matches_one_process() {
     };
     let t = TcpTransport::connect(&env, TcpOptions::new(Duration::from_secs(30))).unwrap();
     let mut ex = ExpertParallelExecutor::new(leader_model, geometry, Box::new(t));
-    let got = generate::generate_with(&mut |b| ex.forward(b), geometry, &reqs).unwrap();
+    let got = {
+        let (g, parts) = (ex.kv_geometry(), ex.kv_partitions());
+        generate::generate_with(&mut |b| ex.forward(b), g, parts, &reqs)
+    }
+    .unwrap();
     assert_eq!(got, single);
     drop(ex);
     for w in workers {
@@ -183,9 +224,12 @@ fn a_lost_rank_fails_the_step_with_a_clear_error() {
     .unwrap();
     worker.join().unwrap();
     let mut ex = ExpertParallelExecutor::new(shards(name, 2).remove(0), geometry, Box::new(t));
-    let err = generate::generate_with(&mut |b| ex.forward(b), geometry, &reqs)
-        .unwrap_err()
-        .to_string();
+    let err = {
+        let (g, parts) = (ex.kv_geometry(), ex.kv_partitions());
+        generate::generate_with(&mut |b| ex.forward(b), g, parts, &reqs)
+    }
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("rank 1"), "{err}");
 }
 
@@ -302,7 +346,11 @@ fn a_worker_rank_needs_no_tokenizer() {
         "{}",
         api.body
     );
-    let got = generate::generate_with(&mut |b| ex.forward(b), geometry, &reqs).unwrap();
+    let got = {
+        let (g, parts) = (ex.kv_geometry(), ex.kv_partitions());
+        generate::generate_with(&mut |b| ex.forward(b), g, parts, &reqs)
+    }
+    .unwrap();
     assert_eq!(got, single);
     drop(ex);
     let status = worker.wait_exit();

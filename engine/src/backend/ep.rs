@@ -1,7 +1,10 @@
 //! An expert-parallel group as one [`Executor`]. Rank 0 (the leader) runs the scheduler; each
 //! step it hands every rank the chunks of the sequences that rank serves (data-parallel
-//! attention; a sequence stays on the rank its first KV block maps to, so prefix-cache hits
-//! land where the data is), runs its own share, and gathers the logits. Worker ranks run
+//! attention) and gathers the logits. Each rank holds its own KV cache of `B` blocks, and the
+//! group offers the scheduler `world x B` blocks in `world` partitions
+//! ([`Executor::kv_partitions`]): block `b` is block `b % B` of rank `b / B`, and a sequence,
+//! whose blocks all come from one partition, runs on that rank (prefix-cache hits land where
+//! the data is). Worker ranks run
 //! [`run_worker`]: receive a step, run it (MoE layers exchange tokens with every rank), reply.
 //!
 //! What a rank computes with is a [`RankCompute`]: the CPU reference ([`CpuExecutor`]) or one
@@ -29,7 +32,7 @@ pub trait RankCompute: Send {
     ) -> Result<Vec<Vec<f32>>, ForwardError>;
     fn kv_geometry(&self) -> KvGeometry;
     /// Uses at most `num_blocks` KV blocks: the group's ranks agree on the fewest any holds,
-    /// since the leader's block ids may be stored on any rank.
+    /// so every rank's partition of the leader's pool has the same size.
     fn limit_blocks(&mut self, num_blocks: usize);
     fn device_name(&self) -> String;
 }
@@ -153,12 +156,31 @@ impl ExpertParallelExecutor {
         Ok(ex)
     }
 
-    fn rank_of(&self, chunk: &SeqChunk) -> usize {
-        chunk
-            .blocks
-            .blocks
-            .first()
-            .map_or(0, |b| *b as usize % self.transport.world_size())
+    /// The rank whose partition holds `chunk`'s blocks, and its table in that rank's own block
+    /// ids; an error when the blocks are outside the group's pool or span partitions (the
+    /// scheduler's pool never hands out such a table).
+    fn place(&self, chunk: &SeqChunk) -> Result<(usize, BlockTable), ForwardError> {
+        let per = self.local.kv_geometry().num_blocks.max(1);
+        let world = self.transport.world_size();
+        let rank = chunk.blocks.blocks.first().map_or(0, |b| *b as usize / per);
+        let lo = rank * per;
+        let mut local = Vec::with_capacity(chunk.blocks.blocks.len());
+        for &b in &chunk.blocks.blocks {
+            let b = b as usize;
+            if rank >= world || b < lo || b >= lo + per {
+                return Err(ForwardError::Backend(format!(
+                    "KV block {b} is not in rank {rank}'s partition of {per} blocks (group of {world}); a sequence's blocks must stay in one partition"
+                )));
+            }
+            local.push((b - lo) as u32);
+        }
+        Ok((
+            rank,
+            BlockTable {
+                blocks: local,
+                block_size: chunk.blocks.block_size,
+            },
+        ))
     }
 }
 
@@ -279,15 +301,30 @@ pub fn run_worker_with(
 impl Executor for ExpertParallelExecutor {
     fn forward(&mut self, batch: &[SeqChunk]) -> Result<Vec<Vec<f32>>, ForwardError> {
         let world = self.transport.world_size();
-        let mut per_rank: Vec<Vec<(usize, &SeqChunk)>> = vec![Vec::new(); world];
-        for (i, c) in batch.iter().enumerate() {
-            per_rank[self.rank_of(c)].push((i, c));
+        let placed = batch
+            .iter()
+            .map(|c| self.place(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut per_rank: Vec<Vec<(usize, SeqChunk)>> = vec![Vec::new(); world];
+        for (i, (c, (rank, table))) in batch.iter().zip(&placed).enumerate() {
+            per_rank[*rank].push((
+                i,
+                SeqChunk {
+                    tokens: c.tokens,
+                    start_pos: c.start_pos,
+                    blocks: table,
+                    logits: c.logits,
+                },
+            ));
         }
-        let mut parts: Vec<Vec<u8>> = per_rank.iter().map(|cs| encode_chunks(cs)).collect();
+        let mut parts: Vec<Vec<u8>> = per_rank
+            .iter()
+            .map(|cs| encode_chunks(&cs.iter().map(|(i, c)| (*i, c)).collect::<Vec<_>>()))
+            .collect();
         parts[0] = Vec::new();
         self.transport.all_to_all(parts)?;
 
-        let own: Vec<SeqChunk> = per_rank[0].iter().map(|(_, c)| **c).collect();
+        let own: Vec<SeqChunk> = per_rank[0].iter().map(|(_, c)| *c).collect();
         let own_logits = self.local.forward_rank(&own, self.transport.as_mut())?;
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); batch.len()];
         for ((i, _), l) in per_rank[0].iter().zip(own_logits) {
@@ -311,8 +348,17 @@ impl Executor for ExpertParallelExecutor {
         Ok(out)
     }
 
+    /// Every rank's cache, one partition each.
     fn kv_geometry(&self) -> KvGeometry {
-        self.local.kv_geometry()
+        let own = self.local.kv_geometry();
+        KvGeometry {
+            num_blocks: own.num_blocks * self.transport.world_size(),
+            block_size: own.block_size,
+        }
+    }
+
+    fn kv_partitions(&self) -> usize {
+        self.transport.world_size()
     }
 
     /// A rank that died or froze while the group idles fails this check within the transport's

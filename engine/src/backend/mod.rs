@@ -17,6 +17,12 @@ pub trait Executor: Send {
     fn forward(&mut self, batch: &[SeqChunk]) -> Result<Vec<Vec<f32>>, ForwardError>;
     /// The paged cache this executor was built with.
     fn kv_geometry(&self) -> KvGeometry;
+    /// Equal partitions of [`Executor::kv_geometry`]'s blocks, one per rank holding its own
+    /// share (an expert-parallel group); every block of one sequence must come from one
+    /// partition ([`crate::kv::PrefixCachingPool::partitioned`]).
+    fn kv_partitions(&self) -> usize {
+        1
+    }
     /// Human-readable device name for logs and `/v1/models`.
     fn device_name(&self) -> String;
     /// Called by the engine loop while it has no work, at least every

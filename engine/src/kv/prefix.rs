@@ -4,6 +4,12 @@
 //! them. Blocks are reference-counted; a block nobody holds stays cached until it is evicted,
 //! least recently released first.
 //!
+//! The pool may be split into equal partitions, one per rank of an expert-parallel group, each
+//! rank holding its own partition's cache (data-parallel attention): block `b` lives in
+//! partition `b / blocks_per_partition`, and every block of one table comes from one partition.
+//! A new table takes the partition with the most free blocks; a prefix match stops where the
+//! cached chain leaves the first block's partition.
+//!
 //! Complexity: allocation and release are O(blocks touched); eviction is O(1) amortised.
 
 use std::collections::{HashMap, VecDeque};
@@ -19,16 +25,23 @@ struct BlockMeta {
     generation: u64,
 }
 
-#[derive(Debug, Clone)]
-pub struct PrefixCachingPool {
-    geometry: KvGeometry,
-    meta: Vec<BlockMeta>,
+/// One partition's free blocks.
+#[derive(Debug, Clone, Default)]
+struct Partition {
     /// Blocks with no holder, oldest release first: (block, generation at release).
     evictable: VecDeque<(u32, u64)>,
     /// Blocks never used or evicted and cleared: taken before evicting cached ones.
     never_used: Vec<u32>,
-    by_hash: HashMap<u64, u32>,
     free_count: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct PrefixCachingPool {
+    geometry: KvGeometry,
+    per_partition: usize,
+    meta: Vec<BlockMeta>,
+    parts: Vec<Partition>,
+    by_hash: HashMap<u64, u32>,
     enabled: bool,
 }
 
@@ -46,14 +59,36 @@ fn chain(prev: u64, tokens: &[u32]) -> u64 {
 }
 
 impl PrefixCachingPool {
+    /// One pool over all of `geometry`'s blocks.
     pub fn new(geometry: KvGeometry, enabled: bool) -> Self {
+        Self::partitioned(geometry, 1, enabled)
+    }
+
+    /// `partitions` equal partitions of `geometry.num_blocks / partitions` blocks each (blocks
+    /// past the last whole partition are not used; at least one partition).
+    pub fn partitioned(geometry: KvGeometry, partitions: usize, enabled: bool) -> Self {
+        let partitions = partitions.max(1);
+        let per_partition = geometry.num_blocks / partitions;
+        let geometry = KvGeometry {
+            num_blocks: per_partition * partitions,
+            block_size: geometry.block_size,
+        };
+        let parts = (0..partitions)
+            .map(|p| {
+                let lo = (p * per_partition) as u32;
+                Partition {
+                    evictable: VecDeque::new(),
+                    never_used: (lo..lo + per_partition as u32).rev().collect(),
+                    free_count: per_partition,
+                }
+            })
+            .collect();
         PrefixCachingPool {
             geometry,
+            per_partition,
             meta: vec![BlockMeta::default(); geometry.num_blocks],
-            evictable: VecDeque::new(),
-            never_used: (0..geometry.num_blocks as u32).rev().collect(),
+            parts,
             by_hash: HashMap::new(),
-            free_count: geometry.num_blocks,
             enabled,
         }
     }
@@ -62,9 +97,27 @@ impl PrefixCachingPool {
         self.geometry
     }
 
-    /// Blocks that can be handed out now (unused, or cached but unheld).
+    pub fn partitions(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// Blocks one table can ever hold: one partition's.
+    pub fn blocks_per_partition(&self) -> usize {
+        self.per_partition
+    }
+
+    fn partition_of_block(&self, b: u32) -> usize {
+        (b as usize / self.per_partition.max(1)).min(self.parts.len() - 1)
+    }
+
+    /// The partition `table`'s blocks come from, or `None` while it holds none.
+    pub fn partition_of(&self, table: &BlockTable) -> Option<usize> {
+        table.blocks.first().map(|b| self.partition_of_block(*b))
+    }
+
+    /// Blocks that can be handed out now (unused, or cached but unheld), over all partitions.
     pub fn free_blocks(&self) -> usize {
-        self.free_count
+        self.parts.iter().map(|p| p.free_count).sum()
     }
 
     /// Fraction of blocks held by some sequence (`vllm:kv_cache_usage_perc`).
@@ -72,7 +125,7 @@ impl PrefixCachingPool {
         if self.geometry.num_blocks == 0 {
             return 0.0;
         }
-        1.0 - self.free_count as f64 / self.geometry.num_blocks as f64
+        1.0 - self.free_blocks() as f64 / self.geometry.num_blocks as f64
     }
 
     pub fn blocks_for(&self, tokens: usize) -> usize {
@@ -80,8 +133,8 @@ impl PrefixCachingPool {
     }
 
     /// For a table that holds no blocks yet, attaches the longest run of cached full blocks that
-    /// match the start of `tokens`, leaving at least one token to compute (its logits are needed).
-    /// Returns the number of tokens whose KV is now already in the cache.
+    /// match the start of `tokens` within one partition, leaving at least one token to compute
+    /// (its logits are needed). Returns the number of tokens whose KV is now already in the cache.
     pub fn match_prefix(&mut self, table: &mut BlockTable, tokens: &[u32]) -> usize {
         table.block_size = self.geometry.block_size;
         if !self.enabled || !table.blocks.is_empty() {
@@ -90,18 +143,23 @@ impl PrefixCachingPool {
         let bs = self.geometry.block_size;
         let max_blocks = tokens.len().saturating_sub(1) / bs;
         let mut h = CHAIN_SEED;
+        let mut partition = None;
         for i in 0..max_blocks {
             let block_tokens = &tokens[i * bs..(i + 1) * bs];
             h = chain(h, block_tokens);
             let Some(&b) = self.by_hash.get(&h) else {
                 break;
             };
+            let p = self.partition_of_block(b);
+            if *partition.get_or_insert(p) != p {
+                break;
+            }
             let m = &mut self.meta[b as usize];
             if m.cached.as_ref().map(|(_, t)| t.as_slice()) != Some(block_tokens) {
                 break;
             }
             if m.refs == 0 {
-                self.free_count -= 1;
+                self.parts[p].free_count -= 1;
             }
             m.refs += 1;
             table.blocks.push(b);
@@ -109,25 +167,36 @@ impl PrefixCachingPool {
         table.blocks.len() * bs
     }
 
-    /// Grows `table` to cover `total_tokens`; all or nothing.
+    /// Grows `table` to cover `total_tokens` from its partition (a table with no blocks yet
+    /// takes the partition with the most free blocks); all or nothing.
     pub fn reserve(&mut self, table: &mut BlockTable, total_tokens: usize) -> Result<(), KvError> {
         table.block_size = self.geometry.block_size;
         let needed = self
             .blocks_for(total_tokens)
             .saturating_sub(table.blocks.len());
-        if needed > self.free_count {
+        if needed == 0 {
+            return Ok(());
+        }
+        let p = match self.partition_of(table) {
+            Some(p) => p,
+            None => (0..self.parts.len())
+                .max_by_key(|p| (self.parts[*p].free_count, std::cmp::Reverse(*p)))
+                .unwrap_or(0),
+        };
+        let free = self.parts[p].free_count;
+        if needed > free {
             return Err(KvError::OutOfBlocks {
                 needed,
-                free: self.free_count,
-                total: self.geometry.num_blocks,
+                free,
+                total: self.per_partition,
             });
         }
         for _ in 0..needed {
-            let Some(b) = self.take_block() else {
+            let Some(b) = self.take_block(p) else {
                 return Err(KvError::OutOfBlocks {
                     needed,
                     free: 0,
-                    total: self.geometry.num_blocks,
+                    total: self.per_partition,
                 });
             };
             table.blocks.push(b);
@@ -135,17 +204,19 @@ impl PrefixCachingPool {
         Ok(())
     }
 
-    fn take_block(&mut self) -> Option<u32> {
-        let b = match self.never_used.pop() {
+    fn take_block(&mut self, p: usize) -> Option<u32> {
+        let part = &mut self.parts[p];
+        let b = match part.never_used.pop() {
             Some(b) => b,
             None => loop {
-                let (b, generation) = self.evictable.pop_front()?;
+                let (b, generation) = part.evictable.pop_front()?;
                 let m = &self.meta[b as usize];
                 if m.refs == 0 && m.generation == generation {
                     break b;
                 }
             },
         };
+        part.free_count -= 1;
         let m = &mut self.meta[b as usize];
         if let Some((h, _)) = m.cached.take()
             && self.by_hash.get(&h) == Some(&b)
@@ -153,7 +224,6 @@ impl PrefixCachingPool {
             self.by_hash.remove(&h);
         }
         m.refs = 1;
-        self.free_count -= 1;
         Some(b)
     }
 
@@ -188,15 +258,17 @@ impl PrefixCachingPool {
     pub fn release(&mut self, table: &mut BlockTable) {
         // Release the tail first so the deepest (least shareable) blocks are evicted first.
         for b in table.blocks.drain(..).rev() {
+            let p = (b as usize / self.per_partition.max(1)).min(self.parts.len() - 1);
             let m = &mut self.meta[b as usize];
             m.refs = m.refs.saturating_sub(1);
             if m.refs == 0 {
                 m.generation += 1;
-                self.free_count += 1;
+                let part = &mut self.parts[p];
+                part.free_count += 1;
                 if m.cached.is_some() {
-                    self.evictable.push_back((b, m.generation));
+                    part.evictable.push_back((b, m.generation));
                 } else {
-                    self.never_used.push(b);
+                    part.never_used.push(b);
                 }
             }
         }
@@ -205,16 +277,21 @@ impl PrefixCachingPool {
     /// Forgets every cached prefix (blocks in use stay in use).
     pub fn reset_prefix_cache(&mut self) {
         self.by_hash.clear();
+        for part in &mut self.parts {
+            part.evictable.clear();
+        }
         for (b, m) in self.meta.iter_mut().enumerate() {
             m.cached = None;
             if m.refs == 0 {
                 m.generation += 1;
-                self.never_used.push(b as u32);
+                let p = (b / self.per_partition.max(1)).min(self.parts.len() - 1);
+                self.parts[p].never_used.push(b as u32);
             }
         }
-        self.never_used.sort_unstable_by(|a, b| b.cmp(a));
-        self.never_used.dedup();
-        self.evictable.clear();
+        for part in &mut self.parts {
+            part.never_used.sort_unstable_by(|a, b| b.cmp(a));
+            part.never_used.dedup();
+        }
     }
 }
 
@@ -341,6 +418,131 @@ mod tests {
         }
         assert_eq!(p.free_blocks(), 16);
         assert_eq!(p.usage(), 0.0);
+    }
+
+    fn parts(partitions: usize, per: usize, size: usize) -> PrefixCachingPool {
+        PrefixCachingPool::partitioned(
+            KvGeometry {
+                num_blocks: partitions * per,
+                block_size: size,
+            },
+            partitions,
+            true,
+        )
+    }
+
+    fn one_partition(p: &PrefixCachingPool, t: &BlockTable) -> bool {
+        let per = p.blocks_per_partition() as u32;
+        t.blocks.iter().all(|b| b / per == t.blocks[0] / per)
+    }
+
+    #[test]
+    fn each_table_stays_in_one_partition_and_new_ones_go_where_most_is_free() {
+        let mut p = parts(2, 4, 2);
+        assert_eq!((p.partitions(), p.geometry().num_blocks), (2, 8));
+        let mut a = BlockTable::default();
+        p.reserve(&mut a, 6).unwrap();
+        assert_eq!(p.partition_of(&a), Some(0));
+        let mut b = BlockTable::default();
+        p.reserve(&mut b, 2).unwrap();
+        assert_eq!(
+            p.partition_of(&b),
+            Some(1),
+            "partition 1 had more free blocks"
+        );
+        // a grows within partition 0 only: one block left there, though partition 1 has three.
+        p.reserve(&mut a, 8).unwrap();
+        assert!(one_partition(&p, &a));
+        let err = p.reserve(&mut a, 10).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KvError::OutOfBlocks {
+                    needed: 1,
+                    free: 0,
+                    total: 4
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(p.free_blocks(), 3);
+        // A new table can take at most one partition's blocks.
+        let mut c = BlockTable::default();
+        assert!(p.reserve(&mut c, 8).is_err());
+        p.reserve(&mut c, 6).unwrap();
+        assert_eq!(p.partition_of(&c), Some(1));
+        for t in [&mut a, &mut b, &mut c] {
+            p.release(t);
+        }
+        assert_eq!(p.free_blocks(), 8);
+    }
+
+    #[test]
+    fn a_prefix_match_never_crosses_partitions() {
+        let mut p = parts(2, 4, 2);
+        // The first two blocks of the prompt are cached in partition 0...
+        let prompt = [1, 2, 3, 4, 5, 6, 7];
+        let mut a = BlockTable::default();
+        p.reserve(&mut a, 4).unwrap();
+        p.cache_full_blocks(&a, &prompt, 4);
+        // ...and the third in partition 1 (a sequence that computed the same prefix there,
+        // while the first two were already registered).
+        let mut filler = BlockTable::default();
+        p.reserve(&mut filler, 2).unwrap();
+        assert_eq!(p.partition_of(&filler), Some(1));
+        let mut b = BlockTable::default();
+        p.reserve(&mut b, 6).unwrap();
+        assert_eq!(p.partition_of(&b), Some(1));
+        p.cache_full_blocks(&b, &prompt, 6);
+        let mut t = BlockTable::default();
+        assert_eq!(p.match_prefix(&mut t, &prompt), 4);
+        assert!(one_partition(&p, &t));
+        assert_eq!(t.blocks[..], a.blocks[..]);
+    }
+
+    #[test]
+    fn no_blocks_leak_and_no_table_spans_partitions_under_random_requests() {
+        let mut p = parts(3, 6, 4);
+        let mut state = 11u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        let mut live: Vec<BlockTable> = Vec::new();
+        for _ in 0..600 {
+            if next() % 3 == 0 && !live.is_empty() {
+                let i = next() as usize % live.len();
+                let mut t = live.swap_remove(i);
+                p.release(&mut t);
+            } else {
+                let len = 1 + next() as usize % 20;
+                let prefix = next() % 3;
+                let tokens: Vec<u32> = (0..len as u32)
+                    .map(|i| if i < 9 { prefix * 100 + i } else { next() % 50 })
+                    .collect();
+                let mut t = BlockTable::default();
+                p.match_prefix(&mut t, &tokens);
+                if p.reserve(&mut t, tokens.len()).is_ok() {
+                    p.cache_full_blocks(&t, &tokens, tokens.len());
+                    assert!(one_partition(&p, &t), "{:?}", t.blocks);
+                    live.push(t);
+                } else {
+                    p.release(&mut t);
+                }
+            }
+            let mut all: Vec<u32> = live.iter().flat_map(|t| t.blocks.iter().copied()).collect();
+            all.sort_unstable();
+            all.dedup();
+            assert_eq!(p.free_blocks() + all.len(), 18);
+        }
+        for mut t in live {
+            p.release(&mut t);
+        }
+        assert_eq!(p.free_blocks(), 18);
+        p.reset_prefix_cache();
+        assert_eq!(p.free_blocks(), 18);
     }
 
     #[test]

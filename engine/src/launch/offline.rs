@@ -32,9 +32,11 @@ pub fn score(
         return Ok(None);
     };
     tracing::info!(tokens = prompt_ids.len(), "scoring prompt");
+    let (geometry, partitions) = (ex.kv_geometry(), ex.kv_partitions());
     let logits = generate::score_with(
         &mut |b| ex.forward(b),
         geometry,
+        partitions,
         prompt_ids,
         last_only,
         config.vocab_size,
@@ -64,7 +66,9 @@ pub fn generate(
         "generating"
     );
     let started = Instant::now();
-    let out = generate::generate_with(&mut |b| ex.forward(b), geometry, reqs)?.remove(0);
+    let (geometry, partitions) = (ex.kv_geometry(), ex.kv_partitions());
+    let out =
+        generate::generate_with(&mut |b| ex.forward(b), geometry, partitions, reqs)?.remove(0);
     tracing::info!(
         generated = out.token_ids.len(),
         finish_reason = ?out.finish_reason,

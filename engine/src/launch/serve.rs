@@ -415,11 +415,17 @@ impl Run {
             return Err(Error::Options("a worker rank cannot serve the API".into()));
         };
         let geometry = ex.kv_geometry();
-        if geometry.num_slots() < self.max_model_len {
+        let partitions = ex.kv_partitions().max(1);
+        // One sequence lives in one partition (one rank's cache), so that bounds its length.
+        let per_partition = KvGeometry {
+            num_blocks: geometry.num_blocks / partitions,
+            block_size: geometry.block_size,
+        };
+        if per_partition.num_slots() < self.max_model_len {
             return Err(Error::KvCacheTooSmall {
-                kv_tokens: geometry.num_slots(),
-                num_blocks: geometry.num_blocks,
-                block_size: geometry.block_size,
+                kv_tokens: per_partition.num_slots(),
+                num_blocks: per_partition.num_blocks,
+                block_size: per_partition.block_size,
                 max_model_len: self.max_model_len,
             });
         }
@@ -434,7 +440,7 @@ impl Run {
         };
         let sched = Scheduler::new(
             sched_cfg,
-            PrefixCachingPool::new(geometry, self.opts.prefix_caching),
+            PrefixCachingPool::partitioned(geometry, partitions, self.opts.prefix_caching),
         );
         let device = ex.device_name();
         let engine = runtime::spawn(ex, sched, self.metrics.clone(), index_topk);

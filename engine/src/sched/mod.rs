@@ -287,10 +287,18 @@ impl Scheduler {
                     i += 1;
                     break;
                 }
-                // Out of blocks: preempt the newest running sequence (possibly this one).
-                let Some(victim) = self.running.pop() else {
+                // Out of blocks: preempt the newest running sequence not yet planned whose blocks
+                // are in this one's partition (possibly this one): only those free its space.
+                let partition = self.pool.partition_of(&seq.table);
+                let at = (i..self.running.len()).rev().find(|&j| {
+                    self.seqs.get(&self.running[j]).is_some_and(|v| {
+                        partition.is_none() || self.pool.partition_of(&v.table) == partition
+                    })
+                });
+                let Some(at) = at else {
                     break;
                 };
+                let victim = self.running.remove(at);
                 self.preempt(victim);
                 plan.preempted.push(victim);
                 if victim == id {
@@ -629,6 +637,64 @@ mod tests {
         assert!(tight.stats.preemptions > 0, "the tight cache must preempt");
         assert_eq!(a, b);
         assert_eq!(tight.free_blocks(), 14);
+    }
+
+    #[test]
+    fn a_full_partition_preempts_only_its_own_sequences() {
+        let next = |id: SeqId, n: usize| 10 + ((id as usize * 13 + n * 5) % 40) as u32;
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs: 8,
+                max_num_batched_tokens: 64,
+                max_model_len: 16,
+                max_waiting: 8,
+            },
+            PrefixCachingPool::partitioned(
+                KvGeometry {
+                    num_blocks: 8,
+                    block_size: 4,
+                },
+                2,
+                true,
+            ),
+        );
+        let mut preempted = Vec::new();
+        let mut step = |s: &mut Scheduler| {
+            let plan = s.schedule();
+            preempted.extend(plan.preempted.iter().copied());
+            let sampled: Vec<(SeqId, u32)> = plan
+                .chunks
+                .iter()
+                .filter(|c| c.sample)
+                .map(|c| (c.id, next(c.id, s.tokens(c.id).map_or(0, <[u32]>::len))))
+                .collect();
+            s.complete_step(&plan, &sampled);
+        };
+        // 1 takes partition 0 and caches its prompt's two blocks.
+        s.add(1, spec(vec![5; 8], 8)).unwrap();
+        step(&mut s);
+        // 4 shares that prefix, so it lands in partition 0 too; 2 and 3, newer, in partition 1.
+        let mut four = vec![5; 8];
+        four.extend([4, 4, 4]);
+        s.add(4, spec(four, 4)).unwrap();
+        s.add(2, spec(vec![2; 3], 5)).unwrap();
+        s.add(3, spec(vec![3; 3], 5)).unwrap();
+        for _ in 0..40 {
+            step(&mut s);
+            if !s.has_work() {
+                break;
+            }
+        }
+        assert!(!s.has_work());
+        assert!(
+            preempted.contains(&4),
+            "partition 0 must overflow: {preempted:?}"
+        );
+        assert!(
+            !preempted.contains(&2) && !preempted.contains(&3),
+            "preempting partition 1 frees nothing for partition 0: {preempted:?}"
+        );
+        assert_eq!(s.free_blocks(), 8);
     }
 
     #[test]
