@@ -326,6 +326,27 @@ fn single_ops_match_the_cpu_reference() {
             assert_eq!(got[r], want, "top-k row {r} k {k}");
         }
     }
+    // Long rows as the indexer makes them: many exact zeros (every head's ReLU at zero), all
+    // equal, and random, with a context that is not a multiple of the block.
+    let width = 70_000;
+    let lens = [70_000usize, 65_537, 40_001];
+    let mut scores = Vec::with_capacity(lens.len() * width);
+    for r in 0..lens.len() {
+        for j in 0..width {
+            scores.push(match r {
+                0 if j % 5 < 2 => 0.0,
+                1 => 0.25,
+                _ => rng.f().abs() * 3.0,
+            });
+        }
+    }
+    for k in [1usize, 2048, 40_001] {
+        let got = ops::top_k_host(&dev, &scores, width, &lens, k).unwrap();
+        for (r, len) in lens.iter().enumerate() {
+            let want = cpu::top_k_indices(&scores[r * width..r * width + len], k);
+            assert_eq!(got[r], want, "long top-k row {r} k {k}");
+        }
+    }
 
     // The noaux_tc router: group limits, bias for selection only, normalised scaled weights.
     for (e, groups, topk_group, k) in [

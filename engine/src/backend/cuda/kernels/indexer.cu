@@ -86,10 +86,17 @@ __device__ __forceinline__ unsigned order_key(float f) {
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-// out[t, 0..count[t]] = selected positions, ascending. Block of 256 threads per token.
-extern "C" __global__ void topk_select(int* out, int* count, const float* scores, const int* ctx_len,
+// out[t, 0..count[t]] = selected positions, ascending: the kk = min(k, len) largest scores,
+// ties at the threshold taken lowest position first. Block of 256 threads per token.
+// The kk-th largest key is found by radix select, 8 bits a pass (4 histogram passes over the
+// row, per-warp histograms in shared memory), then each thread writes the selected positions
+// of its contiguous segment at offsets from two block scans.
+#define TOPK_THREADS 256
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS) topk_select(int* out, int* count, const float* scores, const int* ctx_len,
                                        int max_ctx, int k) {
     __shared__ int sh[33];
+    __shared__ unsigned hist[TOPK_THREADS / 32][256];
+    __shared__ unsigned digit_and_rest[2];
     int t = blockIdx.x;
     int len = ctx_len[t];
     int kk = min(k, len);
@@ -101,32 +108,65 @@ extern "C" __global__ void topk_select(int* out, int* count, const float* scores
         return;
     }
     if (kk == 0) return;
-    // The kk-th largest key: the largest T with #{key >= T} >= kk.
-    unsigned thr = 0;
-    for (int bit = 31; bit >= 0; bit--) {
-        unsigned cand = thr | (1u << bit);
-        int c = 0;
-        for (int j = threadIdx.x; j < len; j += blockDim.x) c += order_key(s[j]) >= cand;
-        c = block_sum_int(c, sh);
-        if (c >= kk) thr = cand;
+    int w = threadIdx.x >> 5;
+    unsigned prefix = 0, mask = 0;
+    unsigned remaining = kk;  // how many keys >= the threshold are still wanted
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < (TOPK_THREADS / 32) * 256; i += blockDim.x) (&hist[0][0])[i] = 0;
+        __syncthreads();
+        for (int j = threadIdx.x; j < len; j += blockDim.x) {
+            unsigned key = order_key(s[j]);
+            if ((key & mask) == prefix) atomicAdd(&hist[w][(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        // Bin totals over the warps, then the digit from the top where the count reaches what
+        // is still wanted.
+        unsigned total = 0;
+        for (int v = 0; v < TOPK_THREADS / 32; v++) total += hist[v][threadIdx.x];
+        __syncthreads();
+        hist[0][threadIdx.x] = total;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            unsigned above = 0;
+            int d = 255;
+            for (; d > 0; d--) {
+                if (above + hist[0][d] >= remaining) break;
+                above += hist[0][d];
+            }
+            digit_and_rest[0] = (unsigned)d;
+            digit_and_rest[1] = remaining - above;
+        }
+        __syncthreads();
+        prefix |= digit_and_rest[0] << shift;
+        mask |= 255u << shift;
+        remaining = digit_and_rest[1];
+        __syncthreads();
     }
-    int gt = 0;
-    for (int j = threadIdx.x; j < len; j += blockDim.x) gt += order_key(s[j]) > thr;
-    gt = block_sum_int(gt, sh);
-    int ties_wanted = kk - gt;
-    int written = 0, ties_seen = 0;
-    for (int base = 0; base < len; base += blockDim.x) {
-        int j = base + threadIdx.x;
-        unsigned key = j < len ? order_key(s[j]) : 0u;
-        int tie = (j < len && key == thr) ? 1 : 0;
-        int tie_total;
-        int tie_before = block_exclusive_scan(tie, sh, &tie_total);
-        int sel = (j < len) && (key > thr || (tie && ties_seen + tie_before < ties_wanted));
-        int sel_total;
-        int at = block_exclusive_scan(sel, sh, &sel_total);
-        if (sel) o[written + at] = j;
-        written += sel_total;
-        ties_seen += tie_total;
+    unsigned thr = prefix;
+    int ties_wanted = (int)remaining;
+    // Each thread's contiguous segment: keys above the threshold and ties, counted, scanned,
+    // then written in position order.
+    int per = (len + blockDim.x - 1) / blockDim.x;
+    int lo = min(len, (int)threadIdx.x * per), hi = min(len, lo + per);
+    int gt = 0, ties = 0;
+    for (int j = lo; j < hi; j++) {
+        unsigned key = order_key(s[j]);
+        gt += key > thr;
+        ties += key == thr;
+    }
+    int gt_total, ties_total;
+    int gt_before = block_exclusive_scan(gt, sh, &gt_total);
+    int ties_before = block_exclusive_scan(ties, sh, &ties_total);
+    int at = gt_before + min(ties_before, ties_wanted);
+    int tie_seen = ties_before;
+    for (int j = lo; j < hi; j++) {
+        unsigned key = order_key(s[j]);
+        if (key > thr) {
+            o[at++] = j;
+        } else if (key == thr) {
+            if (tie_seen < ties_wanted) o[at++] = j;
+            tie_seen++;
+        }
     }
 }
 
