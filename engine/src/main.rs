@@ -176,6 +176,10 @@ struct GpuBenchArgs {
     /// cuBLAS (bf16 tensor cores) or the tiled f32-accumulating kernel.
     #[arg(long, value_enum, default_value_t = GemmArg::Cublas)]
     gemm: GemmArg,
+    /// Leave out the single-GEMM timings and the FP8 crossover sweep (for a profiler run of the
+    /// model's own steps).
+    #[arg(long)]
+    no_gemm_timings: bool,
     /// Also write the JSON report here (CPU or GPU).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -475,6 +479,7 @@ fn main() -> Result<()> {
                     GemmArg::Cublas => Gemm::Cublas,
                     GemmArg::Tiled => Gemm::Tiled,
                 },
+                gemm_timings: !gpu.no_gemm_timings,
             };
             let report = offline::bench(&model.into(), &opts)?;
             if let Some(path) = &gpu.out {

@@ -96,6 +96,8 @@ pub struct BenchOptions {
     /// GPU decode batch sizes.
     pub decode_batches: Vec<usize>,
     pub gemm: Gemm,
+    /// GPU: also time the single GEMMs and the FP8 crossover sweep.
+    pub gemm_timings: bool,
 }
 
 /// On the CPU: the given model. With the CUDA backend: a DeepSeek-V3.2-shaped model at full
@@ -121,6 +123,7 @@ pub fn bench(opts: &ModelOptions, b: &BenchOptions) -> Result<Value> {
             decode_batches: b.decode_batches.clone(),
             contexts: b.contexts.clone(),
             decode_steps: b.decode_steps,
+            gemm_timings: b.gemm_timings,
             ..cuda::bench::BenchOptions::default()
         };
         return Ok(cuda::bench::run(&gpu)?);

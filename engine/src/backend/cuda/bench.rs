@@ -42,6 +42,9 @@ pub struct BenchOptions {
     pub decode_steps: usize,
     /// Timed runs per prefill shape (after one warm-up run).
     pub prefill_runs: usize,
+    /// Time the single GEMMs and the FP8 crossover sweep (thousands of launches; a profiler
+    /// run of the model's steps leaves them out).
+    pub gemm_timings: bool,
     pub seed: u64,
 }
 
@@ -59,6 +62,7 @@ impl Default for BenchOptions {
             contexts: vec![1024, 8192, 32768, 131072],
             decode_steps: 5,
             prefill_runs: 2,
+            gemm_timings: true,
             seed: 7,
         }
     }
@@ -329,7 +333,11 @@ pub fn run(opts: &BenchOptions) -> Result<Value, CudaError> {
     let (free, total) = exec.device().mem_info()?;
     let (copy_bw, mm_flops) = ceilings(exec.device())?;
     exec.device().set_gemm(opts.gemm)?;
-    let gemms = time_gemms(exec.device(), mm_flops)?;
+    let gemms = if opts.gemm_timings {
+        time_gemms(exec.device(), mm_flops)?
+    } else {
+        Value::Null
+    };
     let hv = 2.0 * (cfg.hidden_size * cfg.vocab_size) as f64;
     let fwd = |exec: &mut CudaExecutor, chunks: &[SeqChunk]| -> Result<f64, CudaError> {
         let t = Instant::now();
