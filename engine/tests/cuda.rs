@@ -122,6 +122,24 @@ fn bf16_round(v: &[f32]) -> Vec<f32> {
 
 const DTYPES: [DType; 2] = [DType::F32, DType::Bf16];
 
+/// An FP8 linear case: random weights block-quantized (the layer keeps its f32 dequantization
+/// and the codes), activations with outliers in a few channels as real hidden states have, and
+/// the host's emulation of the block-scaled GEMM.
+fn fp8_case(rng: &mut Rng, n: usize, out: usize, inp: usize) -> (Vec<f32>, Linear, Vec<f32>) {
+    let w = rng.vec(out * inp);
+    let x: Vec<f32> = rng
+        .vec(n * inp)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| if i % 97 == 3 { v * 40.0 } else { *v })
+        .collect();
+    let q = cpu::fp8::Fp8Weight::quantize(&w, out, inp, [128, 128]);
+    let emulated = cpu::fp8::fp8_linear(&x, n, &q, true);
+    let mut lin = Linear::new(q.dequantize(), out, inp);
+    lin.fp8 = Some(std::sync::Arc::new(q));
+    (x, lin, emulated)
+}
+
 fn options(dtype: DType) -> CudaOptions {
     CudaOptions {
         weights: dtype,
@@ -472,18 +490,7 @@ fn fp8_linears_match_the_host_emulation_on_both_kernels() {
         (3, 2048, 7168),
         (130, 512, 1024),
     ] {
-        let w = rng.vec(out * inp);
-        // Activations with outliers in a few channels, as real hidden states have.
-        let x: Vec<f32> = rng
-            .vec(n * inp)
-            .iter()
-            .enumerate()
-            .map(|(i, v)| if i % 97 == 3 { v * 40.0 } else { *v })
-            .collect();
-        let q = cpu::fp8::Fp8Weight::quantize(&w, out, inp, [128, 128]);
-        let mut lin = Linear::new(q.dequantize(), out, inp);
-        lin.fp8 = Some(std::sync::Arc::new(q.clone()));
-        let emulated = cpu::fp8::fp8_linear(&x, n, &q, true);
+        let (x, lin, emulated) = fp8_case(&mut rng, n, out, inp);
         let exact = lin.forward(&x, n);
         let e_emul = l2_rel(&emulated, &exact);
         for (gemm, tol) in [(cuda::Gemm::Tiled, 1e-5), (cuda::Gemm::Cublas, 1e-4)] {
@@ -589,17 +596,7 @@ fn the_library_fp8_gemm_matches_the_host_emulation_where_it_takes_the_shape() {
         (257, 24576, 1536),
         (1000, 2048, 7168),
     ] {
-        let w = rng.vec(out * inp);
-        let x: Vec<f32> = rng
-            .vec(n * inp)
-            .iter()
-            .enumerate()
-            .map(|(i, v)| if i % 97 == 3 { v * 40.0 } else { *v })
-            .collect();
-        let q = cpu::fp8::Fp8Weight::quantize(&w, out, inp, [128, 128]);
-        let mut lin = Linear::new(q.dequantize(), out, inp);
-        lin.fp8 = Some(std::sync::Arc::new(q.clone()));
-        let emulated = cpu::fp8::fp8_linear(&x, n, &q, true);
+        let (x, lin, emulated) = fp8_case(&mut rng, n, out, inp);
         for pin in [cuda::Fp8Gemm::Library, cuda::Fp8Gemm::Ours] {
             dev.set_fp8_gemm(pin);
             let path = dev.fp8_gemm_path(n, out, inp);

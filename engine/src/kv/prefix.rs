@@ -373,53 +373,6 @@ mod tests {
         assert!(t.blocks.iter().all(|b| !ta.blocks.contains(b)));
     }
 
-    #[test]
-    fn no_blocks_leak_over_many_random_requests() {
-        let mut p = pool(16, 4);
-        let mut state = 7u64;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) as u32
-        };
-        let mut live: Vec<BlockTable> = Vec::new();
-        for _ in 0..500 {
-            if next() % 3 == 0 && !live.is_empty() {
-                let i = next() as usize % live.len();
-                let mut t = live.swap_remove(i);
-                p.release(&mut t);
-            } else {
-                let len = 1 + next() as usize % 12;
-                let prefix = next() % 3;
-                let tokens: Vec<u32> = (0..len as u32)
-                    .map(|i| if i < 6 { prefix * 100 + i } else { next() % 50 })
-                    .collect();
-                let mut t = BlockTable::default();
-                p.match_prefix(&mut t, &tokens);
-                if p.reserve(&mut t, tokens.len()).is_ok() {
-                    p.cache_full_blocks(&t, &tokens, tokens.len());
-                    live.push(t);
-                } else {
-                    p.release(&mut t);
-                }
-            }
-            let held: usize = {
-                let mut all: Vec<u32> =
-                    live.iter().flat_map(|t| t.blocks.iter().copied()).collect();
-                all.sort_unstable();
-                all.dedup();
-                all.len()
-            };
-            assert_eq!(p.free_blocks() + held, 16);
-        }
-        for mut t in live {
-            p.release(&mut t);
-        }
-        assert_eq!(p.free_blocks(), 16);
-        assert_eq!(p.usage(), 0.0);
-    }
-
     fn parts(partitions: usize, per: usize, size: usize) -> PrefixCachingPool {
         PrefixCachingPool::partitioned(
             KvGeometry {
@@ -434,6 +387,62 @@ mod tests {
     fn one_partition(p: &PrefixCachingPool, t: &BlockTable) -> bool {
         let per = p.blocks_per_partition() as u32;
         t.blocks.iter().all(|b| b / per == t.blocks[0] / per)
+    }
+
+    /// Random requests (shared prefixes of `shared` tokens, lengths up to `max_len`) and random
+    /// releases; after each, every held block is counted once and no table spans partitions.
+    fn churn(p: &mut PrefixCachingPool, seed: u64, rounds: usize, max_len: usize, shared: u32) {
+        let total = p.geometry().num_blocks;
+        let mut state = seed;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        let mut live: Vec<BlockTable> = Vec::new();
+        for _ in 0..rounds {
+            if next() % 3 == 0 && !live.is_empty() {
+                let i = next() as usize % live.len();
+                let mut t = live.swap_remove(i);
+                p.release(&mut t);
+            } else {
+                let len = 1 + next() as usize % max_len;
+                let prefix = next() % 3;
+                let tokens: Vec<u32> = (0..len as u32)
+                    .map(|i| {
+                        if i < shared {
+                            prefix * 100 + i
+                        } else {
+                            next() % 50
+                        }
+                    })
+                    .collect();
+                let mut t = BlockTable::default();
+                p.match_prefix(&mut t, &tokens);
+                if p.reserve(&mut t, tokens.len()).is_ok() {
+                    p.cache_full_blocks(&t, &tokens, tokens.len());
+                    assert!(one_partition(p, &t), "{:?}", t.blocks);
+                    live.push(t);
+                } else {
+                    p.release(&mut t);
+                }
+            }
+            let mut all: Vec<u32> = live.iter().flat_map(|t| t.blocks.iter().copied()).collect();
+            all.sort_unstable();
+            all.dedup();
+            assert_eq!(p.free_blocks() + all.len(), total);
+        }
+        for mut t in live {
+            p.release(&mut t);
+        }
+        assert_eq!(p.free_blocks(), total);
+        assert_eq!(p.usage(), 0.0);
+    }
+
+    #[test]
+    fn no_blocks_leak_over_many_random_requests() {
+        churn(&mut pool(16, 4), 7, 500, 12, 6);
     }
 
     #[test]
@@ -503,44 +512,7 @@ mod tests {
     #[test]
     fn no_blocks_leak_and_no_table_spans_partitions_under_random_requests() {
         let mut p = parts(3, 6, 4);
-        let mut state = 11u64;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) as u32
-        };
-        let mut live: Vec<BlockTable> = Vec::new();
-        for _ in 0..600 {
-            if next() % 3 == 0 && !live.is_empty() {
-                let i = next() as usize % live.len();
-                let mut t = live.swap_remove(i);
-                p.release(&mut t);
-            } else {
-                let len = 1 + next() as usize % 20;
-                let prefix = next() % 3;
-                let tokens: Vec<u32> = (0..len as u32)
-                    .map(|i| if i < 9 { prefix * 100 + i } else { next() % 50 })
-                    .collect();
-                let mut t = BlockTable::default();
-                p.match_prefix(&mut t, &tokens);
-                if p.reserve(&mut t, tokens.len()).is_ok() {
-                    p.cache_full_blocks(&t, &tokens, tokens.len());
-                    assert!(one_partition(&p, &t), "{:?}", t.blocks);
-                    live.push(t);
-                } else {
-                    p.release(&mut t);
-                }
-            }
-            let mut all: Vec<u32> = live.iter().flat_map(|t| t.blocks.iter().copied()).collect();
-            all.sort_unstable();
-            all.dedup();
-            assert_eq!(p.free_blocks() + all.len(), 18);
-        }
-        for mut t in live {
-            p.release(&mut t);
-        }
-        assert_eq!(p.free_blocks(), 18);
+        churn(&mut p, 11, 600, 20, 9);
         p.reset_prefix_cache();
         assert_eq!(p.free_blocks(), 18);
     }
