@@ -163,8 +163,8 @@ fn time_op(
     Ok(median(times))
 }
 
-/// The weight shapes `(out, in)` of the model's FP8 linears: q_a, q_b, kv_a, kv_b... as the
-/// released checkpoint has them, and an expert's gate/up and down.
+/// The weight shapes `(out, in)` of the model's FP8 linears as the released checkpoint has
+/// them: q_a, q_b, kv_a, kv_b, o_proj, an expert's gate/up and down, the indexer's wq_b.
 const FP8_SHAPES: [(usize, usize); 8] = [
     (1536, 7168),
     (24576, 1536),

@@ -10,7 +10,7 @@
 //! 128x128 layout, `[ceil(o/128), k/128]` row-major, which is the checkpoint's.
 //!
 //! One [`LtFp8`] per device caches, per `(n, o, k)`, the descriptors and the algorithm the
-//! heuristic picked, or `None` where this cuBLASLt offers none (the caller then runs our own
+//! heuristic picked, or the reason this cuBLASLt offers none (the caller then runs our own
 //! kernel). The output is f32 where the library supports it, else bf16 and a cast.
 
 use std::collections::HashMap;
@@ -45,7 +45,7 @@ pub fn padded_tokens(n: usize) -> usize {
 
 /// Fewest tokens at which cuBLASLt's kernel beats ours, per weight shape `(o, k)`: the FP8
 /// linears of DeepSeek-V3.2 (q_a, q_b, kv_a, kv_b, o_proj, an expert's gate/up and down, the
-/// shared expert's gate+up), read off `gemms.fp8_sweep` of `deepseek-engine bench` on an H200
+/// indexer's query projection), read off `gemms.fp8_sweep` of `deepseek-engine bench` on an H200
 /// (2026-12-02, docs/PERF.md). Below it our split-K kernel wins: the library's tiles leave
 /// most SMs idle and a single token pays its padding to four.
 const CROSSOVER: &[((usize, usize), usize)] = &[
