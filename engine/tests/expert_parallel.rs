@@ -236,10 +236,15 @@ fn a_lost_rank_fails_the_step_with_a_clear_error() {
 /// Rank 0 and rank 1 of a two-process group on loopback, serving the built-in model with a
 /// short group timeout. `--expert-parallel` is left out: it comes from WORLD_SIZE.
 fn group_of_two(timeout_s: &str) -> (Engine, Engine) {
+    group_of_two_with(timeout_s, &[])
+}
+
+fn group_of_two_with(timeout_s: &str, args: &[&str]) -> (Engine, Engine) {
     let leader = format!("127.0.0.1:{}", common::free_port());
     let rank = |r: &str| {
         let mut c = common::serve();
         c.args(["--group-timeout-seconds", timeout_s])
+            .args(args)
             .env("RANK", r)
             .env("WORLD_SIZE", "2")
             .env("LEADER_ADDR", &leader);
@@ -249,6 +254,41 @@ fn group_of_two(timeout_s: &str) -> (Engine, Engine) {
     r0.wait_status("/ready", 200);
     r1.wait_status("/ready", 200);
     (r0, r1)
+}
+
+/// A serving group offers both ranks' caches: `--num-kv-blocks` is per rank, the scheduler
+/// sees twice that in two partitions, and `max_model_len` is what one rank holds (one sequence
+/// lives on one rank). Two requests that each need most of a rank's cache both complete.
+#[test]
+fn a_serving_group_offers_both_ranks_caches_and_bounds_one_sequence_by_one_rank() {
+    let (mut r0, _r1) = group_of_two_with("10", &["--num-kv-blocks", "2", "--block-size", "64"]);
+    let addr = r0.addr();
+    let metrics = common::http(&addr, "GET", "/metrics", None).unwrap().body;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("vllm:cache_config_info{")
+                && l.contains(r#"block_size="64""#)
+                && l.contains(r#"num_gpu_blocks="4""#)),
+        "{metrics}"
+    );
+    let models = common::http(&addr, "GET", "/v1/models", None).unwrap();
+    assert_eq!(models.json()["data"][0]["max_model_len"], 128);
+    let ask = |n: usize| {
+        let addr = addr.clone();
+        std::thread::spawn(move || {
+            let body = json!({
+                "messages": [{ "role": "user", "content": format!("Request {n}.") }],
+                "max_tokens": 90,
+                "ignore_eos": true,
+            });
+            common::http(&addr, "POST", "/v1/chat/completions", Some(&body)).unwrap()
+        })
+    };
+    for r in [ask(1), ask(2)].map(|h| h.join().unwrap()) {
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["usage"]["completion_tokens"], 90, "{}", r.body);
+    }
 }
 
 fn long_chat() -> Value {
