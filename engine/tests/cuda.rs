@@ -1447,8 +1447,9 @@ fn perplexity(exec: &mut dyn Executor, windows: &[HeldoutWindow]) -> f64 {
 /// (FP8: the checkpoint's own E4M3 codes), each with bf16 and FP8 caches. Per path: the tokens
 /// equal to the CPU's greedy continuation before the first divergence (mean over 8 prompts of
 /// 64 tokens) and the held-out perplexity (18 windows of 513 tokens, past the indexer's top-k
-/// of 128, so sparse selection is real). FP8 must stay within 3% of f32's perplexity and bf16
-/// keep 90% of f32's greedy tokens. `DEEPSEEK_AGREEMENT_OUT` receives the table as JSON.
+/// of 128, so sparse selection is real). Against f32 weights with the same cache, FP8 weights
+/// must stay within 3% of the perplexity and bf16 weights keep 90% of the greedy tokens.
+/// `DEEPSEEK_AGREEMENT_OUT` receives the table as JSON.
 #[test]
 fn the_trained_model_keeps_its_greedy_tokens_and_perplexity_on_every_gpu_path() {
     if gpu().is_none() {
