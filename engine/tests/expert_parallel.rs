@@ -50,17 +50,22 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
-fn requests(e: &Expected) -> Vec<GenerateRequest> {
-    let p = &e.prompt_ids;
-    [&p[..], &p[3..40], &p[50..52], &p[10..70]]
+/// Greedy requests for `prompts`, `max_tokens` each, no stop tokens.
+fn greedy_requests(prompts: &[&[u32]], max_tokens: usize) -> Vec<GenerateRequest> {
+    prompts
         .iter()
         .map(|q| GenerateRequest {
             prompt: q.to_vec(),
-            max_tokens: 8,
+            max_tokens,
             sampling: SamplingParams::default(),
             stop_token_ids: vec![],
         })
         .collect()
+}
+
+fn requests(e: &Expected) -> Vec<GenerateRequest> {
+    let p = &e.prompt_ids;
+    greedy_requests(&[&p[..], &p[3..40], &p[50..52], &p[10..70]], 8)
 }
 
 #[test]
@@ -118,15 +123,7 @@ fn a_group_holds_as_many_kv_blocks_as_its_ranks_together() {
     let whole = Model::load(&dir(name)).unwrap();
     let e = expected(name);
     let p = &e.prompt_ids;
-    let reqs: Vec<GenerateRequest> = [&p[..40], &p[20..60]]
-        .iter()
-        .map(|q| GenerateRequest {
-            prompt: q.to_vec(),
-            max_tokens: 6,
-            sampling: SamplingParams::default(),
-            stop_token_ids: vec![],
-        })
-        .collect();
+    let reqs = greedy_requests(&[&p[..40], &p[20..60]], 6);
     let both = generate::plan_geometry(whole.config.max_position_embeddings, &reqs).unwrap();
     let one = generate::plan_geometry(whole.config.max_position_embeddings, &reqs[..1]).unwrap();
     assert!(2 * one.num_blocks <= both.num_blocks + 1 && one.num_blocks < both.num_blocks);

@@ -58,6 +58,11 @@ fn chain(prev: u64, tokens: &[u32]) -> u64 {
     h
 }
 
+/// The partition of block `b` with `per` blocks in each of `count` partitions.
+fn partition_index(b: usize, per: usize, count: usize) -> usize {
+    (b / per.max(1)).min(count - 1)
+}
+
 impl PrefixCachingPool {
     /// One pool over all of `geometry`'s blocks.
     pub fn new(geometry: KvGeometry, enabled: bool) -> Self {
@@ -107,7 +112,7 @@ impl PrefixCachingPool {
     }
 
     fn partition_of_block(&self, b: u32) -> usize {
-        (b as usize / self.per_partition.max(1)).min(self.parts.len() - 1)
+        partition_index(b as usize, self.per_partition, self.parts.len())
     }
 
     /// The partition `table`'s blocks come from, or `None` while it holds none.
@@ -258,7 +263,7 @@ impl PrefixCachingPool {
     pub fn release(&mut self, table: &mut BlockTable) {
         // Release the tail first so the deepest (least shareable) blocks are evicted first.
         for b in table.blocks.drain(..).rev() {
-            let p = (b as usize / self.per_partition.max(1)).min(self.parts.len() - 1);
+            let p = self.partition_of_block(b);
             let m = &mut self.meta[b as usize];
             m.refs = m.refs.saturating_sub(1);
             if m.refs == 0 {
@@ -280,11 +285,12 @@ impl PrefixCachingPool {
         for part in &mut self.parts {
             part.evictable.clear();
         }
+        let (per, count) = (self.per_partition, self.parts.len());
         for (b, m) in self.meta.iter_mut().enumerate() {
             m.cached = None;
             if m.refs == 0 {
                 m.generation += 1;
-                let p = (b / self.per_partition.max(1)).min(self.parts.len() - 1);
+                let p = partition_index(b, per, count);
                 self.parts[p].never_used.push(b as u32);
             }
         }

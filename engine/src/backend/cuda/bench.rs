@@ -195,11 +195,15 @@ fn time_gemms(dev: &Device, mm_flops: f64) -> Result<Value, CudaError> {
         (4096, 7168, 16384),
     ];
     let fp8_peak = 2.0 * mm_flops;
-    let max_n = SWEEP_TOKENS[SWEEP_TOKENS.len() - 1];
-    let max_k = FP8_SHAPES.iter().map(|s| s.1).max().unwrap_or(0);
-    let max_o = FP8_SHAPES.iter().map(|s| s.0).max().unwrap_or(0);
-    let x = super::weights::DevBuf::random(dev, max_n * max_k, DType::F32, 99, 1.0)?;
-    let y = dev.alloc::<f32>(max_n * max_o.max(24576))?;
+    // One input and one output buffer, large enough for every shape timed below.
+    let all = shapes.iter().copied().chain(
+        FP8_SHAPES
+            .iter()
+            .map(|&(o, k)| (SWEEP_TOKENS[SWEEP_TOKENS.len() - 1], o, k)),
+    );
+    let (max_x, max_y) = all.fold((0, 0), |(x, y), (n, o, k)| (x.max(n * k), y.max(n * o)));
+    let x = super::weights::DevBuf::random(dev, max_x, DType::F32, 99, 1.0)?;
+    let y = dev.alloc::<f32>(max_y)?;
     let tflops = |n: usize, o: usize, k: usize, s: f64| 2.0 * (n * o * k) as f64 / s / 1e12;
     let mut out = Vec::new();
     for (i, &(n, o, k)) in shapes.iter().enumerate() {

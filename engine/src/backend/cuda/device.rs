@@ -311,7 +311,7 @@ impl Device {
     pub fn fp8_library_refusal(&self, n: usize, o: usize, k: usize) -> Option<String> {
         if !super::lt::shape_supported(o, k) {
             return Some(format!(
-                "{o}x{k} is not whole 128-wide K blocks with 16-aligned rows"
+                "{o}x{k}: K is not a multiple of 512 (16-byte-aligned weight-scale rows) or the output rows are not 16-aligned"
             ));
         }
         match self.with_lt(|lt| {
