@@ -180,6 +180,10 @@ struct GpuBenchArgs {
     /// model's own steps).
     #[arg(long)]
     no_gemm_timings: bool,
+    /// Leave out the timings of the sparse-attention kernels alone (indexer, top-k, sparse
+    /// MLA on both caches).
+    #[arg(long)]
+    no_dsa_timings: bool,
     /// Also write the JSON report here (CPU or GPU).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -480,6 +484,7 @@ fn main() -> Result<()> {
                     GemmArg::Tiled => Gemm::Tiled,
                 },
                 gemm_timings: !gpu.no_gemm_timings,
+                dsa_timings: !gpu.no_dsa_timings,
             };
             let report = offline::bench(&model.into(), &opts)?;
             if let Some(path) = &gpu.out {

@@ -1532,6 +1532,31 @@ fn the_trained_model_keeps_its_greedy_tokens_and_perplexity_on_every_gpu_path() 
         (f32_ppl / cpu_ppl - 1.0).abs() < 1e-3,
         "f32 GPU {f32_ppl} vs CPU {cpu_ppl}"
     );
+    // The tensor-core indexer and attention (queries and probabilities rounded to 16 bits) on
+    // each 16-bit or FP8 cache, against the f32 CUDA-core kernels on the same cache, f32
+    // weights: the rounding they add must not cost the trained model's perplexity.
+    for cache in [DType::Bf16, DType::Fp8] {
+        let opts = CudaOptions {
+            weights: DType::F32,
+            cache,
+            max_batch_tokens: longest,
+            gemm: cuda::Gemm::Cublas,
+        };
+        let mut exec = CudaExecutor::with_options(&model, geometry(blocks, 64), 0, opts).unwrap();
+        exec.device().set_attention(cuda::Attention::CudaCores);
+        exec.device().set_indexer(cuda::Indexer::CudaCores);
+        let cores_ppl = perplexity(&mut exec, &exp.heldout_windows);
+        let (_, tensor_ppl) = at((DType::F32, cache));
+        eprintln!(
+            "trained model, f32 weights, {cache:?} cache: perplexity {tensor_ppl:.3} on tensor \
+             cores, {cores_ppl:.3} on the f32 CUDA-core kernels ({:+.3}%)",
+            (tensor_ppl / cores_ppl - 1.0) * 100.0
+        );
+        assert!(
+            tensor_ppl <= cores_ppl * 1.01,
+            "{cache:?} cache: tensor-core DSA kernels perplexity {tensor_ppl} vs CUDA cores {cores_ppl}"
+        );
+    }
     // Each low-precision weight type against f32 weights with the same cache, so the figure
     // measures the weights (the cache's own rounding is the f32-weight row of that cache).
     for cache in [DType::Bf16, DType::Fp8] {
@@ -1546,5 +1571,282 @@ fn the_trained_model_keeps_its_greedy_tokens_and_perplexity_on_every_gpu_path() 
             kept >= 0.9 * f32_kept,
             "bf16 weights, {cache:?} cache: {kept} of {f32_kept} greedy tokens"
         );
+    }
+}
+
+/// A paged cache of `rows` random rows stored as `dtype` (FP8: random non-NaN E4M3 codes, one
+/// f32 scale per 128 and a bf16 tail, as the cache writers lay them out), with each row's
+/// values as the kernels read them (decoded, f32).
+fn random_cache_rows(
+    dev: &Device,
+    rng: &mut Rng,
+    dtype: DType,
+    rows: usize,
+    q: usize,
+    tail: usize,
+) -> (cuda::weights::DevBuf, Vec<f32>) {
+    use cuda::weights::{DevBuf, decode_fp8_rows};
+    let width = q + tail;
+    match dtype {
+        DType::Fp8 => {
+            let stride = if tail == 0 {
+                cuda::weights::index_fp8_stride(q)
+            } else {
+                cuda::weights::latent_fp8_stride(q, tail)
+            };
+            let mut bytes = vec![0u8; rows * stride];
+            for row in bytes.chunks_exact_mut(stride) {
+                for b in &mut row[..q] {
+                    let v = ((rng.f() + 1.0) * 127.9) as u8;
+                    *b = if v & 0x7f == 0x7f { v ^ 1 } else { v };
+                }
+                for g in 0..q.div_ceil(128) {
+                    let s = 2f32.powf(-6.0 + 4.0 * rng.f().abs()) * (1.0 + 0.3 * rng.f());
+                    row[q + 4 * g..q + 4 * g + 4].copy_from_slice(&s.to_le_bytes());
+                }
+                let t0 = q + 4 * q.div_ceil(128);
+                for j in 0..tail {
+                    let b = half::bf16::from_f32(rng.f()).to_le_bytes();
+                    row[t0 + 2 * j..t0 + 2 * j + 2].copy_from_slice(&b);
+                }
+            }
+            let values = decode_fp8_rows(&bytes, stride, q, tail);
+            (DevBuf::Fp8(dev.upload(&bytes).unwrap()), values)
+        }
+        _ => {
+            let values = bf16_round(&rng.vec(rows * width));
+            let bits: Vec<u16> = values
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_bits())
+                .collect();
+            (DevBuf::Bf16(dev.upload(&bits).unwrap()), values)
+        }
+    }
+}
+
+/// Each token's slots: distinct rows of the cache in a shuffled order of 64-row pages, as a
+/// block table scatters a sequence.
+fn paged_slots(rng: &mut Rng, lens: &[usize], num_rows: usize) -> (Vec<i32>, Vec<i32>) {
+    let pages = num_rows / 64;
+    let (mut slots, mut base) = (Vec::new(), Vec::new());
+    for len in lens {
+        base.push(slots.len() as i32);
+        let mut order: Vec<usize> = (0..pages).collect();
+        for i in (1..order.len()).rev() {
+            let j = ((rng.f() + 1.0) * 0.5 * (i + 1) as f32) as usize % (i + 1);
+            order.swap(i, j);
+        }
+        slots.extend((0..*len).map(|p| (order[p / 64] * 64 + p % 64) as i32));
+    }
+    (slots, base)
+}
+
+/// The tensor-core lightning indexer against the host's emulation of its function (queries
+/// rounded to bf16 for the bf16 cache and to f16 for the FP8 cache, f64 sums), at head counts
+/// of 4 to 64, head dimensions of 32 to 128 and contexts that are not multiples of its tiles;
+/// the output starts NaN, so a position left unwritten or written past the context fails.
+#[test]
+fn the_tensor_core_indexer_matches_the_host_emulation_at_odd_sizes() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(0x51ed_270b_3c6f_9a11);
+    let lens = [1usize, 63, 513, 4097, 20_001];
+    let num_rows = 20_032;
+    for cache in [DType::Bf16, DType::Fp8] {
+        for (heads, dim) in [(64usize, 128usize), (16, 64), (4, 64), (6, 32), (64, 32)] {
+            assert!(
+                ops::indexer_mma_kernel(cache, heads, dim).is_some(),
+                "{heads}x{dim} {cache:?} should take the tensor-core kernel"
+            );
+            let (kbuf, keys) = random_cache_rows(&dev, &mut rng, cache, num_rows, dim, 0);
+            let (slots, slot_base) = paged_slots(&mut rng, &lens, num_rows);
+            let ctx_len: Vec<i32> = lens.iter().map(|l| *l as i32).collect();
+            let n = lens.len();
+            let q: Vec<f32> = rng.vec(n * heads * dim).iter().map(|v| v * 2.0).collect();
+            let w = rng.vec(n * heads);
+            let rows = ops::PagedRows {
+                slots: &slots,
+                slot_base: &slot_base,
+                ctx_len: &ctx_len,
+            };
+            dev.set_indexer(cuda::Indexer::Auto);
+            let got = ops::indexer_scores_host(&dev, &kbuf, &q, &w, rows, heads, dim).unwrap();
+            let max_ctx = lens[lens.len() - 1];
+            let qr: Vec<f64> = q
+                .iter()
+                .map(|v| match cache {
+                    DType::Fp8 => half::f16::from_f32(*v).to_f32() as f64,
+                    _ => half::bf16::from_f32(*v).to_f32() as f64,
+                })
+                .collect();
+            for (t, len) in lens.iter().enumerate() {
+                let mut want = vec![0f64; *len];
+                for (j, s) in want.iter_mut().enumerate() {
+                    let slot = slots[slot_base[t] as usize + j] as usize;
+                    let k = &keys[slot * dim..(slot + 1) * dim];
+                    for h in 0..heads {
+                        let qh = &qr[(t * heads + h) * dim..(t * heads + h + 1) * dim];
+                        let dot: f64 = qh.iter().zip(k).map(|(a, b)| a * *b as f64).sum();
+                        *s += w[t * heads + h] as f64 * dot.max(0.0);
+                    }
+                }
+                let row = &got[t * max_ctx..(t + 1) * max_ctx];
+                assert!(
+                    row[*len..].iter().all(|v| v.is_nan()),
+                    "{cache:?} {heads}x{dim}: token {t} wrote past its context"
+                );
+                let scale = want.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
+                let err = row[..*len]
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (*a as f64 - b).abs())
+                    .fold(
+                        0f64,
+                        |m, v| if v.is_nan() { f64::INFINITY } else { m.max(v) },
+                    )
+                    / scale;
+                assert!(
+                    err < 1e-4,
+                    "{cache:?} {heads}x{dim} token {t} (context {len}): max|diff|/max|ref| {err:.2e}"
+                );
+            }
+            eprintln!("indexer {cache:?} {heads}x{dim}: contexts {lens:?} match");
+        }
+    }
+}
+
+/// The tensor-core sparse MLA kernel against the host's emulation (bf16 queries, rows as the
+/// kernel reads them, f64 softmax): 128, 64, 16 and 6 heads, selections of 1 to 2,048 rows that
+/// are not multiples of its 64-row tiles (top-k larger than the context included), flat and
+/// peaked softmaxes, both caches and the three latent shapes the kernel is built for. The
+/// probabilities are rounded to bf16 before P·V, so the bound is relative to the rows' size.
+#[test]
+fn the_tensor_core_sparse_attention_matches_the_host_emulation_at_odd_sizes() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let k = 2048;
+    // (context, selected): selections ascending, as top-k writes them.
+    let cases = [
+        (1usize, 1usize),
+        (63, 63),
+        (100, 65),
+        (3000, 2048),
+        (5000, 2047),
+    ];
+    let num_rows = 5056;
+    for cache in [DType::Bf16, DType::Fp8] {
+        for (heads, kvr, rd) in [
+            (128usize, 512usize, 64usize),
+            (64, 512, 64),
+            (16, 512, 64),
+            (6, 512, 64),
+            (6, 128, 32),
+            (4, 128, 16),
+        ] {
+            assert!(ops::sparse_mla_mma_kernel(cache, kvr, rd).is_some());
+            let d = ops::MlaDims {
+                heads,
+                nope: 16,
+                rd,
+                vd: 16,
+                kvr,
+            };
+            let width = kvr + rd;
+            let (lbuf, lat) = random_cache_rows(&dev, &mut rng, cache, num_rows, kvr, rd);
+            // The kernel reads every row as bf16: FP8 values rounded once more.
+            let lat = bf16_round(&lat);
+            let lens: Vec<usize> = cases.iter().map(|c| c.0).collect();
+            let (slots, slot_base) = paged_slots(&mut rng, &lens, num_rows);
+            let n = cases.len();
+            let mut sel = vec![-1i32; n * k];
+            let mut sel_count = Vec::new();
+            for (t, (ctx, m)) in cases.iter().enumerate() {
+                let mut picked: Vec<usize> = (0..*ctx).collect();
+                while picked.len() > *m {
+                    let r = ((rng.f() + 1.0) * 0.5 * picked.len() as f32) as usize;
+                    picked.remove(r.min(picked.len() - 1));
+                }
+                for (j, p) in picked.iter().enumerate() {
+                    sel[t * k + j] = *p as i32;
+                }
+                sel_count.push(*m as i32);
+            }
+            let rows = ops::PagedRows {
+                slots: &slots,
+                slot_base: &slot_base,
+                ctx_len: &[],
+            };
+            for peak in [1.0f32, 8.0] {
+                let q_lat: Vec<f32> = rng.vec(n * heads * kvr).iter().map(|v| v * peak).collect();
+                let q: Vec<f32> = rng
+                    .vec(n * heads * d.qk())
+                    .iter()
+                    .map(|v| v * peak)
+                    .collect();
+                let scale = 1.0 / (192f32).sqrt();
+                dev.set_attention(cuda::Attention::TensorCores);
+                let got = ops::sparse_mla_host(
+                    &dev, &lbuf, &q_lat, &q, &sel, &sel_count, rows, d, k, scale,
+                )
+                .unwrap();
+                dev.set_attention(cuda::Attention::Auto);
+                let mut worst = 0f64;
+                for t in 0..n {
+                    let m = sel_count[t] as usize;
+                    let key_rows: Vec<&[f32]> = (0..m)
+                        .map(|j| {
+                            let slot = slots[slot_base[t] as usize + sel[t * k + j] as usize];
+                            &lat[slot as usize * width..(slot as usize + 1) * width]
+                        })
+                        .collect();
+                    let vmax = key_rows
+                        .iter()
+                        .flat_map(|r| r[..kvr].iter())
+                        .fold(0f64, |a, v| a.max(v.abs() as f64));
+                    for h in 0..heads {
+                        let th = t * heads + h;
+                        let qv: Vec<f64> = q_lat[th * kvr..(th + 1) * kvr]
+                            .iter()
+                            .chain(&q[th * d.qk() + d.nope..(th + 1) * d.qk()])
+                            .map(|v| half::bf16::from_f32(*v).to_f32() as f64)
+                            .collect();
+                        let logits: Vec<f64> = key_rows
+                            .iter()
+                            .map(|r| {
+                                qv.iter()
+                                    .zip(r.iter())
+                                    .map(|(a, b)| a * *b as f64)
+                                    .sum::<f64>()
+                                    * scale as f64
+                            })
+                            .collect();
+                        let mx = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let p: Vec<f64> = logits.iter().map(|l| (l - mx).exp()).collect();
+                        let l: f64 = p.iter().sum();
+                        let out = &got[th * kvr..(th + 1) * kvr];
+                        for c in 0..kvr {
+                            let want: f64 = p
+                                .iter()
+                                .zip(&key_rows)
+                                .map(|(p, r)| p * r[c] as f64)
+                                .sum::<f64>()
+                                / l;
+                            let e = (out[c] as f64 - want).abs() / vmax;
+                            worst = if e.is_nan() {
+                                f64::INFINITY
+                            } else {
+                                worst.max(e)
+                            };
+                        }
+                    }
+                }
+                eprintln!(
+                    "sparse MLA {cache:?} heads {heads} kvr {kvr} rd {rd} peak {peak}: max|diff| / max|v| {worst:.2e}"
+                );
+                assert!(
+                    worst < 4e-3,
+                    "{cache:?} heads {heads} kvr {kvr} rd {rd} peak {peak}: {worst:.2e}"
+                );
+            }
+        }
     }
 }

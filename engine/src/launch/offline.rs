@@ -98,6 +98,8 @@ pub struct BenchOptions {
     pub gemm: Gemm,
     /// GPU: also time the single GEMMs and the FP8 crossover sweep.
     pub gemm_timings: bool,
+    /// GPU: also time DeepSeek Sparse Attention's kernels alone, each on both caches.
+    pub dsa_timings: bool,
 }
 
 /// On the CPU: the given model. With the CUDA backend: a DeepSeek-V3.2-shaped model at full
@@ -124,6 +126,7 @@ pub fn bench(opts: &ModelOptions, b: &BenchOptions) -> Result<Value> {
             contexts: b.contexts.clone(),
             decode_steps: b.decode_steps,
             gemm_timings: b.gemm_timings,
+            dsa_timings: b.dsa_timings,
             ..cuda::bench::BenchOptions::default()
         };
         return Ok(cuda::bench::run(&gpu)?);

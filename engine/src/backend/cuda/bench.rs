@@ -45,6 +45,9 @@ pub struct BenchOptions {
     /// Time the single GEMMs and the FP8 crossover sweep (thousands of launches; a profiler
     /// run of the model's steps leaves them out).
     pub gemm_timings: bool,
+    /// Time DeepSeek Sparse Attention's kernels alone at the released shapes, each kernel on
+    /// both caches (`dsa` in the report).
+    pub dsa_timings: bool,
     pub seed: u64,
 }
 
@@ -63,6 +66,7 @@ impl Default for BenchOptions {
             decode_steps: 5,
             prefill_runs: 2,
             gemm_timings: true,
+            dsa_timings: true,
             seed: 7,
         }
     }
@@ -279,6 +283,187 @@ fn time_gemms(dev: &Device, mm_flops: f64) -> Result<Value, CudaError> {
     Ok(json!({"shapes": out, "fp8_sweep": sweep}))
 }
 
+/// A page order for `rows` cache rows: 64-row pages in a fixed scrambled order, as a block
+/// table scatters a sequence (an odd multiplier modulo a power of two is a permutation).
+fn scrambled_slots(rows: usize) -> Vec<i32> {
+    let pages = rows.div_ceil(BLOCK);
+    let span = pages.next_power_of_two();
+    let order: Vec<usize> = (0..span)
+        .map(|p| (p * 40_503 + 17) % span)
+        .filter(|p| *p < pages)
+        .collect();
+    (0..rows)
+        .map(|r| (order[r / BLOCK] * BLOCK + r % BLOCK) as i32)
+        .collect()
+}
+
+/// DeepSeek Sparse Attention's kernels alone, at the released shapes (indexer 64 heads x 128,
+/// top-k 2,048; MLA 128 heads over 512 + 64 latent columns), on both caches and on each
+/// kernel: the indexer with its top-k at decode batch 64 over 4K-128K contexts and batch 1 at
+/// 128K, every sequence with its own keys; sparse attention at decode batches 1-64 (own rows)
+/// and over a 4,096-token prefill selecting from one 4,096-row context.
+fn time_dsa(dev: &Device, copy_bw: f64, mm_flops: f64) -> Result<Value, CudaError> {
+    use super::device::{Attention, Indexer};
+    use super::weights::{DevBuf, index_fp8_stride, latent_fp8_stride};
+    let (iheads, idim, topk) = (64usize, 128usize, 2048usize);
+    let mut indexer = Vec::new();
+    for cache in [DType::Bf16, DType::Fp8] {
+        let row_bytes = match cache {
+            DType::Fp8 => index_fp8_stride(idim),
+            _ => idim * 2,
+        };
+        for (batch, ctx) in [
+            (64usize, 4096usize),
+            (64, 32_768),
+            (64, 65_536),
+            (64, 131_072),
+            (1, 131_072),
+        ] {
+            let rows = batch * ctx;
+            let keys = DevBuf::random(dev, rows * row_bytes / cache.bytes(), cache, 11, 1.0)?;
+            let slots = dev.upload(&scrambled_slots(rows))?;
+            let base: Vec<i32> = (0..batch).map(|b| (b * ctx) as i32).collect();
+            let base = dev.upload(&base)?;
+            let lens = dev.upload(&vec![ctx as i32; batch])?;
+            let q = DevBuf::random(dev, batch * iheads * idim, DType::F32, 12, 1.0)?;
+            let w = DevBuf::random(dev, batch * iheads, DType::F32, 13, 1.0)?;
+            let scores = dev.alloc::<f32>(rows)?;
+            let (sel, count) = (dev.alloc::<i32>(batch * topk)?, dev.alloc::<i32>(batch)?);
+            let score = || {
+                ops::indexer_scores(
+                    dev,
+                    dev.ptr(&scores, 0),
+                    q.ptr(dev),
+                    w.ptr(dev),
+                    &keys,
+                    dev.ptr(&slots, 0),
+                    dev.ptr(&base, 0),
+                    dev.ptr(&lens, 0),
+                    batch,
+                    iheads,
+                    idim,
+                    ctx,
+                )
+            };
+            let mut rec = json!({"cache": format!("{cache:?}"), "batch": batch, "context": ctx});
+            let bytes = (rows * row_bytes) as f64;
+            let flops = 2.0 * (rows * iheads * idim) as f64;
+            for (tag, pin) in [
+                ("tensor_cores", Indexer::Auto),
+                ("cuda_cores", Indexer::CudaCores),
+            ] {
+                dev.set_indexer(pin);
+                let s = time_op(dev, 3, score)?;
+                rec[tag] = json!({
+                    "us": s * 1e6, "gb_per_s": bytes / s / 1e9, "of_copy_ceiling": bytes / s / copy_bw,
+                    "tflops": flops / s / 1e12,
+                });
+            }
+            dev.set_indexer(Indexer::Auto);
+            let s = time_op(dev, 3, || {
+                ops::topk_select(
+                    dev,
+                    dev.ptr(&sel, 0),
+                    dev.ptr(&count, 0),
+                    dev.ptr(&scores, 0),
+                    dev.ptr(&lens, 0),
+                    batch,
+                    ctx,
+                    topk,
+                )
+            })?;
+            rec["topk_us"] = json!(s * 1e6);
+            tracing::info!(record = %rec, "indexer timed");
+            indexer.push(rec);
+        }
+    }
+    let d = ops::MlaDims {
+        heads: 128,
+        nope: 128,
+        rd: 64,
+        vd: 128,
+        kvr: 512,
+    };
+    let width = d.kvr + d.rd;
+    let mut attention = Vec::new();
+    for cache in [DType::Bf16, DType::Fp8] {
+        let row_len = match cache {
+            DType::Fp8 => latent_fp8_stride(d.kvr, d.rd),
+            _ => width,
+        };
+        for (n, prefill) in [
+            (1usize, false),
+            (8, false),
+            (64, false),
+            (128, false),
+            (4096, true),
+        ] {
+            let ctx = if prefill { 4096 } else { n * topk };
+            let lat = DevBuf::random(dev, ctx * row_len, cache, 21, 1.0)?;
+            let slots = dev.upload(&scrambled_slots(ctx))?;
+            let (sel_host, base_host): (Vec<i32>, Vec<i32>) = if prefill {
+                let sel = (0..n)
+                    .flat_map(|t| (0..topk).map(move |j| (2 * j + (t & 1)) as i32))
+                    .collect();
+                (sel, vec![0; n])
+            } else {
+                let sel = (0..n).flat_map(|_| 0..topk as i32).collect();
+                (sel, (0..n).map(|t| (t * topk) as i32).collect())
+            };
+            let (sel, base) = (dev.upload(&sel_host)?, dev.upload(&base_host)?);
+            let count = dev.upload(&vec![topk as i32; n])?;
+            let q_lat = DevBuf::random(dev, n * d.heads * d.kvr, DType::F32, 22, 1.0)?;
+            let q = DevBuf::random(dev, n * d.heads * d.qk(), DType::F32, 23, 1.0)?;
+            let out = dev.alloc::<f32>(n * d.heads * d.kvr)?;
+            let scale = 1.0 / (d.qk() as f32).sqrt();
+            let attend = || {
+                ops::sparse_mla(
+                    dev,
+                    dev.ptr(&out, 0),
+                    q_lat.ptr(dev),
+                    q.ptr(dev),
+                    &lat,
+                    dev.ptr(&sel, 0),
+                    dev.ptr(&count, 0),
+                    dev.ptr(&slots, 0),
+                    dev.ptr(&base, 0),
+                    n,
+                    d,
+                    topk,
+                    scale,
+                )
+            };
+            let flops = 2.0 * (n * d.heads * topk * (width + d.kvr)) as f64;
+            let bytes = (n * topk * row_len * cache.bytes()) as f64;
+            let mut rec = json!({"cache": format!("{cache:?}"), "tokens": n, "prefill": prefill});
+            for (tag, pin) in [
+                ("tensor_cores", Attention::TensorCores),
+                ("cuda_cores", Attention::CudaCores),
+            ] {
+                // The CUDA-core kernel needs about half a second per prefill call: one run.
+                let per_run = if prefill && pin == Attention::CudaCores {
+                    1
+                } else {
+                    3
+                };
+                if prefill && pin == Attention::CudaCores && cache == DType::Fp8 {
+                    continue;
+                }
+                dev.set_attention(pin);
+                let s = time_op(dev, per_run, attend)?;
+                rec[tag] = json!({
+                    "us": s * 1e6, "tflops": flops / s / 1e12, "of_matmul_ceiling": flops / s / mm_flops,
+                    "gb_per_s_selected_rows": bytes / s / 1e9,
+                });
+            }
+            dev.set_attention(Attention::Auto);
+            tracing::info!(record = %rec, "sparse attention timed");
+            attention.push(rec);
+        }
+    }
+    Ok(json!({"indexer": indexer, "sparse_mla": attention}))
+}
+
 /// Bytes of the weights a step must read: everything but the routed experts, plus `touched`
 /// routed experts.
 fn step_weight_bytes(cfg: &ModelConfig, touched: usize, dtype: DType) -> f64 {
@@ -339,6 +524,11 @@ pub fn run(opts: &BenchOptions) -> Result<Value, CudaError> {
     exec.device().set_gemm(opts.gemm)?;
     let gemms = if opts.gemm_timings {
         time_gemms(exec.device(), mm_flops)?
+    } else {
+        Value::Null
+    };
+    let dsa = if opts.dsa_timings {
+        time_dsa(exec.device(), copy_bw, mm_flops)?
     } else {
         Value::Null
     };
@@ -454,6 +644,7 @@ pub fn run(opts: &BenchOptions) -> Result<Value, CudaError> {
         "cache": format!("{:?}", opts.cache),
         "weight_gib": super::weights::config_weight_bytes(&cfg, opts.weights) as f64 / (1u64 << 30) as f64,
         "gemms": gemms,
+        "dsa": dsa,
         "memory_gib": {"free_after_build": free as f64 / (1u64 << 30) as f64, "total": total as f64 / (1u64 << 30) as f64},
         "build_s": build_s,
         "ceilings": {"copy_gb_per_s": copy_bw / 1e9, "bf16_matmul_tflops": mm_flops / 1e12},

@@ -200,7 +200,8 @@ pub enum Fp8Path {
 /// Which sparse-attention kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Attention {
-    /// Shared heads when the step has enough tokens to fill the GPU with them, else per head.
+    /// Tensor cores on a bf16 or FP8 cache where the kernel takes the shape; otherwise shared
+    /// heads when the step has enough tokens to fill the GPU with them, else per head.
     #[default]
     Auto = 0,
     /// One block per (token, head), each reading every selected key: the most blocks, for
@@ -208,6 +209,21 @@ pub enum Attention {
     PerHead = 1,
     /// One block per (token, 8 heads) sharing each key read: less traffic, fewer blocks.
     SharedHeads = 2,
+    /// `mma.sync` with 32 heads of a token per block (bf16 and FP8 caches, kv_lora_rank 128 or
+    /// 512); falls back to [`Attention::Auto`]'s CUDA-core choice where it does not apply.
+    TensorCores = 3,
+    /// The CUDA-core kernels only, chosen as [`Attention::Auto`] chooses between them.
+    CudaCores = 4,
+}
+
+/// Which lightning-indexer scoring kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Indexer {
+    /// Tensor cores on a bf16 or FP8 cache where the kernel takes the shape, else CUDA cores.
+    #[default]
+    Auto = 0,
+    /// The f32 CUDA-core kernel (one key per warp), the reference on the GPU.
+    CudaCores = 1,
 }
 
 /// A GPU with its stream and lazily loaded kernel modules.
@@ -220,6 +236,7 @@ pub struct Device {
     modules: Mutex<[Option<Arc<CudaModule>>; Family::ALL.len()]>,
     gemm: AtomicU8,
     attention: AtomicU8,
+    indexer: AtomicU8,
     blas: Mutex<Option<Arc<CudaBlas>>>,
     fp8_gemm: AtomicU8,
     /// cuBLASLt, made on first use; the error text when it cannot be.
@@ -253,6 +270,7 @@ impl Device {
             modules: Mutex::new(Default::default()),
             gemm: AtomicU8::new(0),
             attention: AtomicU8::new(0),
+            indexer: AtomicU8::new(0),
             blas: Mutex::new(None),
             fp8_gemm: AtomicU8::new(0),
             lt: Mutex::new(None),
@@ -351,8 +369,22 @@ impl Device {
         match self.attention.load(Ordering::Relaxed) {
             1 => Attention::PerHead,
             2 => Attention::SharedHeads,
+            3 => Attention::TensorCores,
+            4 => Attention::CudaCores,
             _ => Attention::Auto,
         }
+    }
+
+    pub fn indexer(&self) -> Indexer {
+        match self.indexer.load(Ordering::Relaxed) {
+            1 => Indexer::CudaCores,
+            _ => Indexer::Auto,
+        }
+    }
+
+    /// Chooses the indexer's scoring kernel (tests and the benchmark compare both).
+    pub fn set_indexer(&self, i: Indexer) {
+        self.indexer.store(i as u8, Ordering::Relaxed);
     }
 
     /// Chooses the sparse-attention kernel (tests pin one to check each against the CPU).

@@ -33,6 +33,13 @@ pub fn launch(
         return Ok(());
     }
     let f = dev.function(family, name)?;
+    if shared_mem_bytes > 48 * 1024 {
+        // Above 48 KiB a kernel must opt in to its dynamic shared memory.
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shared_mem_bytes as i32,
+        )?;
+    }
     let mut b = dev.stream.launch_builder(&f);
     for a in args {
         match a {
@@ -646,6 +653,33 @@ pub fn index_key_store(
     )
 }
 
+/// Heads the tensor-core indexer kernel takes (`kernels/indexer.cu::IDX_MMA_HEADS`).
+pub const INDEXER_MMA_HEADS: usize = 64;
+/// Keys one block of the tensor-core indexer kernel scores (`IDX_MMA_KEYS`).
+const INDEXER_MMA_KEYS: usize = 512;
+
+/// The tensor-core indexer kernel's name for this cache and shape, or `None` where it does not
+/// apply (f32 cache, more than 64 heads, a head dimension other than 32, 64 or 128).
+pub fn indexer_mma_kernel(cache: DType, heads: usize, dim: usize) -> Option<String> {
+    let suffix = match cache {
+        DType::Bf16 => "bf16",
+        DType::Fp8 => "fp8",
+        DType::F32 => return None,
+    };
+    (heads <= INDEXER_MMA_HEADS && matches!(dim, 32 | 64 | 128))
+        .then(|| format!("indexer_scores_mma_{suffix}_d{dim}"))
+}
+
+/// Bytes of one 16-bit row of `width` elements in the tensor-core kernels' shared memory
+/// (`kernels/common.cuh::mma_row_stride`).
+fn mma_row_stride(width: usize) -> usize {
+    let mut b = (width * 2).next_multiple_of(16);
+    while b % 128 != 32 && b % 128 != 96 {
+        b += 16;
+    }
+    b
+}
+
 /// Lightning-indexer scores `[n, max_ctx]` of each token against its sequence's cached keys.
 #[allow(clippy::too_many_arguments)]
 pub fn indexer_scores(
@@ -662,6 +696,34 @@ pub fn indexer_scores(
     dim: usize,
     max_ctx: usize,
 ) -> Result<(), CudaError> {
+    let fp8_stride = (kcache.dtype() == DType::Fp8).then(|| i(index_fp8_stride(dim)));
+    let mma = match dev.indexer() {
+        super::device::Indexer::Auto => indexer_mma_kernel(kcache.dtype(), heads, dim),
+        super::device::Indexer::CudaCores => None,
+    };
+    if let Some(name) = mma {
+        let mut args = vec![
+            Arg::P(scores),
+            Arg::P(q),
+            Arg::P(w),
+            Arg::P(kcache.ptr(dev)),
+            Arg::P(slots),
+            Arg::P(slot_base),
+            Arg::P(ctx_len),
+            i(heads),
+            i(max_ctx),
+        ];
+        args.extend(fp8_stride);
+        return launch(
+            dev,
+            Family::Indexer,
+            &name,
+            (n as u32, blocks(max_ctx, INDEXER_MMA_KEYS), 1),
+            256,
+            (INDEXER_MMA_HEADS * mma_row_stride(dim)) as u32,
+            &args,
+        );
+    }
     let name = format!("indexer_scores_{}", kcache.dtype().suffix());
     let smem = heads * dim * 4;
     if smem > 48 * 1024 {
@@ -681,9 +743,7 @@ pub fn indexer_scores(
         i(dim),
         i(max_ctx),
     ];
-    if kcache.dtype() == DType::Fp8 {
-        args.push(i(index_fp8_stride(dim)));
-    }
+    args.extend(fp8_stride);
     launch(
         dev,
         Family::Indexer,
@@ -779,7 +839,7 @@ pub struct MlaDims {
 }
 
 impl MlaDims {
-    fn qk(&self) -> usize {
+    pub fn qk(&self) -> usize {
         self.nope + self.rd
     }
 }
@@ -841,6 +901,34 @@ pub fn absorb_v(
     )
 }
 
+/// Heads one block of the tensor-core attention kernel takes (`MLA_MMA_HEADS`).
+const MLA_MMA_HEADS: usize = 32;
+/// Selected rows per tile of the tensor-core attention kernel (`MLA_MMA_KEYS`).
+const MLA_MMA_KEYS: usize = 64;
+
+/// The tensor-core attention kernel's name for this cache and shape, or `None` where it does
+/// not apply (f32 cache, kv_lora_rank other than 128 or 512, a row width not a multiple of 16).
+pub fn sparse_mla_mma_kernel(cache: DType, kvr: usize, rd: usize) -> Option<String> {
+    let suffix = match cache {
+        DType::Bf16 => "bf16",
+        DType::Fp8 => "fp8",
+        DType::F32 => return None,
+    };
+    (matches!(kvr, 128 | 512) && (kvr + rd).is_multiple_of(16))
+        .then(|| format!("sparse_mla_mma_{suffix}_{kvr}"))
+}
+
+/// Dynamic shared memory of the tensor-core attention kernel: the block's queries, the tile
+/// buffers (two bf16 tiles; or one bf16 tile and two raw FP8 tiles) and the score tile.
+fn sparse_mla_mma_smem(cache: DType, kvr: usize, rd: usize) -> usize {
+    let rs = mma_row_stride(kvr + rd);
+    let tiles = match cache {
+        DType::Fp8 => MLA_MMA_KEYS * rs + 2 * MLA_MMA_KEYS * latent_fp8_stride(kvr, rd),
+        _ => 2 * MLA_MMA_KEYS * rs,
+    };
+    MLA_MMA_HEADS * rs + tiles + MLA_MMA_HEADS * (MLA_MMA_KEYS + 8) * 4
+}
+
 /// Softmax attention of each (token, head) over its selected latent rows.
 #[allow(clippy::too_many_arguments)]
 pub fn sparse_mla(
@@ -858,6 +946,43 @@ pub fn sparse_mla(
     k: usize,
     scale: f32,
 ) -> Result<(), CudaError> {
+    use super::device::Attention;
+    let fp8_stride = (lcache.dtype() == DType::Fp8).then(|| i(latent_fp8_stride(d.kvr, d.rd)));
+    let mma = match dev.attention() {
+        Attention::Auto | Attention::TensorCores => {
+            sparse_mla_mma_kernel(lcache.dtype(), d.kvr, d.rd)
+        }
+        _ => None,
+    };
+    if let Some(name) = mma {
+        let mut args = vec![
+            Arg::P(o_lat),
+            Arg::P(q_lat),
+            Arg::P(q),
+            Arg::P(lcache.ptr(dev)),
+            Arg::P(sel),
+            Arg::P(sel_count),
+            Arg::P(slots),
+            Arg::P(slot_base),
+            i(d.heads),
+            i(d.kvr),
+            i(d.rd),
+            i(d.qk()),
+            i(d.nope),
+            i(k),
+            Arg::F(scale),
+        ];
+        args.extend(fp8_stride);
+        return launch(
+            dev,
+            Family::Attention,
+            &name,
+            (n as u32, d.heads.div_ceil(MLA_MMA_HEADS) as u32, 1),
+            256,
+            sparse_mla_mma_smem(lcache.dtype(), d.kvr, d.rd) as u32,
+            &args,
+        );
+    }
     // Heads of a token share each key in one block when the output fits the registers
     // (kv_lora_rank ≤ 512) and the step has enough tokens to fill the GPU that way (about four
     // blocks per SM of an H200; measured: at decode batch 8 one block per head is faster, at
@@ -867,9 +992,9 @@ pub fn sparse_mla(
     const SHARED_MIN_BLOCKS: usize = 4 * 132;
     let shared = d.kvr <= 512
         && match dev.attention() {
-            super::device::Attention::PerHead => false,
-            super::device::Attention::SharedHeads => true,
-            super::device::Attention::Auto => {
+            Attention::PerHead => false,
+            Attention::SharedHeads => true,
+            Attention::Auto | Attention::TensorCores | Attention::CudaCores => {
                 n * d.heads.div_ceil(HEADS_PER_BLOCK) >= SHARED_MIN_BLOCKS
             }
         };
@@ -906,9 +1031,7 @@ pub fn sparse_mla(
         i(k),
         Arg::F(scale),
     ];
-    if lcache.dtype() == DType::Fp8 {
-        args.push(i(latent_fp8_stride(d.kvr, d.rd)));
-    }
+    args.extend(fp8_stride);
     let grid_y = if shared {
         d.heads.div_ceil(HEADS_PER_BLOCK)
     } else {
@@ -1155,6 +1278,102 @@ pub fn top_k_host(
             Ok(o[r * k..r * k + cnt].iter().map(|v| *v as u32).collect())
         })
         .collect()
+}
+
+/// One step's view of a paged cache for the DSA host wrappers: per token, its sequence's cache
+/// slots in position order (`slots[slot_base[t]..][..ctx_len[t]]`).
+#[derive(Debug, Clone, Copy)]
+pub struct PagedRows<'a> {
+    pub slots: &'a [i32],
+    pub slot_base: &'a [i32],
+    pub ctx_len: &'a [i32],
+}
+
+fn upload_i32(dev: &Device, v: &[i32]) -> Result<cudarc::driver::CudaSlice<i32>, CudaError> {
+    dev.upload(v)
+}
+
+/// The indexer scores `[n, max_ctx]` of the kernel the device's [`super::Indexer`] setting
+/// chooses, over `kcache` (raw rows as stored) for queries `[n, heads, dim]` and head weights
+/// `[n, heads]`. Positions past a token's context are never written: they come back NaN.
+#[allow(clippy::too_many_arguments)]
+pub fn indexer_scores_host(
+    dev: &Device,
+    kcache: &DevBuf,
+    q: &[f32],
+    w: &[f32],
+    rows: PagedRows,
+    heads: usize,
+    dim: usize,
+) -> Result<Vec<f32>, CudaError> {
+    let n = rows.ctx_len.len();
+    let max_ctx = rows.ctx_len.iter().copied().max().unwrap_or(0).max(0) as usize;
+    let scores = dev.upload(&vec![f32::NAN; n * max_ctx])?;
+    let (dq, dw) = (dev.upload(q)?, dev.upload(w)?);
+    let (ds, db, dl) = (
+        upload_i32(dev, rows.slots)?,
+        upload_i32(dev, rows.slot_base)?,
+        upload_i32(dev, rows.ctx_len)?,
+    );
+    indexer_scores(
+        dev,
+        dev.ptr(&scores, 0),
+        dev.ptr(&dq, 0),
+        dev.ptr(&dw, 0),
+        kcache,
+        dev.ptr(&ds, 0),
+        dev.ptr(&db, 0),
+        dev.ptr(&dl, 0),
+        n,
+        heads,
+        dim,
+        max_ctx,
+    )?;
+    dev.download(&scores, n * max_ctx)
+}
+
+/// The latent attention output `[n, heads, kvr]` of the kernel the device's
+/// [`super::Attention`] setting chooses: token t attends to the cache rows
+/// `slots[slot_base[t] + sel[t, j]]` for `j < sel_count[t]`, with queries `q_lat [n, heads,
+/// kvr]` and `q [n, heads, nope + rd]` (its rope part used). The output starts NaN, so rows a
+/// kernel leaves unwritten show.
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_mla_host(
+    dev: &Device,
+    lcache: &DevBuf,
+    q_lat: &[f32],
+    q: &[f32],
+    sel: &[i32],
+    sel_count: &[i32],
+    rows: PagedRows,
+    d: MlaDims,
+    k: usize,
+    scale: f32,
+) -> Result<Vec<f32>, CudaError> {
+    let n = sel_count.len();
+    let out = dev.upload(&vec![f32::NAN; n * d.heads * d.kvr])?;
+    let (dql, dq) = (dev.upload(q_lat)?, dev.upload(q)?);
+    let (dsel, dcnt) = (upload_i32(dev, sel)?, upload_i32(dev, sel_count)?);
+    let (ds, db) = (
+        upload_i32(dev, rows.slots)?,
+        upload_i32(dev, rows.slot_base)?,
+    );
+    sparse_mla(
+        dev,
+        dev.ptr(&out, 0),
+        dev.ptr(&dql, 0),
+        dev.ptr(&dq, 0),
+        lcache,
+        dev.ptr(&dsel, 0),
+        dev.ptr(&dcnt, 0),
+        dev.ptr(&ds, 0),
+        dev.ptr(&db, 0),
+        n,
+        d,
+        k,
+        scale,
+    )?;
+    dev.download(&out, n * d.heads * d.kvr)
 }
 
 /// One token's routing: expert ids (ascending) and their weights.

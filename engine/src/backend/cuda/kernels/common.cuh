@@ -183,3 +183,90 @@ struct RowsFp8 {
         return to_f(((const bf16_t*)(row + tail_off))[i - q]);
     }
 };
+
+// ---- tensor-core building blocks (sm_80+; the FP8 conversions sm_89+) ----
+//
+// mma_*_16816: D += A · B for one m16n8k16 tile, A row-major and B column-major fragments as
+// the PTX ISA lays them out: a[0] = (row g, k 2c..2c+1), a[1] = (row g+8, k 2c..), a[2] =
+// (row g, k 2c+8..), a[3] = (row g+8, k 2c+8..); b[0] = (k 2c.., col g), b[1] = (k 2c+8.., col
+// g); d[0..1] = (row g, cols 2c, 2c+1), d[2..3] = (row g+8, ...), with g = lane / 4, c = lane % 4.
+//
+// When both operands of a dot product are read by the same rule, any permutation of k inside a
+// 16-wide step gives the same sum. The kernels use that: in step s, thread c holds the four
+// contiguous elements 16s + 4c .. 16s + 4c + 3 of its rows (a[0]/b[0] the first two, a[2]/b[1]
+// the last two), so every fragment is one 8-byte load, from global or shared memory alike.
+
+__device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void mma_f16_16816(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Two floats as packed bf16 (lo in the low half), round to nearest even.
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ unsigned short f_to_f16_bits(float x) {
+    unsigned short r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ float f16_bits_to_f(unsigned short h) {
+    float r;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(h));
+    return r;
+}
+
+// Two E4M3 codes (low byte first) as packed f16, exactly (every E4M3 value is an f16 value).
+__device__ __forceinline__ unsigned e4m3x2_to_f16x2(unsigned short codes) {
+    unsigned r;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(codes));
+    return r;
+}
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+
+// 16-byte asynchronous copy to shared memory; `valid == false` writes zeros instead.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+// Four 8x8 b16 matrices, transposed: lanes 8i..8i+7 give the row addresses of matrix i.
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+// Bytes between rows of a 16-bit tile in shared memory so that the eight-byte fragment loads of
+// four consecutive rows (one half-warp) fall in distinct banks: at least `width` elements, a
+// multiple of 16 bytes, and 32 or 96 modulo 128.
+__device__ __forceinline__ int mma_row_stride(int width) {
+    int b = (width * 2 + 15) / 16 * 16;
+    while (b % 128 != 32 && b % 128 != 96) b += 16;
+    return b;
+}

@@ -216,3 +216,115 @@ extern "C" __global__ void gather_candidates(float* vals, const float* x, const 
     for (int j = threadIdx.x; j < k; j += blockDim.x)
         vals[(long long)r * k + j] = x[(long long)r * v + ids[(long long)r * k + j]];
 }
+
+// indexer_scores_mma_{bf16,fp8}_d{32,64,128}: the same scores on tensor cores. Per token, keys
+// are the rows (M) and heads the columns (N, up to IDX_MMA_HEADS, zero-padded) of an
+// m16n8k16 product over the head dimension; ReLU, the head weights and the sum over heads are
+// applied to the accumulators, and each score is written once. Queries are rounded to bf16
+// (bf16 cache) or f16 (FP8 cache: codes are exact in f16, the row's scale multiplies the dot
+// product). Keys go straight from the paged cache to registers, each read once. Grid (tokens,
+// ceil(max_ctx / IDX_MMA_KEYS)), 8 warps, each taking 16 keys at a time.
+#define IDX_MMA_HEADS 64
+#define IDX_MMA_KEYS 512
+
+template <int D, bool FP8>
+__device__ void indexer_mma_impl(float* scores, const float* q, const float* w, const void* kcache,
+                                 const int* slots, const int* slot_base, const int* ctx_len,
+                                 int heads, int max_ctx, int stride) {
+    constexpr int STEPS = D / 16;
+    constexpr int NT = IDX_MMA_HEADS / 8;
+    extern __shared__ __align__(16) unsigned char idx_smem[];
+    __shared__ float wsh[IDX_MMA_HEADS];
+    int t = blockIdx.x;
+    int len = ctx_len[t];
+    int j0 = blockIdx.y * IDX_MMA_KEYS;
+    if (j0 >= len) return;
+    int qstride = mma_row_stride(D);  // bytes
+    const float* qt = q + (long long)t * heads * D;
+    for (int i = threadIdx.x; i < IDX_MMA_HEADS * D; i += blockDim.x) {
+        int h = i / D, d = i % D;
+        float v = h < heads ? qt[h * D + d] : 0.f;
+        unsigned short bits;
+        if (FP8) bits = f_to_f16_bits(v);
+        else store_as(&bits, v);
+        *(unsigned short*)(idx_smem + h * qstride + d * 2) = bits;
+    }
+    for (int h = threadIdx.x; h < IDX_MMA_HEADS; h += blockDim.x)
+        wsh[h] = h < heads ? w[(long long)t * heads + h] : 0.f;
+    __syncthreads();
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int g = lane >> 2, c = lane & 3;
+    int nt_used = (heads + 7) / 8;
+    const int* sl = slots + slot_base[t];
+    int j1 = min(j0 + IDX_MMA_KEYS, len);
+    for (int base = j0 + warp * 16; base < j1; base += 8 * 16) {
+        // Rows g and g + 8 of this 16-key tile: a[s][0..3] per step.
+        unsigned a[STEPS][4];
+        float kscale[2] = {1.f, 1.f};
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            int j = base + g + 8 * half;
+            bool ok = j < len;
+            long long slot = ok ? sl[j] : 0;
+            if (FP8) {
+                const unsigned char* row = (const unsigned char*)kcache + slot * stride;
+                if (ok) kscale[half] = *(const float*)(row + D);
+#pragma unroll
+                for (int s = 0; s < STEPS; s++) {
+                    unsigned codes = ok ? *(const unsigned*)(row + 16 * s + 4 * c) : 0u;
+                    a[s][half] = e4m3x2_to_f16x2((unsigned short)(codes & 0xffff));
+                    a[s][2 + half] = e4m3x2_to_f16x2((unsigned short)(codes >> 16));
+                }
+            } else {
+                const bf16_t* row = (const bf16_t*)kcache + slot * D;
+#pragma unroll
+                for (int s = 0; s < STEPS; s++) {
+                    uint2 v = ok ? *(const uint2*)(row + 16 * s + 4 * c) : make_uint2(0u, 0u);
+                    a[s][half] = v.x;
+                    a[s][2 + half] = v.y;
+                }
+            }
+        }
+        float part[2] = {0.f, 0.f};
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            if (nt >= nt_used) break;
+            float acc[4] = {0.f, 0.f, 0.f, 0.f};
+            const unsigned char* qrow = idx_smem + (nt * 8 + g) * qstride;
+#pragma unroll
+            for (int s = 0; s < STEPS; s++) {
+                uint2 bv = *(const uint2*)(qrow + (16 * s + 4 * c) * 2);
+                unsigned b[2] = {bv.x, bv.y};
+                if (FP8) mma_f16_16816(acc, a[s], b);
+                else mma_bf16_16816(acc, a[s], b);
+            }
+            float w0 = wsh[nt * 8 + 2 * c], w1 = wsh[nt * 8 + 2 * c + 1];
+            part[0] += w0 * fmaxf(acc[0] * kscale[0], 0.f) + w1 * fmaxf(acc[1] * kscale[0], 0.f);
+            part[1] += w0 * fmaxf(acc[2] * kscale[1], 0.f) + w1 * fmaxf(acc[3] * kscale[1], 0.f);
+        }
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            float v = part[half];
+            v += __shfl_xor_sync(0xffffffffu, v, 1);
+            v += __shfl_xor_sync(0xffffffffu, v, 2);
+            int j = base + g + 8 * half;
+            if (c == 0 && j < len) scores[(long long)t * max_ctx + j] = v;
+        }
+    }
+}
+
+#define INDEXER_MMA(D)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) indexer_scores_mma_bf16_d##D(                     \
+        float* scores, const float* q, const float* w, const bf16_t* kcache, const int* slots,          \
+        const int* slot_base, const int* ctx_len, int heads, int max_ctx) {                             \
+        indexer_mma_impl<D, false>(scores, q, w, kcache, slots, slot_base, ctx_len, heads, max_ctx, 0); \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) indexer_scores_mma_fp8_d##D(                      \
+        float* scores, const float* q, const float* w, const fp8_t* kcache, const int* slots,           \
+        const int* slot_base, const int* ctx_len, int heads, int max_ctx, int stride) {                 \
+        indexer_mma_impl<D, true>(scores, q, w, kcache, slots, slot_base, ctx_len, heads, max_ctx,      \
+                                  stride);                                                              \
+    }
+INDEXER_MMA(32)
+INDEXER_MMA(64)
+INDEXER_MMA(128)
