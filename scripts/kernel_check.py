@@ -50,6 +50,8 @@ def main():
     ap.add_argument("--arch", default="sm_90a")
     ap.add_argument("families", nargs="*")
     a = ap.parse_args()
+    # NVRTC loads its builtins library from beside itself.
+    ctypes.CDLL(str(pathlib.Path(a.nvrtc).parent / "libnvrtc-builtins.so.13.0"), mode=ctypes.RTLD_GLOBAL)
     lib = ctypes.CDLL(a.nvrtc)
     common = (KERNELS / "common.cuh").read_text()
     fams = a.families or sorted(p.stem for p in KERNELS.glob("*.cu"))

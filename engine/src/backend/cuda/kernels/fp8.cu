@@ -234,15 +234,6 @@ extern "C" __global__ void sum_splits(float* y, const float* parts, long long le
 #define PM 64
 #define PN 128
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
-}
 
 __device__ __forceinline__ int swz(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
 
@@ -251,7 +242,7 @@ __device__ __forceinline__ void stage_tile(fp8_t* sm, const fp8_t* g, int tile_r
         int r = v >> 3, c = v & 7;
         int gr = row0 + r, gk = k0 + c * 16;
         bool in = gr < rows && gk < k;
-        cp_async16(sm + swz(r, c), in ? (const void*)(g + (long long)gr * k + gk) : (const void*)g, in ? 16 : 0);
+        cp_async_16(sm + swz(r, c), in ? (const void*)(g + (long long)gr * k + gk) : (const void*)g, in);
     }
 }
 
