@@ -1624,21 +1624,27 @@ fn random_cache_rows(
     }
 }
 
-/// Each token's slots: distinct rows of the cache in a shuffled order of 64-row pages, as a
-/// block table scatters a sequence.
-fn paged_slots(rng: &mut Rng, lens: &[usize], num_rows: usize) -> (Vec<i32>, Vec<i32>) {
+/// Each token's block table: distinct 64-row blocks of the cache in a shuffled order, as an
+/// allocator scatters a sequence; returns the flat tables, each token's start in them, and the
+/// slot of each position of each token (for the host's reference).
+fn paged_tables(
+    rng: &mut Rng,
+    lens: &[usize],
+    num_rows: usize,
+) -> (Vec<i32>, Vec<i32>, Vec<Vec<usize>>) {
     let pages = num_rows / 64;
-    let (mut slots, mut base) = (Vec::new(), Vec::new());
+    let (mut tables, mut base, mut slots) = (Vec::new(), Vec::new(), Vec::new());
     for len in lens {
-        base.push(slots.len() as i32);
+        base.push(tables.len() as i32);
         let mut order: Vec<usize> = (0..pages).collect();
         for i in (1..order.len()).rev() {
             let j = ((rng.f() + 1.0) * 0.5 * (i + 1) as f32) as usize % (i + 1);
             order.swap(i, j);
         }
-        slots.extend((0..*len).map(|p| (order[p / 64] * 64 + p % 64) as i32));
+        tables.extend(order[..len.div_ceil(64)].iter().map(|b| *b as i32));
+        slots.push((0..*len).map(|p| order[p / 64] * 64 + p % 64).collect());
     }
-    (slots, base)
+    (tables, base, slots)
 }
 
 /// The tensor-core lightning indexer against the host's emulation of its function (queries
@@ -1658,14 +1664,15 @@ fn the_tensor_core_indexer_matches_the_host_emulation_at_odd_sizes() {
                 "{heads}x{dim} {cache:?} should take the tensor-core kernel"
             );
             let (kbuf, keys) = random_cache_rows(&dev, &mut rng, cache, num_rows, dim, 0);
-            let (slots, slot_base) = paged_slots(&mut rng, &lens, num_rows);
+            let (tables, table_base, slots) = paged_tables(&mut rng, &lens, num_rows);
             let ctx_len: Vec<i32> = lens.iter().map(|l| *l as i32).collect();
             let n = lens.len();
             let q: Vec<f32> = rng.vec(n * heads * dim).iter().map(|v| v * 2.0).collect();
             let w = rng.vec(n * heads);
             let rows = ops::PagedRows {
-                slots: &slots,
-                slot_base: &slot_base,
+                tables: &tables,
+                table_base: &table_base,
+                block_size: 64,
                 ctx_len: &ctx_len,
             };
             dev.set_indexer(cuda::Indexer::Auto);
@@ -1681,7 +1688,7 @@ fn the_tensor_core_indexer_matches_the_host_emulation_at_odd_sizes() {
             for (t, len) in lens.iter().enumerate() {
                 let mut want = vec![0f64; *len];
                 for (j, s) in want.iter_mut().enumerate() {
-                    let slot = slots[slot_base[t] as usize + j] as usize;
+                    let slot = slots[t][j];
                     let k = &keys[slot * dim..(slot + 1) * dim];
                     for h in 0..heads {
                         let qh = &qr[(t * heads + h) * dim..(t * heads + h + 1) * dim];
@@ -1755,7 +1762,7 @@ fn the_tensor_core_sparse_attention_matches_the_host_emulation_at_odd_sizes() {
             // The kernel reads every row as bf16: FP8 values rounded once more.
             let lat = bf16_round(&lat);
             let lens: Vec<usize> = cases.iter().map(|c| c.0).collect();
-            let (slots, slot_base) = paged_slots(&mut rng, &lens, num_rows);
+            let (tables, table_base, slots) = paged_tables(&mut rng, &lens, num_rows);
             let n = cases.len();
             let mut sel = vec![-1i32; n * k];
             let mut sel_count = Vec::new();
@@ -1771,8 +1778,9 @@ fn the_tensor_core_sparse_attention_matches_the_host_emulation_at_odd_sizes() {
                 sel_count.push(*m as i32);
             }
             let rows = ops::PagedRows {
-                slots: &slots,
-                slot_base: &slot_base,
+                tables: &tables,
+                table_base: &table_base,
+                block_size: 64,
                 ctx_len: &[],
             };
             for peak in [1.0f32, 8.0] {
@@ -1794,8 +1802,8 @@ fn the_tensor_core_sparse_attention_matches_the_host_emulation_at_odd_sizes() {
                     let m = sel_count[t] as usize;
                     let key_rows: Vec<&[f32]> = (0..m)
                         .map(|j| {
-                            let slot = slots[slot_base[t] as usize + sel[t * k + j] as usize];
-                            &lat[slot as usize * width..(slot as usize + 1) * width]
+                            let slot = slots[t][sel[t * k + j] as usize];
+                            &lat[slot * width..(slot + 1) * width]
                         })
                         .collect();
                     let vmax = key_rows

@@ -283,17 +283,15 @@ fn time_gemms(dev: &Device, mm_flops: f64) -> Result<Value, CudaError> {
     Ok(json!({"shapes": out, "fp8_sweep": sweep}))
 }
 
-/// A page order for `rows` cache rows: 64-row pages in a fixed scrambled order, as a block
-/// table scatters a sequence (an odd multiplier modulo a power of two is a permutation).
-fn scrambled_slots(rows: usize) -> Vec<i32> {
-    let pages = rows.div_ceil(BLOCK);
-    let span = pages.next_power_of_two();
-    let order: Vec<usize> = (0..span)
-        .map(|p| (p * 40_503 + 17) % span)
-        .filter(|p| *p < pages)
-        .collect();
-    (0..rows)
-        .map(|r| (order[r / BLOCK] * BLOCK + r % BLOCK) as i32)
+/// Block tables over `rows` cache rows: its `BLOCK`-row blocks in a fixed scrambled order, as an
+/// allocator scatters sequences (an odd multiplier modulo a power of two is a permutation).
+fn scrambled_blocks(rows: usize) -> Vec<i32> {
+    let blocks = rows.div_ceil(BLOCK);
+    let span = blocks.next_power_of_two();
+    (0..span)
+        .map(|b| (b * 40_503 + 17) % span)
+        .filter(|b| *b < blocks)
+        .map(|b| b as i32)
         .collect()
 }
 
@@ -321,8 +319,8 @@ fn time_dsa(dev: &Device, copy_bw: f64, mm_flops: f64) -> Result<Value, CudaErro
         ] {
             let rows = batch * ctx;
             let keys = DevBuf::random(dev, rows * row_bytes / cache.bytes(), cache, 11, 1.0)?;
-            let slots = dev.upload(&scrambled_slots(rows))?;
-            let base: Vec<i32> = (0..batch).map(|b| (b * ctx) as i32).collect();
+            let tables = dev.upload(&scrambled_blocks(rows))?;
+            let base: Vec<i32> = (0..batch).map(|b| (b * ctx / BLOCK) as i32).collect();
             let base = dev.upload(&base)?;
             let lens = dev.upload(&vec![ctx as i32; batch])?;
             let q = DevBuf::random(dev, batch * iheads * idim, DType::F32, 12, 1.0)?;
@@ -336,8 +334,9 @@ fn time_dsa(dev: &Device, copy_bw: f64, mm_flops: f64) -> Result<Value, CudaErro
                     q.ptr(dev),
                     w.ptr(dev),
                     &keys,
-                    dev.ptr(&slots, 0),
+                    dev.ptr(&tables, 0),
                     dev.ptr(&base, 0),
+                    BLOCK,
                     dev.ptr(&lens, 0),
                     batch,
                     iheads,
@@ -400,7 +399,7 @@ fn time_dsa(dev: &Device, copy_bw: f64, mm_flops: f64) -> Result<Value, CudaErro
         ] {
             let ctx = if prefill { 4096 } else { n * topk };
             let lat = DevBuf::random(dev, ctx * row_len, cache, 21, 1.0)?;
-            let slots = dev.upload(&scrambled_slots(ctx))?;
+            let tables = dev.upload(&scrambled_blocks(ctx))?;
             let (sel_host, base_host): (Vec<i32>, Vec<i32>) = if prefill {
                 let sel = (0..n)
                     .flat_map(|t| (0..topk).map(move |j| (2 * j + (t & 1)) as i32))
@@ -408,7 +407,7 @@ fn time_dsa(dev: &Device, copy_bw: f64, mm_flops: f64) -> Result<Value, CudaErro
                 (sel, vec![0; n])
             } else {
                 let sel = (0..n).flat_map(|_| 0..topk as i32).collect();
-                (sel, (0..n).map(|t| (t * topk) as i32).collect())
+                (sel, (0..n).map(|t| (t * topk / BLOCK) as i32).collect())
             };
             let (sel, base) = (dev.upload(&sel_host)?, dev.upload(&base_host)?);
             let count = dev.upload(&vec![topk as i32; n])?;
@@ -425,8 +424,9 @@ fn time_dsa(dev: &Device, copy_bw: f64, mm_flops: f64) -> Result<Value, CudaErro
                     &lat,
                     dev.ptr(&sel, 0),
                     dev.ptr(&count, 0),
-                    dev.ptr(&slots, 0),
+                    dev.ptr(&tables, 0),
                     dev.ptr(&base, 0),
+                    BLOCK,
                     n,
                     d,
                     topk,

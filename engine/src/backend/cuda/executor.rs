@@ -407,13 +407,15 @@ impl CudaExecutor {
         }
         let cfg = &self.cfg;
         let h = cfg.hidden_size;
-        let num_slots = self.geometry.num_slots();
+        let (num_blocks, block_size) = (self.geometry.num_blocks, self.geometry.block_size);
         let mut ids = Vec::new();
         let mut pos = Vec::new();
         let mut tok_slot = Vec::new();
-        let mut slot_base = Vec::new();
+        let mut table_base = Vec::new();
         let mut ctx_len = Vec::new();
-        let mut flat_slots: Vec<i32> = Vec::new();
+        // The kernels find cached positions through each sequence's block table, so a step
+        // uploads one entry per block, not one per cached position.
+        let mut flat_tables: Vec<i32> = Vec::new();
         for chunk in batch {
             let end = chunk.start_pos + chunk.tokens.len();
             if end > cfg.max_position_embeddings {
@@ -422,16 +424,25 @@ impl CudaExecutor {
                     max: cfg.max_position_embeddings,
                 });
             }
-            let slots: Vec<usize> = (0..end)
-                .map(|p| chunk.blocks.slot(p))
-                .collect::<Result<_, _>>()?;
-            if let Some(bad) = slots.iter().find(|s| **s >= num_slots) {
+            if end == 0 {
+                continue;
+            }
+            if chunk.blocks.block_size != block_size {
                 return Err(ForwardError::Backend(format!(
-                    "slot {bad} is outside the cache's {num_slots} slots"
+                    "a block table of {}-token blocks for a cache of {block_size}-token blocks",
+                    chunk.blocks.block_size
                 )));
             }
-            let base = flat_slots.len();
-            flat_slots.extend(slots.iter().map(|s| *s as i32));
+            // The last position maps, so every earlier one does.
+            chunk.blocks.slot(end - 1)?;
+            let table = &chunk.blocks.blocks[..end.div_ceil(block_size)];
+            if let Some(bad) = table.iter().find(|b| **b as usize >= num_blocks) {
+                return Err(ForwardError::Backend(format!(
+                    "block {bad} is outside the cache's {num_blocks} blocks"
+                )));
+            }
+            let base = flat_tables.len();
+            flat_tables.extend(table.iter().map(|b| *b as i32));
             for (i, &t) in chunk.tokens.iter().enumerate() {
                 if t as usize >= cfg.vocab_size {
                     return Err(ForwardError::TokenOutOfVocab {
@@ -442,8 +453,8 @@ impl CudaExecutor {
                 let p = chunk.start_pos + i;
                 ids.push(t as i32);
                 pos.push(p as i32);
-                tok_slot.push(slots[p] as i32);
-                slot_base.push(base as i32);
+                tok_slot.push(chunk.blocks.slot(p)? as i32);
+                table_base.push(base as i32);
                 ctx_len.push(p as i32 + 1);
             }
         }
@@ -479,9 +490,9 @@ impl CudaExecutor {
             max_ctx,
             pos: dev.upload(&pos).map_err(backend)?,
             tok_slot: dev.upload(&tok_slot).map_err(backend)?,
-            slot_base: dev.upload(&slot_base).map_err(backend)?,
+            table_base: dev.upload(&table_base).map_err(backend)?,
             ctx_len: dev.upload(&ctx_len).map_err(backend)?,
-            slots: dev.upload(&flat_slots).map_err(backend)?,
+            tables: dev.upload(&flat_tables).map_err(backend)?,
         };
         let d_ids = dev.upload(&ids).map_err(backend)?;
         let x = dev.alloc::<f32>(n * h).map_err(backend)?;
@@ -805,19 +816,21 @@ impl CudaExecutor {
         )?;
 
         let scores = dev.alloc::<f32>(n * s.max_ctx)?;
-        let (slots, slot_base, ctx_len) = (
-            dev.ptr(&s.slots, 0),
-            dev.ptr(&s.slot_base, 0),
+        let (tables, table_base, ctx_len) = (
+            dev.ptr(&s.tables, 0),
+            dev.ptr(&s.table_base, 0),
             dev.ptr(&s.ctx_len, 0),
         );
+        let bs = self.geometry.block_size;
         ops::indexer_scores(
             dev,
             dev.ptr(&scores, 0),
             dev.ptr(&iq, 0),
             dev.ptr(&iw, 0),
             &self.index_k[li],
-            slots,
-            slot_base,
+            tables,
+            table_base,
+            bs,
             ctx_len,
             n,
             ih,
@@ -850,8 +863,9 @@ impl CudaExecutor {
             &self.latent[li],
             dev.ptr(&sel, 0),
             dev.ptr(&count, 0),
-            slots,
-            slot_base,
+            tables,
+            table_base,
+            bs,
             n,
             d,
             k,
@@ -1389,9 +1403,11 @@ struct Step {
     max_ctx: usize,
     pos: cudarc::driver::CudaSlice<i32>,
     tok_slot: cudarc::driver::CudaSlice<i32>,
-    slot_base: cudarc::driver::CudaSlice<i32>,
+    /// Where each token's sequence's block table starts in `tables`.
+    table_base: cudarc::driver::CudaSlice<i32>,
     ctx_len: cudarc::driver::CudaSlice<i32>,
-    slots: cudarc::driver::CudaSlice<i32>,
+    /// The step's sequences' block tables, one after another.
+    tables: cudarc::driver::CudaSlice<i32>,
 }
 
 fn backend(e: CudaError) -> ForwardError {

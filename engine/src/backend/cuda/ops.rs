@@ -75,6 +75,13 @@ pub enum CuType {
     F32,
 }
 
+fn ty_bytes(t: CuType) -> usize {
+    match t {
+        CuType::Bf16 => 2,
+        CuType::F32 => 4,
+    }
+}
+
 /// Column-major `C[m, n] = op(A) · B` through cuBLAS with f32 accumulation (alpha 1, beta 0);
 /// `a_t` transposes A. Each operand is (device address, element type, leading dimension).
 #[allow(clippy::too_many_arguments)]
@@ -132,6 +139,126 @@ pub fn gemm_raw(
         )
     }
     .map_err(|e| CudaError::Unsupported(format!("cuBLAS GEMM {m}x{n}x{k}: {e:?}")))
+}
+
+/// One operand of [`gemm_batched`]: device address, element type, leading dimension, and the
+/// elements between consecutive matrices of the batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Strided {
+    pub ptr: u64,
+    pub ty: CuType,
+    pub ld: usize,
+    pub stride: usize,
+}
+
+/// `batch` column-major products `C_i[m, n] = op(A_i) · B_i` through cuBLAS's strided batched
+/// GEMM, f32 accumulation (alpha 1, beta 0); `a_t` transposes every A.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_batched(
+    dev: &Device,
+    a_t: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Strided,
+    b: Strided,
+    c: Strided,
+    batch: usize,
+) -> Result<(), CudaError> {
+    use cudarc::cublas::sys;
+    if m == 0 || n == 0 || k == 0 || batch == 0 {
+        return Ok(());
+    }
+    let int = |v: usize| {
+        i32::try_from(v).map_err(|_| CudaError::Unsupported(format!("GEMM extent {v} exceeds i32")))
+    };
+    let long = |v: usize| {
+        i64::try_from(v).map_err(|_| CudaError::Unsupported(format!("GEMM stride {v} exceeds i64")))
+    };
+    let ty = |t: CuType| match t {
+        CuType::Bf16 => sys::cudaDataType::CUDA_R_16BF,
+        CuType::F32 => sys::cudaDataType::CUDA_R_32F,
+    };
+    let op_a = if a_t {
+        sys::cublasOperation_t::CUBLAS_OP_T
+    } else {
+        sys::cublasOperation_t::CUBLAS_OP_N
+    };
+    let blas = dev.blas()?;
+    let (alpha, beta) = (1f32, 0f32);
+    // SAFETY: callers pass live device buffers covering every matrix of the batch at the
+    // strides given, used on the stream the handle is bound to.
+    unsafe {
+        cudarc::cublas::result::gemm_strided_batched_ex(
+            *blas.handle(),
+            op_a,
+            sys::cublasOperation_t::CUBLAS_OP_N,
+            int(m)?,
+            int(n)?,
+            int(k)?,
+            &alpha as *const f32 as *const _,
+            a.ptr as *const _,
+            ty(a.ty),
+            int(a.ld)?,
+            long(a.stride)?,
+            b.ptr as *const _,
+            ty(b.ty),
+            int(b.ld)?,
+            long(b.stride)?,
+            &beta as *const f32 as *const _,
+            c.ptr as *mut _,
+            ty(c.ty),
+            int(c.ld)?,
+            long(c.stride)?,
+            int(batch)?,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| {
+        CudaError::Unsupported(format!("cuBLAS batched GEMM {batch} x {m}x{n}x{k}: {e:?}"))
+    })
+}
+
+/// The absorbed products run as one batched cuBLAS GEMM over the heads under
+/// [`super::Gemm::Cublas`] with dense weights: bf16 weights take the `len` activations at `x`
+/// rounded to bf16 (the returned buffer, kept alive until the GEMM is queued), f32 weights
+/// multiply in f32. `None`: the CUDA-core kernels run instead.
+fn absorb_operand(
+    dev: &Device,
+    wkvb: &DevLinear,
+    x: u64,
+    len: usize,
+) -> Result<Option<AbsorbInput>, CudaError> {
+    if dev.gemm() != super::Gemm::Cublas {
+        return Ok(None);
+    }
+    match wkvb.w.dtype() {
+        DType::F32 => Ok(Some(AbsorbInput {
+            ty: CuType::F32,
+            ptr: x,
+            _rounded: None,
+        })),
+        DType::Bf16 => {
+            let buf = dev.alloc::<u16>(len)?;
+            let ptr = dev.ptr(&buf, 0);
+            cast_to_bf16(dev, ptr, x, len)?;
+            Ok(Some(AbsorbInput {
+                ty: CuType::Bf16,
+                ptr,
+                _rounded: Some(buf),
+            }))
+        }
+        DType::Fp8 => Ok(None),
+    }
+}
+
+/// The activations of an absorbed product as the batched GEMM reads them.
+struct AbsorbInput {
+    ty: CuType,
+    ptr: u64,
+    /// Owns the bf16 copy `ptr` points into, if one was made.
+    _rounded: Option<cudarc::driver::CudaSlice<u16>>,
 }
 
 /// `out[i] = bf16(x[i])` for `n` values.
@@ -680,7 +807,9 @@ fn mma_row_stride(width: usize) -> usize {
     b
 }
 
-/// Lightning-indexer scores `[n, max_ctx]` of each token against its sequence's cached keys.
+/// Lightning-indexer scores `[n, max_ctx]` of each token against its sequence's cached keys,
+/// found through the block tables at `tables` (token t's from `table_base[t]`, `block_size`
+/// slots a block).
 #[allow(clippy::too_many_arguments)]
 pub fn indexer_scores(
     dev: &Device,
@@ -688,8 +817,9 @@ pub fn indexer_scores(
     q: u64,
     w: u64,
     kcache: &DevBuf,
-    slots: u64,
-    slot_base: u64,
+    tables: u64,
+    table_base: u64,
+    block_size: usize,
     ctx_len: u64,
     n: usize,
     heads: usize,
@@ -707,8 +837,9 @@ pub fn indexer_scores(
             Arg::P(q),
             Arg::P(w),
             Arg::P(kcache.ptr(dev)),
-            Arg::P(slots),
-            Arg::P(slot_base),
+            Arg::P(tables),
+            Arg::P(table_base),
+            i(block_size),
             Arg::P(ctx_len),
             i(heads),
             i(max_ctx),
@@ -736,8 +867,9 @@ pub fn indexer_scores(
         Arg::P(q),
         Arg::P(w),
         Arg::P(kcache.ptr(dev)),
-        Arg::P(slots),
-        Arg::P(slot_base),
+        Arg::P(tables),
+        Arg::P(table_base),
+        i(block_size),
         Arg::P(ctx_len),
         i(heads),
         i(dim),
@@ -754,6 +886,9 @@ pub fn indexer_scores(
         &args,
     )
 }
+
+/// Threads of one `topk_select` block (`kernels/indexer.cu::TOPK_THREADS`).
+const TOPK_THREADS: u32 = 512;
 
 /// Per token, the `min(k, ctx_len)` best positions, ascending, into `out[n, k]` and `count[n]`.
 #[allow(clippy::too_many_arguments)]
@@ -772,7 +907,7 @@ pub fn topk_select(
         Family::Indexer,
         "topk_select",
         (n as u32, 1, 1),
-        256,
+        TOPK_THREADS,
         0,
         &[
             Arg::P(out),
@@ -852,6 +987,37 @@ pub fn absorb_q(
     n: usize,
     d: MlaDims,
 ) -> Result<(), CudaError> {
+    if let Some(input) = absorb_operand(dev, wkvb, q, n * d.heads * d.qk())? {
+        let (ty, qb) = (input.ty, input.ptr);
+        // Per head h, column-major: q_lat_h[kvr, n] = W_UK_h[kvr, nope] · q_nope_h[nope, n].
+        let w = wkvb.w.ptr(dev);
+        return gemm_batched(
+            dev,
+            false,
+            d.kvr,
+            n,
+            d.nope,
+            Strided {
+                ptr: w,
+                ty,
+                ld: d.kvr,
+                stride: (d.nope + d.vd) * d.kvr,
+            },
+            Strided {
+                ptr: qb,
+                ty,
+                ld: d.heads * d.qk(),
+                stride: d.qk(),
+            },
+            Strided {
+                ptr: q_lat,
+                ty: CuType::F32,
+                ld: d.heads * d.kvr,
+                stride: d.kvr,
+            },
+            d.heads,
+        );
+    }
     let name = format!("absorb_q_{}", wkvb.w.dtype().suffix());
     launch(
         dev,
@@ -881,6 +1047,38 @@ pub fn absorb_v(
     n: usize,
     d: MlaDims,
 ) -> Result<(), CudaError> {
+    if let Some(input) = absorb_operand(dev, wkvb, o_lat, n * d.heads * d.kvr)? {
+        let (ty, ob) = (input.ty, input.ptr);
+        // Per head h, column-major: out_h[vd, n] = W_UV_hᵀ · o_lat_h[kvr, n], W_UV_h stored
+        // as vd rows of kvr after the head's nope rows of W_UK.
+        let w = wkvb.w.ptr(dev) + (d.nope * d.kvr * ty_bytes(ty)) as u64;
+        return gemm_batched(
+            dev,
+            true,
+            d.vd,
+            n,
+            d.kvr,
+            Strided {
+                ptr: w,
+                ty,
+                ld: d.kvr,
+                stride: (d.nope + d.vd) * d.kvr,
+            },
+            Strided {
+                ptr: ob,
+                ty,
+                ld: d.heads * d.kvr,
+                stride: d.kvr,
+            },
+            Strided {
+                ptr: out,
+                ty: CuType::F32,
+                ld: d.heads * d.vd,
+                stride: d.vd,
+            },
+            d.heads,
+        );
+    }
     let name = format!("absorb_v_{}", wkvb.w.dtype().suffix());
     launch(
         dev,
@@ -929,7 +1127,8 @@ fn sparse_mla_mma_smem(cache: DType, kvr: usize, rd: usize) -> usize {
     MLA_MMA_HEADS * rs + tiles + MLA_MMA_HEADS * (MLA_MMA_KEYS + 8) * 4
 }
 
-/// Softmax attention of each (token, head) over its selected latent rows.
+/// Softmax attention of each (token, head) over its selected latent rows (positions of its
+/// sequence, found through the block tables as in [`indexer_scores`]).
 #[allow(clippy::too_many_arguments)]
 pub fn sparse_mla(
     dev: &Device,
@@ -939,8 +1138,9 @@ pub fn sparse_mla(
     lcache: &DevBuf,
     sel: u64,
     sel_count: u64,
-    slots: u64,
-    slot_base: u64,
+    tables: u64,
+    table_base: u64,
+    block_size: usize,
     n: usize,
     d: MlaDims,
     k: usize,
@@ -962,8 +1162,9 @@ pub fn sparse_mla(
             Arg::P(lcache.ptr(dev)),
             Arg::P(sel),
             Arg::P(sel_count),
-            Arg::P(slots),
-            Arg::P(slot_base),
+            Arg::P(tables),
+            Arg::P(table_base),
+            i(block_size),
             i(d.heads),
             i(d.kvr),
             i(d.rd),
@@ -1021,8 +1222,9 @@ pub fn sparse_mla(
         Arg::P(lcache.ptr(dev)),
         Arg::P(sel),
         Arg::P(sel_count),
-        Arg::P(slots),
-        Arg::P(slot_base),
+        Arg::P(tables),
+        Arg::P(table_base),
+        i(block_size),
         i(d.heads),
         i(d.kvr),
         i(d.rd),
@@ -1280,12 +1482,13 @@ pub fn top_k_host(
         .collect()
 }
 
-/// One step's view of a paged cache for the DSA host wrappers: per token, its sequence's cache
-/// slots in position order (`slots[slot_base[t]..][..ctx_len[t]]`).
+/// One step's view of a paged cache for the DSA host wrappers: per token, its sequence's block
+/// table (`tables[table_base[t]..]`, `block_size` slots a block) and context length.
 #[derive(Debug, Clone, Copy)]
 pub struct PagedRows<'a> {
-    pub slots: &'a [i32],
-    pub slot_base: &'a [i32],
+    pub tables: &'a [i32],
+    pub table_base: &'a [i32],
+    pub block_size: usize,
     pub ctx_len: &'a [i32],
 }
 
@@ -1311,8 +1514,8 @@ pub fn indexer_scores_host(
     let scores = dev.upload(&vec![f32::NAN; n * max_ctx])?;
     let (dq, dw) = (dev.upload(q)?, dev.upload(w)?);
     let (ds, db, dl) = (
-        upload_i32(dev, rows.slots)?,
-        upload_i32(dev, rows.slot_base)?,
+        upload_i32(dev, rows.tables)?,
+        upload_i32(dev, rows.table_base)?,
         upload_i32(dev, rows.ctx_len)?,
     );
     indexer_scores(
@@ -1323,6 +1526,7 @@ pub fn indexer_scores_host(
         kcache,
         dev.ptr(&ds, 0),
         dev.ptr(&db, 0),
+        rows.block_size,
         dev.ptr(&dl, 0),
         n,
         heads,
@@ -1333,8 +1537,8 @@ pub fn indexer_scores_host(
 }
 
 /// The latent attention output `[n, heads, kvr]` of the kernel the device's
-/// [`super::Attention`] setting chooses: token t attends to the cache rows
-/// `slots[slot_base[t] + sel[t, j]]` for `j < sel_count[t]`, with queries `q_lat [n, heads,
+/// [`super::Attention`] setting chooses: token t attends to the cache rows at positions
+/// `sel[t, j]` of its sequence for `j < sel_count[t]`, with queries `q_lat [n, heads,
 /// kvr]` and `q [n, heads, nope + rd]` (its rope part used). The output starts NaN, so rows a
 /// kernel leaves unwritten show.
 #[allow(clippy::too_many_arguments)]
@@ -1355,8 +1559,8 @@ pub fn sparse_mla_host(
     let (dql, dq) = (dev.upload(q_lat)?, dev.upload(q)?);
     let (dsel, dcnt) = (upload_i32(dev, sel)?, upload_i32(dev, sel_count)?);
     let (ds, db) = (
-        upload_i32(dev, rows.slots)?,
-        upload_i32(dev, rows.slot_base)?,
+        upload_i32(dev, rows.tables)?,
+        upload_i32(dev, rows.table_base)?,
     );
     sparse_mla(
         dev,
@@ -1368,6 +1572,7 @@ pub fn sparse_mla_host(
         dev.ptr(&dcnt, 0),
         dev.ptr(&ds, 0),
         dev.ptr(&db, 0),
+        rows.block_size,
         n,
         d,
         k,

@@ -37,8 +37,8 @@ __device__ void absorb_v_impl(float* out, const float* o_lat, const W* wkvb, int
 
 template <typename R>
 __device__ void sparse_mla_impl(float* o_lat, const float* q_lat, const float* q, R lcache,
-                                const int* sel, const int* sel_count, const int* slots,
-                                const int* slot_base, int heads, int kvr, int rd, int qk, int nope,
+                                const int* sel, const int* sel_count, const int* tables,
+                                const int* table_base, int bs, int heads, int kvr, int rd, int qk, int nope,
                                 int k, float scale) {
     extern __shared__ float smem[];
     __shared__ float sh[32];
@@ -54,9 +54,9 @@ __device__ void sparse_mla_impl(float* o_lat, const float* q_lat, const float* q
     __syncthreads();
     int m = sel_count[t];
     const int* st = sel + (long long)t * k;
-    const int* sl = slots + slot_base[t];
+    const int* tb = tables + table_base[t];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    for (int j = threadIdx.x; j < m; j += blockDim.x) key_slot[j] = sl[st[j]];
+    for (int j = threadIdx.x; j < m; j += blockDim.x) key_slot[j] = (int)paged_slot(tb, bs, st[j]);
     __syncthreads();
     for (int j = warp; j < m; j += nw) {
         long long slot = key_slot[j];
@@ -100,20 +100,20 @@ extern "C" __global__ void absorb_v_bf16(float* out, const float* o_lat, const b
     absorb_v_impl<bf16_t>(out, o_lat, w, heads, nope, vd, kvr);
 }
 extern "C" __global__ void sparse_mla_f32(float* o_lat, const float* q_lat, const float* q, const float* lcache,
-                                          const int* sel, const int* sel_count, const int* slots, const int* slot_base,
+                                          const int* sel, const int* sel_count, const int* tables, const int* table_base, int bs,
                                           int heads, int kvr, int rd, int qk, int nope, int k, float scale) {
-    sparse_mla_impl(o_lat, q_lat, q, RowsF32{lcache, kvr + rd}, sel, sel_count, slots, slot_base, heads, kvr, rd, qk, nope, k, scale);
+    sparse_mla_impl(o_lat, q_lat, q, RowsF32{lcache, kvr + rd}, sel, sel_count, tables, table_base, bs, heads, kvr, rd, qk, nope, k, scale);
 }
 extern "C" __global__ void sparse_mla_bf16(float* o_lat, const float* q_lat, const float* q, const bf16_t* lcache,
-                                           const int* sel, const int* sel_count, const int* slots, const int* slot_base,
+                                           const int* sel, const int* sel_count, const int* tables, const int* table_base, int bs,
                                            int heads, int kvr, int rd, int qk, int nope, int k, float scale) {
-    sparse_mla_impl(o_lat, q_lat, q, RowsBf16{lcache, kvr + rd}, sel, sel_count, slots, slot_base, heads, kvr, rd, qk, nope, k, scale);
+    sparse_mla_impl(o_lat, q_lat, q, RowsBf16{lcache, kvr + rd}, sel, sel_count, tables, table_base, bs, heads, kvr, rd, qk, nope, k, scale);
 }
 extern "C" __global__ void sparse_mla_fp8(float* o_lat, const float* q_lat, const float* q, const fp8_t* lcache,
-                                          const int* sel, const int* sel_count, const int* slots, const int* slot_base,
+                                          const int* sel, const int* sel_count, const int* tables, const int* table_base, int bs,
                                           int heads, int kvr, int rd, int qk, int nope, int k, float scale, int stride) {
     RowsFp8 r{lcache, kvr, kvr + 4 * ((kvr + 127) / 128), stride};
-    sparse_mla_impl(o_lat, q_lat, q, r, sel, sel_count, slots, slot_base, heads, kvr, rd, qk, nope, k, scale);
+    sparse_mla_impl(o_lat, q_lat, q, r, sel, sel_count, tables, table_base, bs, heads, kvr, rd, qk, nope, k, scale);
 }
 
 // sparse_mla_heads_{f32,bf16,fp8}: the same attention with HB heads of one token per block (one
@@ -127,8 +127,8 @@ extern "C" __global__ void sparse_mla_fp8(float* o_lat, const float* q_lat, cons
 
 template <typename R>
 __device__ void sparse_mla_heads_impl(float* o_lat, const float* q_lat, const float* q, R lcache,
-                                      const int* sel, const int* sel_count, const int* slots,
-                                      const int* slot_base, int heads, int kvr, int rd, int qk,
+                                      const int* sel, const int* sel_count, const int* tables,
+                                      const int* table_base, int bs, int heads, int kvr, int rd, int qk,
                                       int nope, int k, float scale) {
     extern __shared__ float smem[];
     __shared__ int tile_slot[KT];
@@ -149,7 +149,7 @@ __device__ void sparse_mla_heads_impl(float* o_lat, const float* q_lat, const fl
     }
     int m = sel_count[t];
     const int* st = sel + (long long)t * k;
-    const int* sl = slots + slot_base[t];
+    const int* tb = tables + table_base[t];
     const float* qh = qs + warp * width;
     float mx = NEG_INF, l = 0.f;
     float acc[OUT_REGS];
@@ -158,7 +158,7 @@ __device__ void sparse_mla_heads_impl(float* o_lat, const float* q_lat, const fl
     for (int j0 = 0; j0 < m; j0 += KT) {
         int kn = min(KT, m - j0);
         __syncthreads();
-        if (threadIdx.x < kn) tile_slot[threadIdx.x] = sl[st[j0 + threadIdx.x]];
+        if (threadIdx.x < kn) tile_slot[threadIdx.x] = (int)paged_slot(tb, bs, st[j0 + threadIdx.x]);
         __syncthreads();
         for (int i = threadIdx.x; i < kn * width; i += blockDim.x) {
             int jj = i / width, c = i % width;
@@ -208,25 +208,25 @@ __device__ void sparse_mla_heads_impl(float* o_lat, const float* q_lat, const fl
 }
 
 extern "C" __global__ void sparse_mla_heads_f32(float* o_lat, const float* q_lat, const float* q, const float* lcache,
-                                                const int* sel, const int* sel_count, const int* slots,
-                                                const int* slot_base, int heads, int kvr, int rd, int qk, int nope,
+                                                const int* sel, const int* sel_count, const int* tables,
+                                                const int* table_base, int bs, int heads, int kvr, int rd, int qk, int nope,
                                                 int k, float scale) {
-    sparse_mla_heads_impl(o_lat, q_lat, q, RowsF32{lcache, kvr + rd}, sel, sel_count, slots, slot_base, heads, kvr,
+    sparse_mla_heads_impl(o_lat, q_lat, q, RowsF32{lcache, kvr + rd}, sel, sel_count, tables, table_base, bs, heads, kvr,
                           rd, qk, nope, k, scale);
 }
 extern "C" __global__ void sparse_mla_heads_bf16(float* o_lat, const float* q_lat, const float* q, const bf16_t* lcache,
-                                                 const int* sel, const int* sel_count, const int* slots,
-                                                 const int* slot_base, int heads, int kvr, int rd, int qk, int nope,
+                                                 const int* sel, const int* sel_count, const int* tables,
+                                                 const int* table_base, int bs, int heads, int kvr, int rd, int qk, int nope,
                                                  int k, float scale) {
-    sparse_mla_heads_impl(o_lat, q_lat, q, RowsBf16{lcache, kvr + rd}, sel, sel_count, slots, slot_base, heads, kvr,
+    sparse_mla_heads_impl(o_lat, q_lat, q, RowsBf16{lcache, kvr + rd}, sel, sel_count, tables, table_base, bs, heads, kvr,
                           rd, qk, nope, k, scale);
 }
 extern "C" __global__ void sparse_mla_heads_fp8(float* o_lat, const float* q_lat, const float* q, const fp8_t* lcache,
-                                                const int* sel, const int* sel_count, const int* slots,
-                                                const int* slot_base, int heads, int kvr, int rd, int qk, int nope,
+                                                const int* sel, const int* sel_count, const int* tables,
+                                                const int* table_base, int bs, int heads, int kvr, int rd, int qk, int nope,
                                                 int k, float scale, int stride) {
     RowsFp8 r{lcache, kvr, kvr + 4 * ((kvr + 127) / 128), stride};
-    sparse_mla_heads_impl(o_lat, q_lat, q, r, sel, sel_count, slots, slot_base, heads, kvr, rd, qk, nope, k, scale);
+    sparse_mla_heads_impl(o_lat, q_lat, q, r, sel, sel_count, tables, table_base, bs, heads, kvr, rd, qk, nope, k, scale);
 }
 
 // sparse_mla_mma_{bf16,fp8}_{128,512}: the same attention on tensor cores, FlashAttention-style.
@@ -247,7 +247,7 @@ extern "C" __global__ void sparse_mla_heads_fp8(float* o_lat, const float* q_lat
 template <int KVR, bool FP8>
 __device__ void sparse_mla_mma_impl(float* o_lat, const float* q_lat, const float* q,
                                     const unsigned char* lcache, const int* sel,
-                                    const int* sel_count, const int* slots, const int* slot_base,
+                                    const int* sel_count, const int* tables, const int* table_base, int bs,
                                     int heads, int rd, int qk, int nope, int k, float scale,
                                     int stride) {
     constexpr int CQ = KVR / 4;
@@ -271,13 +271,13 @@ __device__ void sparse_mla_mma_impl(float* o_lat, const float* q_lat, const floa
     }
     const int m = sel_count[t];
     const int* st = sel + (long long)t * k;
-    const int* sl = slots + slot_base[t];
+    const int* tb = tables + table_base[t];
     const int lrow = threadIdx.x >> 2, lsub = threadIdx.x & 3;  // loader: 4 threads per row
     const int src_bytes = FP8 ? stride : W * 2;
     auto issue = [&](int tile, int buf) {
         int j = tile * MLA_MMA_KEYS + lrow;
         bool ok = j < m;
-        const unsigned char* src = lcache + (ok ? (long long)sl[st[j]] * src_bytes : 0);
+        const unsigned char* src = lcache + (ok ? paged_slot(tb, bs, st[j]) * src_bytes : 0);
         unsigned char* dst = FP8 ? raw + (buf * MLA_MMA_KEYS + lrow) * stride
                                  : tiles + (buf * MLA_MMA_KEYS + lrow) * rs;
         for (int ch = lsub; ch < src_bytes / 16; ch += 4) cp_async_16(dst + 16 * ch, src + 16 * ch, ok);
@@ -428,16 +428,16 @@ __device__ void sparse_mla_mma_impl(float* o_lat, const float* q_lat, const floa
 #define SPARSE_MLA_MMA(KVR)                                                                               \
     extern "C" __global__ void __launch_bounds__(MLA_MMA_THREADS) sparse_mla_mma_bf16_##KVR(              \
         float* o_lat, const float* q_lat, const float* q, const bf16_t* lcache, const int* sel,           \
-        const int* sel_count, const int* slots, const int* slot_base, int heads, int kvr, int rd, int qk, \
+        const int* sel_count, const int* tables, const int* table_base, int bs, int heads, int kvr, int rd, int qk, \
         int nope, int k, float scale) {                                                                   \
         sparse_mla_mma_impl<KVR, false>(o_lat, q_lat, q, (const unsigned char*)lcache, sel, sel_count,    \
-                                        slots, slot_base, heads, rd, qk, nope, k, scale, 0);              \
+                                        tables, table_base, bs, heads, rd, qk, nope, k, scale, 0);              \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(MLA_MMA_THREADS) sparse_mla_mma_fp8_##KVR(               \
         float* o_lat, const float* q_lat, const float* q, const fp8_t* lcache, const int* sel,            \
-        const int* sel_count, const int* slots, const int* slot_base, int heads, int kvr, int rd, int qk, \
+        const int* sel_count, const int* tables, const int* table_base, int bs, int heads, int kvr, int rd, int qk, \
         int nope, int k, float scale, int stride) {                                                       \
-        sparse_mla_mma_impl<KVR, true>(o_lat, q_lat, q, lcache, sel, sel_count, slots, slot_base, heads,  \
+        sparse_mla_mma_impl<KVR, true>(o_lat, q_lat, q, lcache, sel, sel_count, tables, table_base, bs, heads,  \
                                        rd, qk, nope, k, scale, stride);                                   \
     }
 SPARSE_MLA_MMA(128)

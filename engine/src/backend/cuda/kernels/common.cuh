@@ -156,6 +156,13 @@ __device__ float warp_quantize_group(const float* x, fp8_t* codes, int n, int po
     return s;
 }
 
+// ---- paged caches ----
+
+// The cache slot of position j of a sequence whose block table is `table` (bs slots a block).
+__device__ __forceinline__ long long paged_slot(const int* table, int bs, int j) {
+    return (long long)table[j / bs] * bs + j % bs;
+}
+
 // ---- cache row readers: value i of slot r, whatever the storage ----
 
 struct RowsF32 {

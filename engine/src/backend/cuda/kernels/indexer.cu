@@ -1,9 +1,10 @@
 // The lightning indexer and DSA's top-k selection.
 //
 // indexer_scores_{f32,bf16,fp8}: scores[t, j] = Σ_h w[t, h] · ReLU(q[t, h] · k_j) for every position
-// j < ctx_len[t] of token t's sequence, keys read from the paged indexer cache through
-// slots[slot_base[t] + j]. Grid (tokens, ceil(max_ctx / KEYS)); 8 warps, one key per warp at a
-// time; the token's queries sit in dynamic shared memory (heads · head_dim floats).
+// j < ctx_len[t] of token t's sequence, keys read from the paged indexer cache through the
+// sequence's block table (tables + table_base[t], bs slots a block). Grid (tokens,
+// ceil(max_ctx / KEYS)); 8 warps, one key per warp at a time; the token's queries sit in dynamic
+// shared memory (heads · head_dim floats).
 //
 // topk_select: per token, the min(k, ctx_len) best scores, ties to the lower position, written
 // ascending. A 32-pass radix search over order-preserving keys finds the k-th largest value, then
@@ -15,7 +16,7 @@
 
 template <typename R>
 __device__ void indexer_scores_impl(float* scores, const float* q, const float* w, R kcache,
-                                    const int* slots, const int* slot_base, const int* ctx_len,
+                                    const int* tables, const int* table_base, int bs, const int* ctx_len,
                                     int heads, int dim, int max_ctx) {
     extern __shared__ float qs[];
     int t = blockIdx.x;
@@ -29,7 +30,7 @@ __device__ void indexer_scores_impl(float* scores, const float* q, const float* 
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     int j1 = min(j0 + KEYS, len);
     for (int j = j0 + warp; j < j1; j += nw) {
-        long long slot = slots[slot_base[t] + j];
+        long long slot = paged_slot(tables + table_base[t], bs, j);
         float acc = 0.f;
         if (dim <= 32 * KEY_REGS) {
             // The key is read (and decoded) once into registers and reused by every head.
@@ -62,22 +63,22 @@ __device__ void indexer_scores_impl(float* scores, const float* q, const float* 
 }
 
 extern "C" __global__ void indexer_scores_f32(float* scores, const float* q, const float* w, const float* kcache,
-                                              const int* slots, const int* slot_base, const int* ctx_len,
+                                              const int* tables, const int* table_base, int bs, const int* ctx_len,
                                               int heads, int dim, int max_ctx) {
-    indexer_scores_impl(scores, q, w, RowsF32{kcache, dim}, slots, slot_base, ctx_len, heads, dim, max_ctx);
+    indexer_scores_impl(scores, q, w, RowsF32{kcache, dim}, tables, table_base, bs, ctx_len, heads, dim, max_ctx);
 }
 
 extern "C" __global__ void indexer_scores_bf16(float* scores, const float* q, const float* w, const bf16_t* kcache,
-                                               const int* slots, const int* slot_base, const int* ctx_len,
+                                               const int* tables, const int* table_base, int bs, const int* ctx_len,
                                                int heads, int dim, int max_ctx) {
-    indexer_scores_impl(scores, q, w, RowsBf16{kcache, dim}, slots, slot_base, ctx_len, heads, dim, max_ctx);
+    indexer_scores_impl(scores, q, w, RowsBf16{kcache, dim}, tables, table_base, bs, ctx_len, heads, dim, max_ctx);
 }
 
 extern "C" __global__ void indexer_scores_fp8(float* scores, const float* q, const float* w, const fp8_t* kcache,
-                                              const int* slots, const int* slot_base, const int* ctx_len,
+                                              const int* tables, const int* table_base, int bs, const int* ctx_len,
                                               int heads, int dim, int max_ctx, int stride) {
     RowsFp8 r{kcache, dim, dim + 4 * ((dim + 127) / 128), stride};
-    indexer_scores_impl(scores, q, w, r, slots, slot_base, ctx_len, heads, dim, max_ctx);
+    indexer_scores_impl(scores, q, w, r, tables, table_base, bs, ctx_len, heads, dim, max_ctx);
 }
 
 // Maps a float to an unsigned key with the same order as Rust's f32::total_cmp.
@@ -87,11 +88,12 @@ __device__ __forceinline__ unsigned order_key(float f) {
 }
 
 // out[t, 0..count[t]] = selected positions, ascending: the kk = min(k, len) largest scores,
-// ties at the threshold taken lowest position first. Block of 256 threads per token.
+// ties at the threshold taken lowest position first. Block of TOPK_THREADS threads per token.
 // The kk-th largest key is found by radix select, 8 bits a pass (4 histogram passes over the
 // row, per-warp histograms in shared memory), then each thread writes the selected positions
 // of its contiguous segment at offsets from two block scans.
-#define TOPK_THREADS 256
+#define TOPK_THREADS 512
+#define TOPK_UNROLL 4
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS) topk_select(int* out, int* count, const float* scores, const int* ctx_len,
                                        int max_ctx, int k) {
     __shared__ int sh[33];
@@ -108,23 +110,40 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) topk_select(int* out,
         return;
     }
     if (kk == 0) return;
-    int w = threadIdx.x >> 5;
+    int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
     unsigned prefix = 0, mask = 0;
     unsigned remaining = kk;  // how many keys >= the threshold are still wanted
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < (TOPK_THREADS / 32) * 256; i += blockDim.x) (&hist[0][0])[i] = 0;
         __syncthreads();
-        for (int j = threadIdx.x; j < len; j += blockDim.x) {
-            unsigned key = order_key(s[j]);
-            if ((key & mask) == prefix) atomicAdd(&hist[w][(key >> shift) & 255u], 1u);
+        // Scores of one row share their leading bits (sign and exponent), so the lanes of a warp
+        // mostly hit one bin: lanes with the same bin add once, together (warp-aggregated).
+        // Four loads are in flight per thread before their bins are counted.
+        for (int j0 = 0; j0 < len; j0 += TOPK_UNROLL * TOPK_THREADS) {
+            unsigned bins[TOPK_UNROLL];
+#pragma unroll
+            for (int u = 0; u < TOPK_UNROLL; u++) {
+                int j = j0 + u * TOPK_THREADS + threadIdx.x;
+                bins[u] = 256u;
+                if (j < len) {
+                    unsigned key = order_key(s[j]);
+                    if ((key & mask) == prefix) bins[u] = (key >> shift) & 255u;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < TOPK_UNROLL; u++) {
+                unsigned peers = __match_any_sync(0xffffffffu, bins[u]);
+                if (bins[u] < 256u && lane == __ffs(peers) - 1) atomicAdd(&hist[w][bins[u]], __popc(peers));
+            }
         }
         __syncthreads();
         // Bin totals over the warps, then the digit from the top where the count reaches what
         // is still wanted.
         unsigned total = 0;
-        for (int v = 0; v < TOPK_THREADS / 32; v++) total += hist[v][threadIdx.x];
+        if (threadIdx.x < 256)
+            for (int v = 0; v < TOPK_THREADS / 32; v++) total += hist[v][threadIdx.x];
         __syncthreads();
-        hist[0][threadIdx.x] = total;
+        if (threadIdx.x < 256) hist[0][threadIdx.x] = total;
         __syncthreads();
         if (threadIdx.x == 0) {
             unsigned above = 0;
@@ -229,7 +248,7 @@ extern "C" __global__ void gather_candidates(float* vals, const float* x, const 
 
 template <int D, bool FP8>
 __device__ void indexer_mma_impl(float* scores, const float* q, const float* w, const void* kcache,
-                                 const int* slots, const int* slot_base, const int* ctx_len,
+                                 const int* tables, const int* table_base, int bs, const int* ctx_len,
                                  int heads, int max_ctx, int stride) {
     constexpr int STEPS = D / 16;
     constexpr int NT = IDX_MMA_HEADS / 8;
@@ -255,7 +274,7 @@ __device__ void indexer_mma_impl(float* scores, const float* q, const float* w, 
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int g = lane >> 2, c = lane & 3;
     int nt_used = (heads + 7) / 8;
-    const int* sl = slots + slot_base[t];
+    const int* tb = tables + table_base[t];
     int j1 = min(j0 + IDX_MMA_KEYS, len);
     for (int base = j0 + warp * 16; base < j1; base += 8 * 16) {
         // Rows g and g + 8 of this 16-key tile: a[s][0..3] per step.
@@ -265,7 +284,7 @@ __device__ void indexer_mma_impl(float* scores, const float* q, const float* w, 
         for (int half = 0; half < 2; half++) {
             int j = base + g + 8 * half;
             bool ok = j < len;
-            long long slot = ok ? sl[j] : 0;
+            long long slot = ok ? paged_slot(tb, bs, j) : 0;
             if (FP8) {
                 const unsigned char* row = (const unsigned char*)kcache + slot * stride;
                 if (ok) kscale[half] = *(const float*)(row + D);
@@ -315,14 +334,14 @@ __device__ void indexer_mma_impl(float* scores, const float* q, const float* w, 
 
 #define INDEXER_MMA(D)                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) indexer_scores_mma_bf16_d##D(                     \
-        float* scores, const float* q, const float* w, const bf16_t* kcache, const int* slots,          \
-        const int* slot_base, const int* ctx_len, int heads, int max_ctx) {                             \
-        indexer_mma_impl<D, false>(scores, q, w, kcache, slots, slot_base, ctx_len, heads, max_ctx, 0); \
+        float* scores, const float* q, const float* w, const bf16_t* kcache, const int* tables,         \
+        const int* table_base, int bs, const int* ctx_len, int heads, int max_ctx) {                    \
+        indexer_mma_impl<D, false>(scores, q, w, kcache, tables, table_base, bs, ctx_len, heads, max_ctx, 0); \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) indexer_scores_mma_fp8_d##D(                      \
-        float* scores, const float* q, const float* w, const fp8_t* kcache, const int* slots,           \
-        const int* slot_base, const int* ctx_len, int heads, int max_ctx, int stride) {                 \
-        indexer_mma_impl<D, true>(scores, q, w, kcache, slots, slot_base, ctx_len, heads, max_ctx,      \
+        float* scores, const float* q, const float* w, const fp8_t* kcache, const int* tables,          \
+        const int* table_base, int bs, const int* ctx_len, int heads, int max_ctx, int stride) {        \
+        indexer_mma_impl<D, true>(scores, q, w, kcache, tables, table_base, bs, ctx_len, heads, max_ctx,      \
                                   stride);                                                              \
     }
 INDEXER_MMA(32)
