@@ -110,15 +110,17 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) topk_select(int* out,
         return;
     }
     if (kk == 0) return;
-    int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int w = threadIdx.x >> 5;
     unsigned prefix = 0, mask = 0;
     unsigned remaining = kk;  // how many keys >= the threshold are still wanted
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < (TOPK_THREADS / 32) * 256; i += blockDim.x) (&hist[0][0])[i] = 0;
         __syncthreads();
-        // Scores of one row share their leading bits (sign and exponent), so the lanes of a warp
-        // mostly hit one bin: lanes with the same bin add once, together (warp-aggregated).
-        // Four loads are in flight per thread before their bins are counted.
+        // Scores of one row share their leading bits (sign and exponent), so most of a thread's
+        // values fall in the bin of its previous one: each thread counts runs of one bin and
+        // adds a run once (no same-address atomics across lanes on every element). Four loads
+        // are in flight per thread before their bins are counted.
+        unsigned run_bin = 256u, run = 0;
         for (int j0 = 0; j0 < len; j0 += TOPK_UNROLL * TOPK_THREADS) {
             unsigned bins[TOPK_UNROLL];
 #pragma unroll
@@ -132,10 +134,16 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) topk_select(int* out,
             }
 #pragma unroll
             for (int u = 0; u < TOPK_UNROLL; u++) {
-                unsigned peers = __match_any_sync(0xffffffffu, bins[u]);
-                if (bins[u] < 256u && lane == __ffs(peers) - 1) atomicAdd(&hist[w][bins[u]], __popc(peers));
+                if (bins[u] == run_bin) {
+                    run++;
+                } else if (bins[u] < 256u) {
+                    if (run) atomicAdd(&hist[w][run_bin], run);
+                    run_bin = bins[u];
+                    run = 1;
+                }
             }
         }
+        if (run) atomicAdd(&hist[w][run_bin], run);
         __syncthreads();
         // Bin totals over the warps, then the digit from the top where the count reaches what
         // is still wanted.
