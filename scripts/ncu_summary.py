@@ -17,11 +17,12 @@ UNIT_TO_MS = {"ns": 1e-6, "nsecond": 1e-6, "usecond": 1e-3, "us": 1e-3, "msecond
 
 def rows(path):
     text = open(path, encoding="utf-8", errors="replace").read()
-    start = text.find('"ID"')
-    if start < 0:
-        start = text.find('"Kernel Name"')
+    # The header is the first line naming the kernel column; the program's own output and the
+    # profiler's messages come before it.
+    start = text.find('"Kernel Name"')
     if start < 0:
         sys.exit(f"{path}: no CSV header from Nsight Compute")
+    start = text.rfind("\n", 0, start) + 1
     return csv.DictReader(io.StringIO(text[start:]))
 
 

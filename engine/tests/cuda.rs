@@ -1858,3 +1858,37 @@ fn the_tensor_core_sparse_attention_matches_the_host_emulation_at_odd_sizes() {
         }
     }
 }
+
+/// The grouped expert GEMMs (one launch per projection for all of an MoE layer's experts)
+/// compute what one launch per expert computes: the trained model with FP8 weights, scored
+/// both ways on each of its greedy prompts (every expert has far fewer rows than a tile).
+#[test]
+fn grouped_expert_gemms_compute_what_per_expert_gemms_compute() {
+    if gpu().is_none() {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3.2-mini");
+    let exp: TrainedExpected =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let model = Model::load(&dir).unwrap();
+    let opts = CudaOptions {
+        weights: DType::Fp8,
+        cache: DType::Bf16,
+        max_batch_tokens: 256,
+        gemm: cuda::Gemm::Cublas,
+    };
+    let mut exec = CudaExecutor::with_options(&model, geometry(8, 64), 0, opts).unwrap();
+    for g in &exp.greedy {
+        exec.device().set_grouped_experts(true);
+        let grouped = score(&mut exec, &g.prompt_ids);
+        exec.device().set_grouped_experts(false);
+        let each = score(&mut exec, &g.prompt_ids);
+        let e = rel_err(&grouped, &each);
+        eprintln!("{}: grouped vs per-expert expert GEMMs {e:.2e}", g.id);
+        assert!(
+            grouped.iter().all(|v| v.is_finite()) && e < 1e-5,
+            "{}: grouped vs per-expert {e}",
+            g.id
+        );
+    }
+}

@@ -237,6 +237,7 @@ pub struct Device {
     gemm: AtomicU8,
     attention: AtomicU8,
     indexer: AtomicU8,
+    grouped_experts: std::sync::atomic::AtomicBool,
     blas: Mutex<Option<Arc<CudaBlas>>>,
     fp8_gemm: AtomicU8,
     /// cuBLASLt, made on first use; the error text when it cannot be.
@@ -271,6 +272,7 @@ impl Device {
             gemm: AtomicU8::new(0),
             attention: AtomicU8::new(0),
             indexer: AtomicU8::new(0),
+            grouped_experts: std::sync::atomic::AtomicBool::new(true),
             blas: Mutex::new(None),
             fp8_gemm: AtomicU8::new(0),
             lt: Mutex::new(None),
@@ -380,6 +382,17 @@ impl Device {
             1 => Indexer::CudaCores,
             _ => Indexer::Auto,
         }
+    }
+
+    /// Whether an MoE layer's FP8 experts may run as grouped GEMMs (one launch per projection
+    /// for every expert) where each expert has few rows; off, every expert runs its own.
+    pub fn grouped_experts(&self) -> bool {
+        self.grouped_experts.load(Ordering::Relaxed)
+    }
+
+    /// Allows or forbids the grouped expert GEMMs (tests compare both).
+    pub fn set_grouped_experts(&self, on: bool) {
+        self.grouped_experts.store(on, Ordering::Relaxed);
     }
 
     /// Chooses the indexer's scoring kernel (tests and the benchmark compare both).

@@ -21,7 +21,9 @@ use super::device::{Device, Gemm};
 use super::load::{self, Uploader};
 use super::ops::{self, MlaDims, RouteParams};
 use super::plan::{self, MemoryPlan};
-use super::weights::{self, DType, DevBuf, DevFeedForward, DevLayer, DevMlp, DevModel, DevMoe};
+use super::weights::{
+    self, DType, DevBuf, DevFeedForward, DevLayer, DevLinear, DevMlp, DevModel, DevMoe,
+};
 use crate::backend::Executor;
 use crate::backend::ep::RankCompute;
 use crate::dist::{ExpertShard, NcclTransport, Reader, Transport, Writer};
@@ -943,16 +945,17 @@ impl CudaExecutor {
         let ran = counts.iter().filter(|c| **c > 0).count();
         self.experts_touched
             .fetch_add(ran, std::sync::atomic::Ordering::Relaxed);
-        for (x, m) in moe.experts.iter().enumerate() {
-            let cnt = counts[x];
-            if cnt == 0 {
-                continue;
-            }
-            let m = m.as_ref().ok_or_else(|| {
-                CudaError::Unsupported(format!("expert {x} is held by another rank"))
-            })?;
-            let off = offsets[x] * h;
-            self.mlp_into(m, dev.ptr(&xs, off), cnt, dev.ptr(&ys, off))?;
+        if self.grouped_experts_apply(moe, &counts) {
+            self.experts_grouped(
+                moe,
+                &counts,
+                &offsets,
+                dev.ptr(&xs, 0),
+                n * k,
+                dev.ptr(&ys, 0),
+            )?;
+        } else {
+            self.experts_one_by_one(moe, &counts, &offsets, &xs, &ys)?;
         }
         let y = dev.alloc::<f32>(n * h)?;
         ops::moe_combine(
@@ -970,6 +973,80 @@ impl CudaExecutor {
             ops::add(dev, dev.ptr(&y, 0), dev.ptr(&s, 0), n * h)?;
         }
         Ok(y)
+    }
+
+    /// Grouped GEMMs pay where experts have few rows each (decode): FP8 experts on the cuBLAS
+    /// path, every active one held here, none with more rows than one grouped tile, K of both
+    /// projections a multiple of 128 (one activation scale per 128 channels).
+    fn grouped_experts_apply(&self, moe: &DevMoe, counts: &[usize]) -> bool {
+        let c = &self.cfg;
+        self.dev.grouped_experts()
+            && self.dev.gemm() == super::Gemm::Cublas
+            && c.hidden_size.is_multiple_of(128)
+            && c.moe_intermediate_size.is_multiple_of(128)
+            && counts.iter().all(|n| *n <= ops::GROUPED_TILE_ROWS)
+            && moe.experts.iter().zip(counts).all(|(m, n)| {
+                *n == 0
+                    || m.as_ref()
+                        .is_some_and(|m| m.gate_proj.w.dtype() == DType::Fp8)
+            })
+    }
+
+    /// Every active expert's MLP over its rows of `xs` (sorted by expert) into `ys`, one launch
+    /// per projection for all of them.
+    fn experts_grouped(
+        &self,
+        moe: &DevMoe,
+        counts: &[usize],
+        offsets: &[usize],
+        xs: u64,
+        rows: usize,
+        ys: u64,
+    ) -> Result<(), CudaError> {
+        let dev = &self.dev;
+        let inter = self.cfg.moe_intermediate_size;
+        let active: Vec<(&DevMlp, usize, usize)> = moe
+            .experts
+            .iter()
+            .zip(counts)
+            .zip(offsets)
+            .filter(|((_, n), _)| **n > 0)
+            .filter_map(|((m, n), off)| m.as_ref().map(|m| (m, *off, *n)))
+            .collect();
+        let proj = |f: fn(&DevMlp) -> &DevLinear| -> Vec<(&DevLinear, usize, usize)> {
+            active.iter().map(|(m, off, n)| (f(m), *off, *n)).collect()
+        };
+        let g = dev.alloc::<f32>(rows * inter)?;
+        let u = dev.alloc::<f32>(rows * inter)?;
+        let (pg, pu) = (dev.ptr(&g, 0), dev.ptr(&u, 0));
+        ops::linear_fp8_grouped(dev, pg, xs, rows, &proj(|m| &m.gate_proj))?;
+        ops::linear_fp8_grouped(dev, pu, xs, rows, &proj(|m| &m.up_proj))?;
+        ops::silu_mul(dev, pg, pg, pu, rows * inter)?;
+        ops::linear_fp8_grouped(dev, ys, pg, rows, &proj(|m| &m.down_proj))
+    }
+
+    /// Every active expert's MLP, one expert at a time.
+    fn experts_one_by_one(
+        &self,
+        moe: &DevMoe,
+        counts: &[usize],
+        offsets: &[usize],
+        xs: &cudarc::driver::CudaSlice<f32>,
+        ys: &cudarc::driver::CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        let (dev, h) = (&self.dev, self.cfg.hidden_size);
+        for (x, m) in moe.experts.iter().enumerate() {
+            let cnt = counts[x];
+            if cnt == 0 {
+                continue;
+            }
+            let m = m.as_ref().ok_or_else(|| {
+                CudaError::Unsupported(format!("expert {x} is held by another rank"))
+            })?;
+            let off = offsets[x] * h;
+            self.mlp_into(m, dev.ptr(xs, off), cnt, dev.ptr(ys, off))?;
+        }
+        Ok(())
     }
 
     /// Routes `n` tokens on the device. Returns the chosen experts `[n·k]` on the host and the

@@ -511,6 +511,96 @@ fn linear_fp8(dev: &Device, y: u64, x: u64, w: &DevLinear, n: usize) -> Result<(
     Ok(())
 }
 
+/// Rows of one tile of [`linear_fp8_grouped`] (`kernels/fp8.cu::PM`).
+pub const GROUPED_TILE_ROWS: usize = 64;
+
+/// Many FP8 linears of one shape in one launch: `x` holds `rows` activation rows sorted by
+/// weight, and `groups[i] = (weight, first row, rows)` says which rows weight i multiplies;
+/// every row of `y[rows, out]` covered by a group is written. Activations are quantized once
+/// for all groups (per token and 128 channels, as [`linear`] does).
+pub fn linear_fp8_grouped(
+    dev: &Device,
+    y: u64,
+    x: u64,
+    rows: usize,
+    groups: &[(&DevLinear, usize, usize)],
+) -> Result<(), CudaError> {
+    let Some(&(first, ..)) = groups.first() else {
+        return Ok(());
+    };
+    let (o, k) = (first.out_dim, first.in_dim);
+    if !k.is_multiple_of(16) {
+        return Err(CudaError::Unsupported(format!(
+            "grouped FP8 linears need K a multiple of 16, not {k}"
+        )));
+    }
+    let (mut w_ptrs, mut s_ptrs, mut row0, mut row_end) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (w, start, count) in groups {
+        let scale = match (&w.scale_inv, w.w.dtype()) {
+            (Some(s), DType::Fp8)
+                if (w.out_dim, w.in_dim) == (o, k) && w.pow2_act == first.pow2_act =>
+            {
+                s
+            }
+            _ => {
+                return Err(CudaError::Unsupported(
+                    "grouped FP8 linears need FP8 weights of one shape and scale rule".into(),
+                ));
+            }
+        };
+        if start + count > rows {
+            return Err(CudaError::Unsupported(format!(
+                "a group's rows {start}..{} exceed the {rows} rows given",
+                start + count
+            )));
+        }
+        for t0 in (0..*count).step_by(GROUPED_TILE_ROWS) {
+            w_ptrs.push(w.w.ptr(dev));
+            s_ptrs.push(dev.ptr(scale, 0));
+            row0.push((start + t0) as i32);
+            row_end.push((start + (t0 + GROUPED_TILE_ROWS).min(*count)) as i32);
+        }
+    }
+    if row0.is_empty() {
+        return Ok(());
+    }
+    let xa = dev.alloc::<u8>(rows * k)?;
+    let sa = dev.alloc::<f32>(rows * k.div_ceil(128))?;
+    let (pxa, psa) = (dev.ptr(&xa, 0), dev.ptr(&sa, 0));
+    act_quant(
+        dev,
+        pxa,
+        psa,
+        x,
+        rows,
+        k,
+        first.pow2_act,
+        ScaleLayout::TokenMajor,
+    )?;
+    let (dw, ds) = (dev.upload(&w_ptrs)?, dev.upload(&s_ptrs)?);
+    let (dr0, dr1) = (dev.upload(&row0)?, dev.upload(&row_end)?);
+    launch(
+        dev,
+        Family::Fp8,
+        "fp8_linear_grouped",
+        (blocks(o, 128), row0.len() as u32, 1),
+        128,
+        0,
+        &[
+            Arg::P(y),
+            Arg::P(pxa),
+            Arg::P(psa),
+            Arg::P(dev.ptr(&dw, 0)),
+            Arg::P(dev.ptr(&ds, 0)),
+            Arg::P(dev.ptr(&dr0, 0)),
+            Arg::P(dev.ptr(&dr1, 0)),
+            i(o),
+            i(k),
+        ],
+    )
+}
+
 /// `y[n, out] = x[n, in] · Wᵀ`, by the device's [`super::Gemm`] path.
 pub fn linear(dev: &Device, y: u64, x: u64, w: &DevLinear, n: usize) -> Result<(), CudaError> {
     if w.w.dtype() == DType::Fp8 {

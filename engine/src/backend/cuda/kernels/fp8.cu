@@ -249,16 +249,15 @@ __device__ __forceinline__ void stage_tile(fp8_t* sm, const fp8_t* g, int tile_r
 // NT n-tiles of 8 per warp: NT = 8 is 2 × 2 warps of 32×64 (2 × 4 warps of 32×32, NT = 4, measured
 // slower on an H200: more warps, but less fragment reuse).
 template <int NT>
+// Rows m0.. (PM of them) of y[n, out] over K blocks kb0..kb1, output columns from blockIdx.x.
 __device__ void fp8_linear_pipe_impl(float* y, const fp8_t* xa, const float* sa, const fp8_t* w,
-                                     const float* sw, int n, int out, int k, int kbs) {
+                                     const float* sw, int n, int out, int k, int m0, int kb0, int kb1) {
     constexpr int WN = PN / (8 * NT);
     __shared__ alignas(128) fp8_t smem[2 * (PM + PN) * 128];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     int wm = warp / WN, wn = warp % WN;
-    int m0 = blockIdx.y * PM, n0 = blockIdx.x * PN;
+    int n0 = blockIdx.x * PN;
     int groups = (k + 127) / 128;
-    int kb0 = blockIdx.z * kbs, kb1 = min(groups, kb0 + kbs);
-    y += (long long)blockIdx.z * n * out;
     float acc[2][NT][4];
 #pragma unroll
     for (int i = 0; i < 2; i++)
@@ -348,6 +347,24 @@ __device__ void fp8_linear_pipe_impl(float* y, const fp8_t* xa, const float* sa,
 extern "C" __global__ void __launch_bounds__(128) fp8_linear_pipe(float* y, const fp8_t* xa, const float* sa,
                                                                   const fp8_t* w, const float* sw, int n, int out,
                                                                   int k, int kbs) {
-    fp8_linear_pipe_impl<8>(y, xa, sa, w, sw, n, out, k, kbs);
+    int groups = (k + 127) / 128;
+    int kb0 = blockIdx.z * kbs, kb1 = min(groups, kb0 + kbs);
+    fp8_linear_pipe_impl<8>(y + (long long)blockIdx.z * n * out, xa, sa, w, sw, n, out, k, blockIdx.y * PM, kb0, kb1);
+}
+
+// fp8_linear_grouped: the same kernel over many weights in one launch (the routed experts of an
+// MoE layer). Tile i = blockIdx.y multiplies rows row0[i] .. row_end[i] (at most PM) of the
+// expert-sorted quantized activations by the weight at w_ptrs[i] (block scales sw_ptrs[i]) into
+// the same rows of y. No split-K: the experts' tiles fill the GPU.
+extern "C" __global__ void __launch_bounds__(128) fp8_linear_grouped(float* y, const fp8_t* xa, const float* sa,
+                                                                     const unsigned long long* w_ptrs,
+                                                                     const unsigned long long* sw_ptrs,
+                                                                     const int* row0, const int* row_end, int out,
+                                                                     int k) {
+    int tile = blockIdx.y, r0 = row0[tile];
+    int groups = (k + 127) / 128;
+    fp8_linear_pipe_impl<8>(y + (long long)r0 * out, xa + (long long)r0 * k, sa + (long long)r0 * groups,
+                            (const fp8_t*)w_ptrs[tile], (const float*)sw_ptrs[tile], row_end[tile] - r0, out, k,
+                            0, 0, groups);
 }
 
