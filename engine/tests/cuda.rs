@@ -345,9 +345,11 @@ fn single_ops_match_the_cpu_reference() {
         }
     }
     // Long rows as the indexer makes them: many exact zeros (every head's ReLU at zero), all
-    // equal, and random, with a context that is not a multiple of the block.
+    // equal, and random, with a context that is not a multiple of the block; rows this long
+    // take the two-step selection (chunks of 16,384 first), so lengths on and around chunk
+    // edges and one shorter than a chunk are in the same step.
     let width = 70_000;
-    let lens = [70_000usize, 65_537, 40_001];
+    let lens = [70_000usize, 65_537, 40_001, 49_152, 16_385, 1_000];
     let mut scores = Vec::with_capacity(lens.len() * width);
     for r in 0..lens.len() {
         for j in 0..width {

@@ -979,6 +979,8 @@ pub fn indexer_scores(
 
 /// Threads of one `topk_select` block (`kernels/indexer.cu::TOPK_THREADS`).
 const TOPK_THREADS: u32 = 512;
+/// Scores one block of `topk_chunk_candidates` takes from a row (`TOPK_CHUNK`).
+const TOPK_CHUNK: usize = 16_384;
 
 /// Per token, the `min(k, ctx_len)` best positions, ascending, into `out[n, k]` and `count[n]`.
 #[allow(clippy::too_many_arguments)]
@@ -992,6 +994,48 @@ pub fn topk_select(
     max_ctx: usize,
     k: usize,
 ) -> Result<(), CudaError> {
+    if max_ctx > 2 * TOPK_CHUNK && 4 * k <= TOPK_CHUNK {
+        // Long rows: the chunks' candidates first, many blocks a row, then the row's pick.
+        let chunks = max_ctx.div_ceil(TOPK_CHUNK);
+        let stride = chunks * k;
+        let vals = dev.alloc::<f32>(n * stride)?;
+        let pos = dev.alloc::<i32>(n * stride)?;
+        let (pv, pp) = (dev.ptr(&vals, 0), dev.ptr(&pos, 0));
+        launch(
+            dev,
+            Family::Indexer,
+            "topk_chunk_candidates",
+            (n as u32, chunks as u32, 1),
+            TOPK_THREADS,
+            (TOPK_CHUNK * 4) as u32,
+            &[
+                Arg::P(pv),
+                Arg::P(pp),
+                Arg::P(scores),
+                Arg::P(ctx_len),
+                i(max_ctx),
+                i(k),
+                i(stride),
+            ],
+        )?;
+        return launch(
+            dev,
+            Family::Indexer,
+            "topk_from_candidates",
+            (n as u32, 1, 1),
+            TOPK_THREADS,
+            0,
+            &[
+                Arg::P(out),
+                Arg::P(count),
+                Arg::P(pv),
+                Arg::P(pp),
+                Arg::P(ctx_len),
+                i(stride),
+                i(k),
+            ],
+        );
+    }
     launch(
         dev,
         Family::Indexer,

@@ -94,22 +94,18 @@ __device__ __forceinline__ unsigned order_key(float f) {
 // of its contiguous segment at offsets from two block scans.
 #define TOPK_THREADS 512
 #define TOPK_UNROLL 4
-extern "C" __global__ void __launch_bounds__(TOPK_THREADS) topk_select(int* out, int* count, const float* scores, const int* ctx_len,
-                                       int max_ctx, int k) {
+// The block's selection of the kk largest of s[0..len), ties lowest index first: emit(slot, j)
+// is called once per selected index j, slot 0..kk in ascending order of j.
+template <typename Emit>
+__device__ void radix_topk(const float* s, int len, int kk, Emit emit) {
     __shared__ int sh[33];
     __shared__ unsigned hist[TOPK_THREADS / 32][256];
     __shared__ unsigned digit_and_rest[2];
-    int t = blockIdx.x;
-    int len = ctx_len[t];
-    int kk = min(k, len);
-    const float* s = scores + (long long)t * max_ctx;
-    int* o = out + (long long)t * k;
-    if (threadIdx.x == 0) count[t] = kk;
     if (kk == len) {
-        for (int j = threadIdx.x; j < len; j += blockDim.x) o[j] = j;
+        for (int j = threadIdx.x; j < len; j += blockDim.x) emit(j, j);
         return;
     }
-    if (kk == 0) return;
+    if (kk <= 0) return;
     int w = threadIdx.x >> 5;
     unsigned prefix = 0, mask = 0;
     unsigned remaining = kk;  // how many keys >= the threshold are still wanted
@@ -189,12 +185,67 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) topk_select(int* out,
     for (int j = lo; j < hi; j++) {
         unsigned key = order_key(s[j]);
         if (key > thr) {
-            o[at++] = j;
+            emit(at++, j);
         } else if (key == thr) {
-            if (tie_seen < ties_wanted) o[at++] = j;
+            if (tie_seen < ties_wanted) emit(at++, j);
             tie_seen++;
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS) topk_select(int* out, int* count, const float* scores,
+                                                                      const int* ctx_len, int max_ctx, int k) {
+    int t = blockIdx.x;
+    int len = ctx_len[t];
+    int kk = min(k, len);
+    const float* s = scores + (long long)t * max_ctx;
+    int* o = out + (long long)t * k;
+    if (threadIdx.x == 0) count[t] = kk;
+    radix_topk(s, len, kk, [&](int slot, int j) { o[slot] = j; });
+}
+
+// Long rows in two steps, so that many blocks share one row:
+// topk_chunk_candidates: grid (tokens, ceil(max_ctx / TOPK_CHUNK)); each block selects the
+//   min(k, chunk) best of its chunk of the row from shared memory and writes them (values and
+//   positions, ascending) at chunk · k of the token's candidate row (k <= TOPK_CHUNK, so every
+//   earlier chunk wrote exactly k). The row's top k are among these: any value a chunk leaves
+//   out ranks behind k of that chunk's own.
+// topk_from_candidates: one block per token selects the best k of its candidates, in their
+//   (ascending position) order, ties lowest position first as topk_select does.
+#define TOPK_CHUNK 16384
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS) topk_chunk_candidates(float* cand_val, int* cand_pos,
+                                                                                const float* scores, const int* ctx_len,
+                                                                                int max_ctx, int k, int cand_stride) {
+    extern __shared__ float chunk[];
+    int t = blockIdx.x, c = blockIdx.y;
+    int len = ctx_len[t];
+    int j0 = c * TOPK_CHUNK;
+    if (j0 >= len) return;
+    int n = min(TOPK_CHUNK, len - j0);
+    const float* s = scores + (long long)t * max_ctx + j0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) chunk[i] = s[i];
+    __syncthreads();
+    float* cv = cand_val + (long long)t * cand_stride + (long long)c * k;
+    int* cp = cand_pos + (long long)t * cand_stride + (long long)c * k;
+    radix_topk(chunk, n, min(k, n), [&](int slot, int j) {
+        cv[slot] = chunk[j];
+        cp[slot] = j0 + j;
+    });
+}
+
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS) topk_from_candidates(int* out, int* count, const float* cand_val,
+                                                                               const int* cand_pos, const int* ctx_len,
+                                                                               int cand_stride, int k) {
+    int t = blockIdx.x;
+    int len = ctx_len[t];
+    int kk = min(k, len);
+    int full = len / TOPK_CHUNK, rest = len % TOPK_CHUNK;
+    int n = full * k + min(k, rest);
+    const float* cv = cand_val + (long long)t * cand_stride;
+    const int* cp = cand_pos + (long long)t * cand_stride;
+    int* o = out + (long long)t * k;
+    if (threadIdx.x == 0) count[t] = kk;
+    radix_topk(cv, n, kk, [&](int slot, int j) { o[slot] = cp[j]; });
 }
 
 // Sampling on the device (the same selection serves the logits of sampled rows):
