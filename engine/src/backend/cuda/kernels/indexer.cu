@@ -335,22 +335,24 @@ __device__ void indexer_mma_impl(float* scores, const float* q, const float* w, 
     int nt_used = (heads + 7) / 8;
     const int* tb = tables + table_base[t];
     int j1 = min(j0 + IDX_MMA_KEYS, len);
-    // Rows g and g + 8 of a 16-key tile as fragments a[s][0..3] per step (FP8: a[s][0..1] the
-    // rows' four raw codes), and their scales.
-    auto load_tile = [&](int base, unsigned (&a)[STEPS][4], float (&kscale)[2]) {
+    for (int base = j0 + warp * 16; base < j1; base += 8 * 16) {
+        // Rows g and g + 8 of this 16-key tile: a[s][0..3] per step.
+        unsigned a[STEPS][4];
+        float kscale[2] = {1.f, 1.f};
 #pragma unroll
         for (int half = 0; half < 2; half++) {
             int j = base + g + 8 * half;
             bool ok = j < len;
             long long slot = ok ? paged_slot(tb, bs, j) : 0;
-            kscale[half] = 1.f;
             if (FP8) {
                 const unsigned char* row = (const unsigned char*)kcache + slot * stride;
                 if (ok) kscale[half] = *(const float*)(row + D);
-                // Raw codes here; they are widened to f16 when the tile is multiplied, so a
-                // prefetch does not wait for its own loads.
 #pragma unroll
-                for (int s = 0; s < STEPS; s++) a[s][half] = ok ? *(const unsigned*)(row + 16 * s + 4 * c) : 0u;
+                for (int s = 0; s < STEPS; s++) {
+                    unsigned codes = ok ? *(const unsigned*)(row + 16 * s + 4 * c) : 0u;
+                    a[s][half] = e4m3x2_to_f16x2((unsigned short)(codes & 0xffff));
+                    a[s][2 + half] = e4m3x2_to_f16x2((unsigned short)(codes >> 16));
+                }
             } else {
                 const bf16_t* row = (const bf16_t*)kcache + slot * D;
 #pragma unroll
@@ -359,28 +361,6 @@ __device__ void indexer_mma_impl(float* scores, const float* q, const float* w, 
                     a[s][half] = v.x;
                     a[s][2 + half] = v.y;
                 }
-            }
-        }
-    };
-    unsigned a[STEPS][4];
-    float kscale[2];
-    int first = j0 + warp * 16;
-    if (first < j1) load_tile(first, a, kscale);
-    for (int base = first; base < j1; base += 8 * 16) {
-        // The next tile's keys are requested before this one is multiplied (two tiles of
-        // loads in flight per warp).
-        unsigned next[STEPS][4];
-        float next_scale[2];
-        bool more = base + 8 * 16 < j1;
-        if (more) load_tile(base + 8 * 16, next, next_scale);
-        if (FP8) {
-#pragma unroll
-            for (int s = 0; s < STEPS; s++) {
-                unsigned r0 = a[s][0], r1 = a[s][1];
-                a[s][0] = e4m3x2_to_f16x2((unsigned short)(r0 & 0xffff));
-                a[s][2] = e4m3x2_to_f16x2((unsigned short)(r0 >> 16));
-                a[s][1] = e4m3x2_to_f16x2((unsigned short)(r1 & 0xffff));
-                a[s][3] = e4m3x2_to_f16x2((unsigned short)(r1 >> 16));
             }
         }
         float part[2] = {0.f, 0.f};
@@ -407,14 +387,6 @@ __device__ void indexer_mma_impl(float* scores, const float* q, const float* w, 
             v += __shfl_xor_sync(0xffffffffu, v, 2);
             int j = base + g + 8 * half;
             if (c == 0 && j < len) scores[(long long)t * max_ctx + j] = v;
-        }
-        if (more) {
-#pragma unroll
-            for (int s = 0; s < STEPS; s++)
-#pragma unroll
-                for (int r = 0; r < 4; r++) a[s][r] = next[s][r];
-            kscale[0] = next_scale[0];
-            kscale[1] = next_scale[1];
         }
     }
 }
