@@ -1289,27 +1289,8 @@ pub fn sparse_mla(
         _ => None,
     };
     if let Some(name) = mma {
-        // Small batches split each token's selected rows over several blocks (at least two
-        // tiles each), so about two blocks per SM run; the splits' parts are then combined.
-        const TARGET_BLOCKS: usize = 2 * 132;
-        let blocks_needed = n * d.heads.div_ceil(MLA_MMA_HEADS);
-        let splits = if blocks_needed >= TARGET_BLOCKS / 2 {
-            1
-        } else {
-            TARGET_BLOCKS
-                .div_ceil(blocks_needed.max(1))
-                .min(k.div_ceil(MLA_MMA_KEYS).div_ceil(2))
-                .max(1)
-        };
-        let part = if splits > 1 {
-            Some(dev.alloc::<f32>(splits * n * d.heads * (d.kvr + 2))?)
-        } else {
-            None
-        };
-        let ppart = part.as_ref().map(|b| dev.ptr(b, 0)).unwrap_or(0);
         let mut args = vec![
             Arg::P(o_lat),
-            Arg::P(ppart),
             Arg::P(q_lat),
             Arg::P(q),
             Arg::P(lcache.ptr(dev)),
@@ -1327,37 +1308,15 @@ pub fn sparse_mla(
             Arg::F(scale),
         ];
         args.extend(fp8_stride);
-        launch(
+        return launch(
             dev,
             Family::Attention,
             &name,
-            (
-                n as u32,
-                d.heads.div_ceil(MLA_MMA_HEADS) as u32,
-                splits as u32,
-            ),
+            (n as u32, d.heads.div_ceil(MLA_MMA_HEADS) as u32, 1),
             256,
             sparse_mla_mma_smem(lcache.dtype(), d.kvr, d.rd) as u32,
             &args,
-        )?;
-        if splits > 1 {
-            launch(
-                dev,
-                Family::Attention,
-                "sparse_mla_combine",
-                (n as u32, d.heads as u32, 1),
-                128,
-                0,
-                &[
-                    Arg::P(o_lat),
-                    Arg::P(ppart),
-                    i(d.heads),
-                    i(d.kvr),
-                    i(splits),
-                ],
-            )?;
-        }
-        return Ok(());
+        );
     }
     // Heads of a token share each key in one block when the output fits the registers
     // (kv_lora_rank ≤ 512) and the step has enough tokens to fill the GPU that way (about four

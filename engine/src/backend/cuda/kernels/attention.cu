@@ -245,7 +245,7 @@ extern "C" __global__ void sparse_mla_heads_fp8(float* o_lat, const float* q_lat
 #define MLA_MMA_SST (MLA_MMA_KEYS + 8)
 
 template <int KVR, bool FP8>
-__device__ void sparse_mla_mma_impl(float* o_lat, float* part, const float* q_lat, const float* q,
+__device__ void sparse_mla_mma_impl(float* o_lat, const float* q_lat, const float* q,
                                     const unsigned char* lcache, const int* sel,
                                     const int* sel_count, const int* tables, const int* table_base, int bs,
                                     int heads, int rd, int qk, int nope, int k, float scale,
@@ -290,17 +290,11 @@ __device__ void sparse_mla_mma_impl(float* o_lat, float* part, const float* q_la
 #pragma unroll
     for (int nt = 0; nt < NTV; nt++) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
     float mrow[2] = {NEG_INF, NEG_INF}, lsum[2] = {0.f, 0.f};
-    // Split z of gridDim.z takes its share of the tiles (small batches, so that enough blocks
-    // run); with more than one split, the unnormalised output and the softmax's max and sum go
-    // to `part` for sparse_mla_combine.
-    const int all_tiles = (m + MLA_MMA_KEYS - 1) / MLA_MMA_KEYS;
-    const int per_split = (all_tiles + gridDim.z - 1) / gridDim.z;
-    const int i0 = blockIdx.z * per_split, i1 = min(all_tiles, i0 + per_split);
-    if (i0 < i1) issue(i0, 0);
-    for (int i = i0; i < i1; i++) {
-        const int buf = (i - i0) & 1;
-        if (i + 1 < i1) {
-            issue(i + 1, buf ^ 1);
+    const int ntiles = (m + MLA_MMA_KEYS - 1) / MLA_MMA_KEYS;
+    if (ntiles > 0) issue(0, 0);
+    for (int i = 0; i < ntiles; i++) {
+        if (i + 1 < ntiles) {
+            issue(i + 1, (i + 1) & 1);
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
@@ -308,7 +302,7 @@ __device__ void sparse_mla_mma_impl(float* o_lat, float* part, const float* q_la
         __syncthreads();
         const unsigned char* tile = tiles;
         if (FP8) {
-            const unsigned char* src = raw + (buf * MLA_MMA_KEYS + lrow) * stride;
+            const unsigned char* src = raw + ((i & 1) * MLA_MMA_KEYS + lrow) * stride;
             unsigned char* dst = tiles + lrow * rs;
             const float* scales = (const float*)(src + KVR);
             for (int u = lsub; u < KVR / 4; u += 4) {
@@ -326,7 +320,7 @@ __device__ void sparse_mla_mma_impl(float* o_lat, float* part, const float* q_la
             for (int u = lsub; u < rd / 2; u += 4) tdst[u] = tail[u];
             __syncthreads();
         } else {
-            tile = tiles + buf * MLA_MMA_KEYS * rs;
+            tile = tiles + (i & 1) * MLA_MMA_KEYS * rs;
         }
         // S = Q·Kᵀ for heads rg·16.., keys wq·16.. of the tile.
         {
@@ -418,24 +412,9 @@ __device__ void sparse_mla_mma_impl(float* o_lat, float* part, const float* q_la
         }
         __syncthreads();
     }
-    int ha = h0 + rg * 16 + g, hb = ha + 8;
-    if (gridDim.z > 1) {
-        // [split][token][head][kvr + 2]: the unnormalised output, then max (log2 units) and sum.
-        long long row = ((long long)blockIdx.z * gridDim.x + t) * heads;
-#pragma unroll
-        for (int nt = 0; nt < NTV; nt++) {
-            int col = wq * CQ + nt * 8 + 2 * c;
-            if (ha < heads) *(float2*)(part + (row + ha) * (KVR + 2) + col) = make_float2(o[nt][0], o[nt][1]);
-            if (hb < heads) *(float2*)(part + (row + hb) * (KVR + 2) + col) = make_float2(o[nt][2], o[nt][3]);
-        }
-        if (wq == 0 && c == 0) {
-            if (ha < heads) *(float2*)(part + (row + ha) * (KVR + 2) + KVR) = make_float2(mrow[0], lsum[0]);
-            if (hb < heads) *(float2*)(part + (row + hb) * (KVR + 2) + KVR) = make_float2(mrow[1], lsum[1]);
-        }
-        return;
-    }
     float inv0 = lsum[0] > 0.f ? 1.f / lsum[0] : 0.f;
     float inv1 = lsum[1] > 0.f ? 1.f / lsum[1] : 0.f;
+    int ha = h0 + rg * 16 + g, hb = ha + 8;
 #pragma unroll
     for (int nt = 0; nt < NTV; nt++) {
         int col = wq * CQ + nt * 8 + 2 * c;
@@ -448,41 +427,18 @@ __device__ void sparse_mla_mma_impl(float* o_lat, float* part, const float* q_la
 
 #define SPARSE_MLA_MMA(KVR)                                                                               \
     extern "C" __global__ void __launch_bounds__(MLA_MMA_THREADS) sparse_mla_mma_bf16_##KVR(              \
-        float* o_lat, float* part, const float* q_lat, const float* q, const bf16_t* lcache, const int* sel,           \
+        float* o_lat, const float* q_lat, const float* q, const bf16_t* lcache, const int* sel,           \
         const int* sel_count, const int* tables, const int* table_base, int bs, int heads, int kvr, int rd, int qk, \
         int nope, int k, float scale) {                                                                   \
-        sparse_mla_mma_impl<KVR, false>(o_lat, part, q_lat, q, (const unsigned char*)lcache, sel, sel_count,    \
+        sparse_mla_mma_impl<KVR, false>(o_lat, q_lat, q, (const unsigned char*)lcache, sel, sel_count,    \
                                         tables, table_base, bs, heads, rd, qk, nope, k, scale, 0);              \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(MLA_MMA_THREADS) sparse_mla_mma_fp8_##KVR(               \
-        float* o_lat, float* part, const float* q_lat, const float* q, const fp8_t* lcache, const int* sel,            \
+        float* o_lat, const float* q_lat, const float* q, const fp8_t* lcache, const int* sel,            \
         const int* sel_count, const int* tables, const int* table_base, int bs, int heads, int kvr, int rd, int qk, \
         int nope, int k, float scale, int stride) {                                                       \
-        sparse_mla_mma_impl<KVR, true>(o_lat, part, q_lat, q, lcache, sel, sel_count, tables, table_base, bs, heads,  \
+        sparse_mla_mma_impl<KVR, true>(o_lat, q_lat, q, lcache, sel, sel_count, tables, table_base, bs, heads,  \
                                        rd, qk, nope, k, scale, stride);                                   \
     }
 SPARSE_MLA_MMA(128)
 SPARSE_MLA_MMA(512)
-
-// sparse_mla_combine: o_lat[t, h] from the splits' parts of sparse_mla_mma_* (the softmax of
-// all selected rows: each split's output and sum rescaled to the largest max). Grid (tokens,
-// heads), 128 threads.
-extern "C" __global__ void sparse_mla_combine(float* o_lat, const float* part, int heads, int kvr, int splits) {
-    int t = blockIdx.x, h = blockIdx.y, n = gridDim.x;
-    float mx = NEG_INF;
-    for (int z = 0; z < splits; z++) mx = fmaxf(mx, part[(((long long)z * n + t) * heads + h) * (kvr + 2) + kvr]);
-    float den = 0.f;
-    for (int z = 0; z < splits; z++) {
-        const float* ml = part + (((long long)z * n + t) * heads + h) * (kvr + 2) + kvr;
-        if (ml[1] > 0.f) den += exp2f(ml[0] - mx) * ml[1];
-    }
-    float inv = den > 0.f ? 1.f / den : 0.f;
-    for (int col = threadIdx.x; col < kvr; col += blockDim.x) {
-        float num = 0.f;
-        for (int z = 0; z < splits; z++) {
-            const float* pz = part + (((long long)z * n + t) * heads + h) * (kvr + 2);
-            if (pz[kvr + 1] > 0.f) num += exp2f(pz[kvr] - mx) * pz[col];
-        }
-        o_lat[((long long)t * heads + h) * kvr + col] = num * inv;
-    }
-}
