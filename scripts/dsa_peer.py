@@ -14,31 +14,16 @@ the same shapes in plain PyTorch, bf16 on the GPU, timed with CUDA events; print
 """
 import json
 import math
+import os
+import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cuda_peer import rnd, time_ms  # noqa: E402  (the same timing and data as the GEMM peer)
+
 IH, ID, TOPK = 64, 128, 2048
 HEADS, KVR, RD = 128, 512, 64
-
-
-def time_ms(fn, reps=5):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        out.append(s.elapsed_time(e))
-    out.sort()
-    return out[len(out) // 2]
-
-
-def rnd(*shape):
-    return (torch.rand(*shape, device="cuda", dtype=torch.float32) * 2 - 1).to(torch.bfloat16)
 
 
 def indexer(batch, ctx):

@@ -82,6 +82,26 @@ fn ty_bytes(t: CuType) -> usize {
     }
 }
 
+/// A cuBLAS extent or leading dimension as its `int`.
+fn blas_int(v: usize) -> Result<i32, CudaError> {
+    i32::try_from(v).map_err(|_| CudaError::Unsupported(format!("GEMM extent {v} exceeds i32")))
+}
+
+fn blas_type(t: CuType) -> cudarc::cublas::sys::cudaDataType {
+    match t {
+        CuType::Bf16 => cudarc::cublas::sys::cudaDataType::CUDA_R_16BF,
+        CuType::F32 => cudarc::cublas::sys::cudaDataType::CUDA_R_32F,
+    }
+}
+
+fn blas_op(transpose: bool) -> cudarc::cublas::sys::cublasOperation_t {
+    if transpose {
+        cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T
+    } else {
+        cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N
+    }
+}
+
 /// Column-major `C[m, n] = op(A) · B` through cuBLAS with f32 accumulation (alpha 1, beta 0);
 /// `a_t` transposes A. Each operand is (device address, element type, leading dimension).
 #[allow(clippy::too_many_arguments)]
@@ -99,18 +119,8 @@ pub fn gemm_raw(
     if m == 0 || n == 0 || k == 0 {
         return Ok(());
     }
-    let int = |v: usize| {
-        i32::try_from(v).map_err(|_| CudaError::Unsupported(format!("GEMM extent {v} exceeds i32")))
-    };
-    let ty = |t: CuType| match t {
-        CuType::Bf16 => sys::cudaDataType::CUDA_R_16BF,
-        CuType::F32 => sys::cudaDataType::CUDA_R_32F,
-    };
-    let op_a = if a_t {
-        sys::cublasOperation_t::CUBLAS_OP_T
-    } else {
-        sys::cublasOperation_t::CUBLAS_OP_N
-    };
+    let int = blas_int;
+    let (ty, op_a) = (blas_type, blas_op(a_t));
     let blas = dev.blas()?;
     let (alpha, beta) = (1f32, 0f32);
     // SAFETY: callers pass live device buffers of at least the extents given, used on the
@@ -169,21 +179,11 @@ pub fn gemm_batched(
     if m == 0 || n == 0 || k == 0 || batch == 0 {
         return Ok(());
     }
-    let int = |v: usize| {
-        i32::try_from(v).map_err(|_| CudaError::Unsupported(format!("GEMM extent {v} exceeds i32")))
-    };
+    let int = blas_int;
     let long = |v: usize| {
         i64::try_from(v).map_err(|_| CudaError::Unsupported(format!("GEMM stride {v} exceeds i64")))
     };
-    let ty = |t: CuType| match t {
-        CuType::Bf16 => sys::cudaDataType::CUDA_R_16BF,
-        CuType::F32 => sys::cudaDataType::CUDA_R_32F,
-    };
-    let op_a = if a_t {
-        sys::cublasOperation_t::CUBLAS_OP_T
-    } else {
-        sys::cublasOperation_t::CUBLAS_OP_N
-    };
+    let (ty, op_a) = (blas_type, blas_op(a_t));
     let blas = dev.blas()?;
     let (alpha, beta) = (1f32, 0f32);
     // SAFETY: callers pass live device buffers covering every matrix of the batch at the
