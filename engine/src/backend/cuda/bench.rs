@@ -295,21 +295,25 @@ fn scrambled_blocks(rows: usize) -> Vec<i32> {
         .collect()
 }
 
-/// DeepSeek Sparse Attention's kernels alone, at the released shapes (indexer 64 heads x 128,
-/// top-k 2,048; MLA 128 heads over 512 + 64 latent columns), on both caches and on each
+/// DeepSeek Sparse Attention's kernels alone, at the benchmark model's shapes (the released ones:
+/// indexer 64 heads x 128, top-k 2,048; MLA 128 heads over 512 + 64 latent columns), on both
+/// caches and on each
 /// kernel: the indexer with its top-k at decode batch 64 over 4K-128K contexts and batch 1 at
 /// 128K, every sequence with its own keys; sparse attention at decode batches 1-64 (own rows)
 /// and over a 4,096-token prefill selecting from one 4,096-row context.
-fn time_dsa(dev: &Device, copy_bw: f64, mm_flops: f64) -> Result<Value, CudaError> {
+fn time_dsa(
+    dev: &Device,
+    cfg: &ModelConfig,
+    copy_bw: f64,
+    mm_flops: f64,
+) -> Result<Value, CudaError> {
     use super::device::{Attention, Indexer};
-    use super::weights::{DevBuf, index_fp8_stride, latent_fp8_stride};
-    let (iheads, idim, topk) = (64usize, 128usize, 2048usize);
+    use super::weights::{DevBuf, cache_row_len};
+    let (iheads, idim, topk) = (cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk);
     let mut indexer = Vec::new();
     for cache in [DType::Bf16, DType::Fp8] {
-        let row_bytes = match cache {
-            DType::Fp8 => index_fp8_stride(idim),
-            _ => idim * 2,
-        };
+        let index_row = cache_row_len(cfg, cache).1;
+        let row_bytes = index_row * cache.bytes();
         for (batch, ctx) in [
             (64usize, 4096usize),
             (64, 32_768),
@@ -318,7 +322,7 @@ fn time_dsa(dev: &Device, copy_bw: f64, mm_flops: f64) -> Result<Value, CudaErro
             (1, 131_072),
         ] {
             let rows = batch * ctx;
-            let keys = DevBuf::random(dev, rows * row_bytes / cache.bytes(), cache, 11, 1.0)?;
+            let keys = DevBuf::random(dev, rows * index_row, cache, 11, 1.0)?;
             let tables = dev.upload(&scrambled_blocks(rows))?;
             let base: Vec<i32> = (0..batch).map(|b| (b * ctx / BLOCK) as i32).collect();
             let base = dev.upload(&base)?;
@@ -377,19 +381,16 @@ fn time_dsa(dev: &Device, copy_bw: f64, mm_flops: f64) -> Result<Value, CudaErro
         }
     }
     let d = ops::MlaDims {
-        heads: 128,
-        nope: 128,
-        rd: 64,
-        vd: 128,
-        kvr: 512,
+        heads: cfg.num_attention_heads,
+        nope: cfg.qk_nope_head_dim,
+        rd: cfg.qk_rope_head_dim,
+        vd: cfg.v_head_dim,
+        kvr: cfg.kv_lora_rank,
     };
     let width = d.kvr + d.rd;
     let mut attention = Vec::new();
     for cache in [DType::Bf16, DType::Fp8] {
-        let row_len = match cache {
-            DType::Fp8 => latent_fp8_stride(d.kvr, d.rd),
-            _ => width,
-        };
+        let row_len = cache_row_len(cfg, cache).0;
         for (n, prefill) in [
             (1usize, false),
             (8, false),
@@ -528,7 +529,7 @@ pub fn run(opts: &BenchOptions) -> Result<Value, CudaError> {
         Value::Null
     };
     let dsa = if opts.dsa_timings {
-        time_dsa(exec.device(), copy_bw, mm_flops)?
+        time_dsa(exec.device(), &cfg, copy_bw, mm_flops)?
     } else {
         Value::Null
     };

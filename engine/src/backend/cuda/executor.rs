@@ -993,7 +993,7 @@ impl CudaExecutor {
     }
 
     /// Every active expert's MLP over its rows of `xs` (sorted by expert) into `ys`, one launch
-    /// per projection for all of them.
+    /// per projection for all of them, each input quantized once.
     fn experts_grouped(
         &self,
         moe: &DevMoe,
@@ -1016,13 +1016,25 @@ impl CudaExecutor {
         let proj = |f: fn(&DevMlp) -> &DevLinear| -> Vec<(&DevLinear, usize, usize)> {
             active.iter().map(|(m, off, n)| (f(m), *off, *n)).collect()
         };
+        let Some(&(first, ..)) = active.first() else {
+            return Ok(());
+        };
         let g = dev.alloc::<f32>(rows * inter)?;
         let u = dev.alloc::<f32>(rows * inter)?;
         let (pg, pu) = (dev.ptr(&g, 0), dev.ptr(&u, 0));
-        ops::linear_fp8_grouped(dev, pg, xs, rows, &proj(|m| &m.gate_proj))?;
-        ops::linear_fp8_grouped(dev, pu, xs, rows, &proj(|m| &m.up_proj))?;
+        // Gate and up read the same rows: quantized once for both.
+        let xq = ops::quantize_rows(
+            dev,
+            xs,
+            rows,
+            self.cfg.hidden_size,
+            first.gate_proj.pow2_act,
+        )?;
+        ops::linear_fp8_grouped(dev, pg, &xq, &proj(|m| &m.gate_proj))?;
+        ops::linear_fp8_grouped(dev, pu, &xq, &proj(|m| &m.up_proj))?;
         ops::silu_mul(dev, pg, pg, pu, rows * inter)?;
-        ops::linear_fp8_grouped(dev, ys, pg, rows, &proj(|m| &m.down_proj))
+        let gq = ops::quantize_rows(dev, pg, rows, inter, first.down_proj.pow2_act)?;
+        ops::linear_fp8_grouped(dev, ys, &gq, &proj(|m| &m.down_proj))
     }
 
     /// Every active expert's MLP, one expert at a time.

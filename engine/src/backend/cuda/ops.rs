@@ -514,21 +514,51 @@ fn linear_fp8(dev: &Device, y: u64, x: u64, w: &DevLinear, n: usize) -> Result<(
 /// Rows of one tile of [`linear_fp8_grouped`] (`kernels/fp8.cu::PM`).
 pub const GROUPED_TILE_ROWS: usize = 64;
 
-/// Many FP8 linears of one shape in one launch: `x` holds `rows` activation rows sorted by
-/// weight, and `groups[i] = (weight, first row, rows)` says which rows weight i multiplies;
-/// every row of `y[rows, out]` covered by a group is written. Activations are quantized once
-/// for all groups (per token and 128 channels, as [`linear`] does).
+/// Activation rows quantized for [`linear_fp8_grouped`]: E4M3 codes `[rows, k]` and scales per
+/// token and 128 channels, token-major, by one scale rule (`pow2`).
+pub struct QuantizedRows {
+    codes: cudarc::driver::CudaSlice<u8>,
+    scales: cudarc::driver::CudaSlice<f32>,
+    rows: usize,
+    k: usize,
+    pow2: bool,
+}
+
+/// Quantizes `rows` activation rows of `k` channels at `x` once, for every grouped linear that
+/// reads them.
+pub fn quantize_rows(
+    dev: &Device,
+    x: u64,
+    rows: usize,
+    k: usize,
+    pow2: bool,
+) -> Result<QuantizedRows, CudaError> {
+    let codes = dev.alloc::<u8>(rows * k)?;
+    let scales = dev.alloc::<f32>(rows * k.div_ceil(128))?;
+    let (pc, ps) = (dev.ptr(&codes, 0), dev.ptr(&scales, 0));
+    act_quant(dev, pc, ps, x, rows, k, pow2, ScaleLayout::TokenMajor)?;
+    Ok(QuantizedRows {
+        codes,
+        scales,
+        rows,
+        k,
+        pow2,
+    })
+}
+
+/// Many FP8 linears of one shape in one launch: `x` holds activation rows sorted by weight,
+/// and `groups[i] = (weight, first row, rows)` says which rows weight i multiplies; every row
+/// of `y[x.rows, out]` covered by a group is written.
 pub fn linear_fp8_grouped(
     dev: &Device,
     y: u64,
-    x: u64,
-    rows: usize,
+    x: &QuantizedRows,
     groups: &[(&DevLinear, usize, usize)],
 ) -> Result<(), CudaError> {
     let Some(&(first, ..)) = groups.first() else {
         return Ok(());
     };
-    let (o, k) = (first.out_dim, first.in_dim);
+    let (o, k) = (first.out_dim, x.k);
     if !k.is_multiple_of(16) {
         return Err(CudaError::Unsupported(format!(
             "grouped FP8 linears need K a multiple of 16, not {k}"
@@ -538,21 +568,18 @@ pub fn linear_fp8_grouped(
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (w, start, count) in groups {
         let scale = match (&w.scale_inv, w.w.dtype()) {
-            (Some(s), DType::Fp8)
-                if (w.out_dim, w.in_dim) == (o, k) && w.pow2_act == first.pow2_act =>
-            {
-                s
-            }
+            (Some(s), DType::Fp8) if (w.out_dim, w.in_dim) == (o, k) && w.pow2_act == x.pow2 => s,
             _ => {
                 return Err(CudaError::Unsupported(
-                    "grouped FP8 linears need FP8 weights of one shape and scale rule".into(),
+                    "grouped FP8 linears need FP8 weights of one shape and of the activations' scale rule".into(),
                 ));
             }
         };
-        if start + count > rows {
+        if start + count > x.rows {
             return Err(CudaError::Unsupported(format!(
-                "a group's rows {start}..{} exceed the {rows} rows given",
-                start + count
+                "a group's rows {start}..{} exceed the {} rows given",
+                start + count,
+                x.rows
             )));
         }
         for t0 in (0..*count).step_by(GROUPED_TILE_ROWS) {
@@ -565,19 +592,6 @@ pub fn linear_fp8_grouped(
     if row0.is_empty() {
         return Ok(());
     }
-    let xa = dev.alloc::<u8>(rows * k)?;
-    let sa = dev.alloc::<f32>(rows * k.div_ceil(128))?;
-    let (pxa, psa) = (dev.ptr(&xa, 0), dev.ptr(&sa, 0));
-    act_quant(
-        dev,
-        pxa,
-        psa,
-        x,
-        rows,
-        k,
-        first.pow2_act,
-        ScaleLayout::TokenMajor,
-    )?;
     let (dw, ds) = (dev.upload(&w_ptrs)?, dev.upload(&s_ptrs)?);
     let (dr0, dr1) = (dev.upload(&row0)?, dev.upload(&row_end)?);
     launch(
@@ -589,8 +603,8 @@ pub fn linear_fp8_grouped(
         0,
         &[
             Arg::P(y),
-            Arg::P(pxa),
-            Arg::P(psa),
+            Arg::P(dev.ptr(&x.codes, 0)),
+            Arg::P(dev.ptr(&x.scales, 0)),
             Arg::P(dev.ptr(&dw, 0)),
             Arg::P(dev.ptr(&ds, 0)),
             Arg::P(dev.ptr(&dr0, 0)),
@@ -878,13 +892,8 @@ const INDEXER_MMA_KEYS: usize = 512;
 /// The tensor-core indexer kernel's name for this cache and shape, or `None` where it does not
 /// apply (f32 cache, more than 64 heads, a head dimension other than 32, 64 or 128).
 pub fn indexer_mma_kernel(cache: DType, heads: usize, dim: usize) -> Option<String> {
-    let suffix = match cache {
-        DType::Bf16 => "bf16",
-        DType::Fp8 => "fp8",
-        DType::F32 => return None,
-    };
-    (heads <= INDEXER_MMA_HEADS && matches!(dim, 32 | 64 | 128))
-        .then(|| format!("indexer_scores_mma_{suffix}_d{dim}"))
+    (cache != DType::F32 && heads <= INDEXER_MMA_HEADS && matches!(dim, 32 | 64 | 128))
+        .then(|| format!("indexer_scores_mma_{}_d{dim}", cache.suffix()))
 }
 
 /// Bytes of one 16-bit row of `width` elements in the tensor-core kernels' shared memory
@@ -921,19 +930,20 @@ pub fn indexer_scores(
         super::device::Indexer::Auto => indexer_mma_kernel(kcache.dtype(), heads, dim),
         super::device::Indexer::CudaCores => None,
     };
+    // Both kernels take these, then (the CUDA-core one) the head dimension, then the rest.
+    let mut args = vec![
+        Arg::P(scores),
+        Arg::P(q),
+        Arg::P(w),
+        Arg::P(kcache.ptr(dev)),
+        Arg::P(tables),
+        Arg::P(table_base),
+        i(block_size),
+        Arg::P(ctx_len),
+        i(heads),
+    ];
     if let Some(name) = mma {
-        let mut args = vec![
-            Arg::P(scores),
-            Arg::P(q),
-            Arg::P(w),
-            Arg::P(kcache.ptr(dev)),
-            Arg::P(tables),
-            Arg::P(table_base),
-            i(block_size),
-            Arg::P(ctx_len),
-            i(heads),
-            i(max_ctx),
-        ];
+        args.push(i(max_ctx));
         args.extend(fp8_stride);
         return launch(
             dev,
@@ -952,19 +962,7 @@ pub fn indexer_scores(
             "indexer queries of {heads}×{dim} floats exceed 48 KiB of shared memory"
         )));
     }
-    let mut args = vec![
-        Arg::P(scores),
-        Arg::P(q),
-        Arg::P(w),
-        Arg::P(kcache.ptr(dev)),
-        Arg::P(tables),
-        Arg::P(table_base),
-        i(block_size),
-        Arg::P(ctx_len),
-        i(heads),
-        i(dim),
-        i(max_ctx),
-    ];
+    args.extend([i(dim), i(max_ctx)]);
     args.extend(fp8_stride);
     launch(
         dev,
@@ -1241,13 +1239,8 @@ const MLA_MMA_KEYS: usize = 64;
 /// The tensor-core attention kernel's name for this cache and shape, or `None` where it does
 /// not apply (f32 cache, kv_lora_rank other than 128 or 512, a row width not a multiple of 16).
 pub fn sparse_mla_mma_kernel(cache: DType, kvr: usize, rd: usize) -> Option<String> {
-    let suffix = match cache {
-        DType::Bf16 => "bf16",
-        DType::Fp8 => "fp8",
-        DType::F32 => return None,
-    };
-    (matches!(kvr, 128 | 512) && (kvr + rd).is_multiple_of(16))
-        .then(|| format!("sparse_mla_mma_{suffix}_{kvr}"))
+    (cache != DType::F32 && matches!(kvr, 128 | 512) && (kvr + rd).is_multiple_of(16))
+        .then(|| format!("sparse_mla_mma_{}_{kvr}", cache.suffix()))
 }
 
 /// Dynamic shared memory of the tensor-core attention kernel: the block's queries, the tile
@@ -1288,26 +1281,27 @@ pub fn sparse_mla(
         }
         _ => None,
     };
+    // Every sparse-attention kernel takes the same arguments.
+    let mut args = vec![
+        Arg::P(o_lat),
+        Arg::P(q_lat),
+        Arg::P(q),
+        Arg::P(lcache.ptr(dev)),
+        Arg::P(sel),
+        Arg::P(sel_count),
+        Arg::P(tables),
+        Arg::P(table_base),
+        i(block_size),
+        i(d.heads),
+        i(d.kvr),
+        i(d.rd),
+        i(d.qk()),
+        i(d.nope),
+        i(k),
+        Arg::F(scale),
+    ];
+    args.extend(fp8_stride);
     if let Some(name) = mma {
-        let mut args = vec![
-            Arg::P(o_lat),
-            Arg::P(q_lat),
-            Arg::P(q),
-            Arg::P(lcache.ptr(dev)),
-            Arg::P(sel),
-            Arg::P(sel_count),
-            Arg::P(tables),
-            Arg::P(table_base),
-            i(block_size),
-            i(d.heads),
-            i(d.kvr),
-            i(d.rd),
-            i(d.qk()),
-            i(d.nope),
-            i(k),
-            Arg::F(scale),
-        ];
-        args.extend(fp8_stride);
         return launch(
             dev,
             Family::Attention,
@@ -1349,25 +1343,6 @@ pub fn sparse_mla(
             d.kvr + d.rd
         )));
     }
-    let mut args = vec![
-        Arg::P(o_lat),
-        Arg::P(q_lat),
-        Arg::P(q),
-        Arg::P(lcache.ptr(dev)),
-        Arg::P(sel),
-        Arg::P(sel_count),
-        Arg::P(tables),
-        Arg::P(table_base),
-        i(block_size),
-        i(d.heads),
-        i(d.kvr),
-        i(d.rd),
-        i(d.qk()),
-        i(d.nope),
-        i(k),
-        Arg::F(scale),
-    ];
-    args.extend(fp8_stride);
     let grid_y = if shared {
         d.heads.div_ceil(HEADS_PER_BLOCK)
     } else {
@@ -1626,10 +1601,6 @@ pub struct PagedRows<'a> {
     pub ctx_len: &'a [i32],
 }
 
-fn upload_i32(dev: &Device, v: &[i32]) -> Result<cudarc::driver::CudaSlice<i32>, CudaError> {
-    dev.upload(v)
-}
-
 /// The indexer scores `[n, max_ctx]` of the kernel the device's [`super::Indexer`] setting
 /// chooses, over `kcache` (raw rows as stored) for queries `[n, heads, dim]` and head weights
 /// `[n, heads]`. Positions past a token's context are never written: they come back NaN.
@@ -1648,9 +1619,9 @@ pub fn indexer_scores_host(
     let scores = dev.upload(&vec![f32::NAN; n * max_ctx])?;
     let (dq, dw) = (dev.upload(q)?, dev.upload(w)?);
     let (ds, db, dl) = (
-        upload_i32(dev, rows.tables)?,
-        upload_i32(dev, rows.table_base)?,
-        upload_i32(dev, rows.ctx_len)?,
+        dev.upload(rows.tables)?,
+        dev.upload(rows.table_base)?,
+        dev.upload(rows.ctx_len)?,
     );
     indexer_scores(
         dev,
@@ -1691,11 +1662,8 @@ pub fn sparse_mla_host(
     let n = sel_count.len();
     let out = dev.upload(&vec![f32::NAN; n * d.heads * d.kvr])?;
     let (dql, dq) = (dev.upload(q_lat)?, dev.upload(q)?);
-    let (dsel, dcnt) = (upload_i32(dev, sel)?, upload_i32(dev, sel_count)?);
-    let (ds, db) = (
-        upload_i32(dev, rows.tables)?,
-        upload_i32(dev, rows.table_base)?,
-    );
+    let (dsel, dcnt) = (dev.upload(sel)?, dev.upload(sel_count)?);
+    let (ds, db) = (dev.upload(rows.tables)?, dev.upload(rows.table_base)?);
     sparse_mla(
         dev,
         dev.ptr(&out, 0),

@@ -7,8 +7,9 @@
 // shared memory (heads · head_dim floats).
 //
 // topk_select: per token, the min(k, ctx_len) best scores, ties to the lower position, written
-// ascending. A 32-pass radix search over order-preserving keys finds the k-th largest value, then
-// one ordered pass with a block scan emits the winners. O(ctx) per token.
+// ascending. A radix select over order-preserving keys (four 8-bit histogram passes) finds the
+// k-th largest value, then one ordered pass with block scans emits the winners. O(ctx) per
+// token; long rows go through topk_chunk_candidates and topk_from_candidates (below).
 
 #define KEYS 64
 // Key values each lane keeps in registers (index_head_dim up to 32 · KEY_REGS).
