@@ -58,7 +58,14 @@ for spec in "tiny-deep f32" "tiny-sharded f32" "tiny-fp8 fp8" "tiny-deep bf16"; 
     echo "$1 $2: one process $one | two ranks $two | $verdict"
     [ "$2" = f32 ] && [ "$verdict" != same ] && status=1
 done
-grep -hE "expert|rank|ERROR|error" "$out/ep_rank0.log" "$out/ep_rank1.log" | head -6
+grep -hE "expert|rank|ERROR|error|MoE rows" "$out/ep_rank0.log" "$out/ep_rank1.log" | head -8
+# Asked for NCCL, two ranks sharing one GPU must refuse to start, naming the shared GPU.
+MOE_EXCHANGE=nccl ep_pair $((port + 1)) generate "${flags[@]}" > /dev/null
+if grep -q "share GPU" "$out/ep_rank0.log"; then
+    grep -h "share GPU" "$out/ep_rank0.log" | head -1
+else
+    echo "--moe-exchange nccl with two ranks on one GPU did not refuse"; status=1
+fi
 fi
 
 if [[ $stages == *" load "* ]]; then

@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use deepseek_engine::backend::cuda::Gemm;
 use deepseek_engine::chat::{self, ThinkingMode};
+use deepseek_engine::dist::RowExchange;
 use deepseek_engine::generate::{GenerateRequest, SamplingParams};
 use deepseek_engine::kv::DEFAULT_BLOCK_SIZE;
 use deepseek_engine::launch::logging::{self, LogFormat};
@@ -284,6 +285,11 @@ struct ModelArgs {
     /// and /health fails; a worker rank exits.
     #[arg(long, env = "GROUP_TIMEOUT_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     group_timeout_seconds: u64,
+    /// How expert-parallel GPU ranks move the MoE rows: nccl (device to device; every rank
+    /// needs its own GPU), host (through host memory over the group's links), or auto (nccl
+    /// when every rank of the group can use it, else host, with the reason logged).
+    #[arg(long, env = "MOE_EXCHANGE", default_value = "auto", value_parser = parse_moe_exchange)]
+    moe_exchange: RowExchange,
     /// GPU ordinal for the CUDA backend.
     #[arg(long, default_value_t = 0)]
     device: usize,
@@ -295,6 +301,11 @@ struct ModelArgs {
     /// DeepSeek-V3.2), bf16, f32, or auto (bf16). The CPU backend stores f32.
     #[arg(long, default_value = "auto")]
     kv_cache_dtype: String,
+}
+
+fn parse_moe_exchange(s: &str) -> Result<RowExchange, String> {
+    s.parse()
+        .map_err(|e: deepseek_engine::dist::DistError| e.to_string())
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -322,6 +333,7 @@ impl From<ModelArgs> for ModelOptions {
             expert_parallel: a.expert_parallel,
             group_join_timeout: Duration::from_secs(a.group_join_timeout_seconds),
             group_timeout: Duration::from_secs(a.group_timeout_seconds),
+            moe_exchange: a.moe_exchange,
             device: a.device,
             weight_dtype: a.weight_dtype,
             kv_cache_dtype: a.kv_cache_dtype,

@@ -3,6 +3,7 @@
 //! early when no CUDA driver, NVRTC or GPU is present, as on CI machines.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use deepseek_engine::backend::cpu::{self, Linear};
 use deepseek_engine::backend::cuda::{self, CudaExecutor, CudaOptions, DType, Device, ops};
@@ -1408,6 +1409,108 @@ fn an_expert_parallel_group_over_nccl_computes_what_one_gpu_computes() {
             greedy(&mut group, &p[..24], 8),
             greedy(&mut single, &p[..24], 8),
             "NCCL world {world}: greedy tokens"
+        );
+    }
+}
+
+/// Ranks joined as a group's processes join (each its own TCP link to rank 0) on GPUs
+/// `ordinals`, deciding how to move the MoE rows with `mode`; one result per rank.
+fn tcp_group(
+    ordinals: &[usize],
+    mode: deepseek_engine::dist::RowExchange,
+) -> Vec<Result<Box<dyn deepseek_engine::dist::Transport>, deepseek_engine::dist::DistError>> {
+    use deepseek_engine::dist::{GroupEnv, TcpOptions, TcpTransport, mixed};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let world = ordinals.len();
+    let handles: Vec<_> = ordinals
+        .iter()
+        .enumerate()
+        .map(|(rank, &ordinal)| {
+            let env = GroupEnv {
+                rank,
+                world_size: world,
+                leader_addr: format!("127.0.0.1:{port}"),
+            };
+            std::thread::spawn(move || {
+                let t = TcpTransport::connect(&env, TcpOptions::new(Duration::from_secs(120)))?;
+                mixed::rows_over(t, ordinal, mode)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// The layout the operator starts, one process per GPU, reduced to threads with one TCP link
+/// each: the ranks agree how to move the MoE rows. Two ranks sharing GPU 0 fall back to host
+/// memory (NCCL refuses them) and compute what one GPU computes; asked for NCCL they refuse to
+/// start, naming the shared GPU. A group of one, and one of two GPUs where the machine has
+/// them, moves the rows over NCCL with control over TCP, and computes what one GPU computes.
+#[test]
+fn a_process_group_moves_moe_rows_over_nccl_when_every_rank_has_a_gpu() {
+    use deepseek_engine::dist::{RowExchange, nccl};
+    if gpu().is_none() {
+        return;
+    }
+    if let Some(why) = nccl::unavailable_reason() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let name = "tiny-deep";
+    let whole = Model::load(&dir(name)).unwrap();
+    let (exp, _) = expected(name);
+    let p = &exp.prompt_ids;
+    let g = geometry(16, 16);
+    let mut single = executor(&whole, g, DType::F32);
+    let want = score(&mut single, &p[..40]);
+    let want_greedy = greedy(&mut single, &p[..24], 8);
+
+    for r in tcp_group(&[0, 0], RowExchange::Nccl) {
+        let e = r.map(|_| ()).unwrap_err().to_string();
+        assert!(
+            e.contains("share GPU") && e.contains("--moe-exchange nccl"),
+            "{e}"
+        );
+    }
+    let gpus = cuda::device_count().unwrap();
+    let mut layouts: Vec<(Vec<usize>, bool)> = vec![(vec![0, 0], false), (vec![0], true)];
+    if gpus >= 2 {
+        layouts.push((vec![0, 1], true));
+    } else {
+        eprintln!("only {gpus} GPU: the two-GPU process group over NCCL is not run");
+    }
+    for (ordinals, over_nccl) in layouts {
+        let world = ordinals.len();
+        let mut transports: Vec<_> = tcp_group(&ordinals, RowExchange::Auto)
+            .into_iter()
+            .map(|t| t.expect("the group formed"))
+            .collect();
+        for t in &mut transports {
+            assert_eq!(t.as_nccl().is_some(), over_nccl, "GPUs {ordinals:?}");
+        }
+        let ranks: Vec<Box<dyn RankCompute>> = ordinals
+            .iter()
+            .enumerate()
+            .map(|(r, &ordinal)| {
+                let shard = ExpertShard::new(r, world, whole.config.n_routed_experts).unwrap();
+                let m = Model::load_sharded(&dir(name), shard).unwrap();
+                Box::new(
+                    CudaExecutor::with_options(&m, g, ordinal, options(DType::F32))
+                        .expect("executor"),
+                ) as Box<dyn RankCompute>
+            })
+            .collect();
+        let mut group = ExpertParallelExecutor::in_process_over(ranks, transports).unwrap();
+        let e = rel_err(&score(&mut group, &p[..40]), &want);
+        eprintln!("process group on GPUs {ordinals:?} (NCCL: {over_nccl}): {e:.2e}");
+        assert!(e < 1e-4, "GPUs {ordinals:?}: {e}");
+        assert_eq!(
+            greedy(&mut group, &p[..24], 8),
+            want_greedy,
+            "GPUs {ordinals:?}: greedy tokens"
         );
     }
 }

@@ -5,11 +5,13 @@
 //! deploy it. Ranks with no tokens still take part, so collectives never hang.
 //!
 //! One collective, [`Transport::all_to_all`], carries everything (step plans, expert traffic,
-//! logits). Implementations: in-process channels (tests, `--expert-parallel N` on the CPU) and
-//! TCP through the leader (multi-pod CPU groups). Every rank must call collectives in the same
+//! logits). Implementations: in-process channels (tests, `--expert-parallel N` on the CPU),
+//! TCP through the leader (multi-pod groups), NCCL (ranks on GPUs of one process), and TCP for
+//! control with NCCL for the MoE rows (GPU ranks in separate processes, [`mixed`]). Every rank must call collectives in the same
 //! order; messages are matched per source in FIFO order.
 
 mod inproc;
+pub mod mixed;
 pub mod nccl;
 mod tcp;
 mod wire;
@@ -17,8 +19,9 @@ mod wire;
 use thiserror::Error;
 
 pub use inproc::in_process_group;
+pub use mixed::{MixedTransport, RowExchange};
 pub use nccl::NcclTransport;
-pub use tcp::{DEFAULT_PEER_TIMEOUT, GroupEnv, TcpOptions, TcpTransport};
+pub use tcp::{DEFAULT_PEER_TIMEOUT, GroupEnv, LinkWatch, TcpOptions, TcpTransport};
 pub use wire::{Reader, Writer};
 
 #[derive(Debug, Error)]

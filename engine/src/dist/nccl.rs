@@ -19,7 +19,8 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
@@ -169,18 +170,77 @@ pub fn exchange_unique_id(
     }
 }
 
-/// The raw communicator, destroyed on drop.
-struct RawComm(nccl_sys::ncclComm_t);
+/// The raw communicator, aborted once: on drop, or when a wait gives up on the group.
+struct RawComm {
+    handle: nccl_sys::ncclComm_t,
+    aborted: AtomicBool,
+}
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls on it are not made
-// concurrently; `NcclTransport` owns it exclusively and takes `&mut self` for every collective.
+// concurrently; `NcclTransport` owns it exclusively and takes `&mut self` for every collective
+// (the abort in a failed wait runs on the thread that issued the collective).
 unsafe impl Send for RawComm {}
+
+impl RawComm {
+    /// Aborts the communicator the first time (kernels spinning on a peer that is gone see
+    /// the abort flag and return); later calls do nothing.
+    fn abort(&self) {
+        if !self.aborted.swap(true, Ordering::AcqRel) {
+            // SAFETY: the handle came from a successful ncclCommInitRank and is aborted once.
+            // Abort (not destroy) cannot block on a peer that has already gone.
+            let _ = unsafe { nccl::comm_abort(self.handle) };
+        }
+    }
+}
 
 impl Drop for RawComm {
     fn drop(&mut self) {
-        // SAFETY: the handle came from a successful ncclCommInitRank and is dropped once. Abort
-        // (not destroy) cannot block on a peer that has already gone.
-        let _ = unsafe { nccl::comm_abort(self.0) };
+        self.abort();
+    }
+}
+
+/// What an NCCL rank checks while it waits, since NCCL never times out: whether a peer is
+/// known to be gone (the group's TCP links, which heartbeat). A rank that gives up on the group
+/// also tells its peers through it.
+pub trait PeerWatch: Send {
+    /// An error naming a peer known to be gone.
+    fn check(&self) -> Result<(), DistError>;
+    /// This rank leaves the group after a failed collective, so its peers stop waiting too.
+    fn give_up(&self);
+}
+
+impl PeerWatch for super::tcp::LinkWatch {
+    fn check(&self) -> Result<(), DistError> {
+        super::tcp::LinkWatch::check(self)
+    }
+    fn give_up(&self) {
+        self.close();
+    }
+}
+
+/// Polls `done` until it reports completion, checking `alive` between polls: spinning first
+/// (a decode step's exchange takes tens of microseconds), then yielding, then sleeping 100 µs,
+/// so a long wait costs no core. Returns the first error either gives.
+pub fn wait_polling(
+    mut done: impl FnMut() -> Result<bool, DistError>,
+    mut alive: impl FnMut() -> Result<(), DistError>,
+) -> Result<(), DistError> {
+    const SPIN: Duration = Duration::from_micros(200);
+    const YIELD: Duration = Duration::from_millis(10);
+    let started = Instant::now();
+    loop {
+        if done()? {
+            return Ok(());
+        }
+        alive()?;
+        let waited = started.elapsed();
+        if waited < SPIN {
+            std::hint::spin_loop();
+        } else if waited < YIELD {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(100));
+        }
     }
 }
 
@@ -216,6 +276,9 @@ pub struct NcclTransport {
     world: usize,
     ordinal: usize,
     scratch: Scratch,
+    watch: Option<Box<dyn PeerWatch>>,
+    /// Why the group was given up on; every later collective fails with it.
+    failure: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for NcclTransport {
@@ -263,12 +326,17 @@ impl NcclTransport {
         unsafe { nccl::comm_init_rank(&mut raw, world as i32, uid, rank as i32) }
             .map_err(|e| nccl_err(&format!("init of rank {rank} of {world}"), e))?;
         Ok(NcclTransport {
-            comm: RawComm(raw),
+            comm: RawComm {
+                handle: raw,
+                aborted: AtomicBool::new(false),
+            },
             stream,
             rank,
             world,
             ordinal,
             scratch: Scratch::default(),
+            watch: None,
+            failure: Mutex::new(None),
         })
     }
 
@@ -327,6 +395,72 @@ impl NcclTransport {
         self.ordinal
     }
 
+    /// Waits on collectives check `watch` and give up through it (see [`PeerWatch`]).
+    pub fn set_watch(&mut self, watch: Box<dyn PeerWatch>) {
+        self.watch = Some(watch);
+    }
+
+    /// The error every collective returns once the group has been given up on.
+    pub fn failed(&self) -> Result<(), DistError> {
+        match &*self.failure.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(why) => Err(DistError::Io(std::io::Error::other(format!(
+                "the NCCL group was abandoned: {why}"
+            )))),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until this rank's stream has finished every collective enqueued on it. While it
+    /// waits it checks NCCL's asynchronous error and the peers (the watch); on any failure it
+    /// aborts the communicator (a kernel spinning on a lost peer returns), tells the peers, and
+    /// fails this and every later collective with the reason.
+    pub fn wait(&self) -> Result<(), DistError> {
+        self.failed()?;
+        let stream = self.stream.cu_stream();
+        let comm = self.comm.handle;
+        let done = || {
+            // SAFETY: the stream belongs to this transport and outlives the call.
+            match unsafe { cudarc::driver::sys::cuStreamQuery(stream) } {
+                cudarc::driver::sys::CUresult::CUDA_SUCCESS => Ok(true),
+                cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {
+                    let mut state = nccl_sys::ncclResult_t::ncclSuccess;
+                    // SAFETY: the communicator is live (not aborted: `failed` was checked).
+                    unsafe { nccl_sys::ncclCommGetAsyncError(comm, &mut state) };
+                    match state {
+                        nccl_sys::ncclResult_t::ncclSuccess
+                        | nccl_sys::ncclResult_t::ncclInProgress => Ok(false),
+                        e => Err(DistError::Io(std::io::Error::other(format!(
+                            "NCCL reported {e:?} during a collective"
+                        )))),
+                    }
+                }
+                e => Err(DistError::Io(std::io::Error::other(format!(
+                    "CUDA {e:?} while waiting for a collective"
+                )))),
+            }
+        };
+        let alive = || self.watch.as_ref().map_or(Ok(()), |w| w.check());
+        let result = wait_polling(done, alive);
+        if let Err(e) = &result {
+            self.abandon(&e.to_string());
+        }
+        result
+    }
+
+    /// Gives up on the group: records `why` for every later collective, aborts the
+    /// communicator and tells the peers through the watch.
+    pub fn abandon(&self, why: &str) {
+        tracing::error!(rank = self.rank, reason = why, "leaving the NCCL group");
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(|| why.to_owned());
+        self.comm.abort();
+        if let Some(w) = &self.watch {
+            w.give_up();
+        }
+    }
+
     /// The stream every collective of this rank runs on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
@@ -344,12 +478,26 @@ impl NcclTransport {
         let w = self.world;
         grow(&self.stream, &mut self.scratch.sizes_send, w)?;
         grow(&self.stream, &mut self.scratch.sizes_recv, w * w)?;
-        let (Some(send), Some(recv)) = (
-            self.scratch.sizes_send.as_mut(),
-            self.scratch.sizes_recv.as_mut(),
+        // Taken out of `self` for the exchange (the wait borrows `self`), put back below.
+        let (Some(mut send), Some(mut recv)) = (
+            self.scratch.sizes_send.take(),
+            self.scratch.sizes_recv.take(),
         ) else {
             return Err(DistError::Config("scratch buffers missing".into()));
         };
+        let result = self.gather_sizes(mine, &mut send, &mut recv);
+        self.scratch.sizes_send = Some(send);
+        self.scratch.sizes_recv = Some(recv);
+        result
+    }
+
+    fn gather_sizes(
+        &self,
+        mine: &[u64],
+        send: &mut CudaSlice<u64>,
+        recv: &mut CudaSlice<u64>,
+    ) -> Result<Vec<u64>, DistError> {
+        let w = self.world;
         self.stream
             .memcpy_htod(mine, &mut send.slice_mut(..w))
             .map_err(|e| cuda_err("copy sizes", e))?;
@@ -363,12 +511,13 @@ impl NcclTransport {
                     pr as *mut _,
                     w,
                     nccl_sys::ncclDataType_t::ncclUint64,
-                    self.comm.0,
+                    self.comm.handle,
                     self.stream.cu_stream() as _,
                 )
             }
             .map_err(|e| nccl_err("size exchange", e))?;
         }
+        self.wait()?;
         let mut all = vec![0u64; w * w];
         self.stream
             .memcpy_dtoh(&recv.slice(..w * w), &mut all)
@@ -405,7 +554,7 @@ impl NcclTransport {
                         len,
                         nccl_sys::ncclDataType_t::ncclUint8,
                         peer as i32,
-                        self.comm.0,
+                        self.comm.handle,
                         self.stream.cu_stream() as _,
                     )
                 };
@@ -423,7 +572,7 @@ impl NcclTransport {
                         len,
                         nccl_sys::ncclDataType_t::ncclUint8,
                         peer as i32,
-                        self.comm.0,
+                        self.comm.handle,
                         self.stream.cu_stream() as _,
                     )
                 };
@@ -484,6 +633,7 @@ impl NcclTransport {
                 "row all-to-all needs {need_s} send and {need_r} receive bytes, buffers hold {have_s} and {have_r}"
             )));
         }
+        self.failed()?;
         self.bind()?;
         let (ps, _g1) = send.device_ptr(&self.stream);
         let (pr, _g2) = recv.device_ptr_mut(&self.stream);
@@ -514,6 +664,7 @@ impl Transport for NcclTransport {
                 parts.len()
             )));
         }
+        self.failed()?;
         self.bind()?;
         let mine: Vec<u64> = parts.iter().map(|p| p.len() as u64).collect();
         let sizes = self.exchange_sizes(&mine)?;
@@ -571,6 +722,7 @@ impl NcclTransport {
             // SAFETY: the ranges lie inside buffers just grown to `send_total`/`recv_total`.
             unsafe { self.grouped_exchange(ps, send_ranges, pr, recv_ranges) }?;
         }
+        self.wait()?;
         let mut flat = vec![0u8; recv_total];
         if recv_total > 0 {
             self.stream
@@ -644,5 +796,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("outside a world of 2"), "{err}");
+    }
+
+    #[test]
+    fn a_wait_ends_when_the_work_is_done_or_a_peer_is_gone() {
+        let mut polls = 0;
+        let done = wait_polling(
+            || {
+                polls += 1;
+                Ok(polls == 1000)
+            },
+            || Ok(()),
+        );
+        assert!(done.is_ok());
+        assert_eq!(polls, 1000);
+
+        let mut checks = 0;
+        let lost = wait_polling(
+            || Ok(false),
+            || {
+                checks += 1;
+                if checks < 50 {
+                    Ok(())
+                } else {
+                    Err(DistError::PeerLost {
+                        rank: 3,
+                        reason: "reset".into(),
+                    })
+                }
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(lost, "rank 3 disconnected: reset");
+
+        let failed = wait_polling(|| Err(DistError::Config("stream error".into())), || Ok(()));
+        assert!(failed.unwrap_err().to_string().contains("stream error"));
     }
 }

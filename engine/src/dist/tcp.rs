@@ -497,6 +497,68 @@ impl TcpTransport {
     }
 }
 
+impl TcpTransport {
+    /// A handle on this rank's links for another thread: it tells whether a peer is known
+    /// gone and can close the links. A rank waiting on a collective the links do not carry
+    /// (NCCL, which never times out) checks it, and closes the links when it gives up on the
+    /// group so that its peers notice at once instead of after the peer timeout.
+    pub fn watch(&self) -> std::io::Result<LinkWatch> {
+        let links = self
+            .links
+            .iter()
+            .map(|l| {
+                Ok(WatchedLink {
+                    peer: l.peer,
+                    ended: l.ended.clone(),
+                    stream: l.stream.try_clone()?,
+                })
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(LinkWatch {
+            links: Arc::new(links),
+        })
+    }
+}
+
+/// See [`TcpTransport::watch`].
+#[derive(Clone)]
+pub struct LinkWatch {
+    links: Arc<Vec<WatchedLink>>,
+}
+
+/// One peer's link as a watch sees it: why it ended, if it has, and a handle to shut it.
+struct WatchedLink {
+    peer: usize,
+    ended: Arc<Mutex<Option<LinkEnd>>>,
+    stream: TcpStream,
+}
+
+impl std::fmt::Debug for LinkWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let peers: Vec<usize> = self.links.iter().map(|l| l.peer).collect();
+        f.debug_struct("LinkWatch").field("peers", &peers).finish()
+    }
+}
+
+impl LinkWatch {
+    /// An error naming the first peer whose link has ended (dead, silent or closed).
+    pub fn check(&self) -> Result<(), DistError> {
+        for link in self.links.iter() {
+            if let Some(end) = &*lock(&link.ended) {
+                return Err(end.error(link.peer));
+            }
+        }
+        Ok(())
+    }
+
+    /// Shuts every link down; the peers' readers see the connection end.
+    pub fn close(&self) {
+        for link in self.links.iter() {
+            let _ = link.stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
 impl Transport for TcpTransport {
     fn rank(&self) -> usize {
         self.rank
@@ -770,5 +832,37 @@ mod tests {
         let err = worker.join().unwrap();
         assert_eq!(err, "rank 0 has been silent for 0.4 s");
         drop(conn);
+    }
+
+    #[test]
+    fn closing_a_watch_ends_the_group_for_every_peer_at_once() {
+        let leader = format!("127.0.0.1:{}", free_port());
+        let env = |rank| GroupEnv {
+            rank,
+            world_size: 2,
+            leader_addr: leader.clone(),
+        };
+        // The peer timeout is far longer than the test: only the close can end the links.
+        let (e0, e1) = (env(0), env(1));
+        let lead = std::thread::spawn(move || {
+            let mut t = TcpTransport::connect(&e0, quick(Duration::from_secs(600))).unwrap();
+            t.all_to_all(vec![vec![], vec![]]).unwrap_err().to_string()
+        });
+        let t = TcpTransport::connect(&e1, quick(Duration::from_secs(600))).unwrap();
+        let watch = t.watch().unwrap();
+        watch.check().unwrap();
+        watch.close();
+        let err = lead.join().unwrap();
+        assert!(err.starts_with("rank 1 disconnected"), "{err}");
+        // The closing side's reader sees its own link end too.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while watch.check().is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "the closed link was never reported"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(watch.check().unwrap_err().to_string().contains("rank 0"));
     }
 }

@@ -28,6 +28,14 @@ impl Writer {
         }
         self
     }
+    pub fn bytes(&mut self, v: &[u8]) -> &mut Self {
+        self.u64(v.len() as u64);
+        self.0.extend_from_slice(v);
+        self
+    }
+    pub fn str(&mut self, v: &str) -> &mut Self {
+        self.bytes(v.as_bytes())
+    }
     pub fn finish(self) -> Vec<u8> {
         self.0
     }
@@ -108,6 +116,21 @@ impl<'a> Reader<'a> {
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect())
     }
+
+    pub fn bytes(&mut self) -> Result<&'a [u8], DistError> {
+        let n = self.len(1)?;
+        self.take(n)
+    }
+
+    pub fn str(&mut self) -> Result<String, DistError> {
+        let from = self.from;
+        std::str::from_utf8(self.bytes()?)
+            .map(str::to_owned)
+            .map_err(|_| DistError::Protocol {
+                rank: from,
+                reason: "a text field is not UTF-8".into(),
+            })
+    }
 }
 
 #[cfg(test)]
@@ -117,16 +140,34 @@ mod tests {
     #[test]
     fn values_round_trip_and_truncation_is_an_error() {
         let mut w = Writer::default();
-        w.u32(7).f32s(&[1.5, -2.0]).u32s(&[3, 4, 5]);
+        w.u32(7)
+            .f32s(&[1.5, -2.0])
+            .u32s(&[3, 4, 5])
+            .str("GPU-ab")
+            .bytes(&[9, 8]);
         let bytes = w.finish();
         let mut r = Reader::new(&bytes, 2);
         assert_eq!(r.u32().unwrap(), 7);
         assert_eq!(r.f32s().unwrap(), vec![1.5, -2.0]);
         assert_eq!(r.u32s().unwrap(), vec![3, 4, 5]);
+        assert_eq!(r.str().unwrap(), "GPU-ab");
+        assert_eq!(r.bytes().unwrap(), &[9, 8]);
         assert!(r.is_empty());
         let mut short = Reader::new(&bytes[..bytes.len() - 2], 2);
         short.u32().unwrap();
         short.f32s().unwrap();
-        assert!(short.u32s().unwrap_err().to_string().contains("rank 2"));
+        short.u32s().unwrap();
+        short.str().unwrap();
+        assert!(short.bytes().unwrap_err().to_string().contains("rank 2"));
+        let mut w = Writer::default();
+        w.bytes(&[0xff, 0xfe]);
+        let bad = w.finish();
+        assert!(
+            Reader::new(&bad, 1)
+                .str()
+                .unwrap_err()
+                .to_string()
+                .contains("UTF-8")
+        );
     }
 }

@@ -115,6 +115,9 @@ pub struct ModelOptions {
     pub group_join_timeout: Duration,
     /// How long a rank of a multi-process group may be silent before it is declared lost.
     pub group_timeout: Duration,
+    /// How expert-parallel GPU ranks move the MoE rows (NCCL, host memory, or whichever every
+    /// rank can use).
+    pub moe_exchange: crate::dist::RowExchange,
     /// GPU ordinal for the CUDA backend.
     pub device: usize,
     /// `--weight-dtype`: fp8, bf16, f32 or auto.
@@ -133,6 +136,7 @@ impl Default for ModelOptions {
             expert_parallel: None,
             group_join_timeout: Duration::from_secs(600),
             group_timeout: DEFAULT_PEER_TIMEOUT,
+            moe_exchange: crate::dist::RowExchange::Auto,
             device: 0,
             weight_dtype: "auto".into(),
             kv_cache_dtype: "auto".into(),

@@ -14,7 +14,7 @@ use crate::backend::cuda::{CudaExecutor, CudaOptions, Gemm};
 use crate::backend::ep::{ExpertParallelExecutor, RankCompute, run_worker_with};
 use crate::backend::{CpuExecutor, Executor};
 use crate::dist::{
-    ExpertShard, NcclTransport, Reader, TcpOptions, TcpTransport, Transport, Writer,
+    ExpertShard, NcclTransport, Reader, RowExchange, TcpOptions, TcpTransport, Transport, Writer,
 };
 use crate::kv::KvGeometry;
 use crate::model::builtin::{RandomWeights, builtin_config, is_builtin};
@@ -295,7 +295,18 @@ pub fn build_replica(
                 .collect();
             // NCCL moves the MoE rows between the GPUs directly; without it, host channels.
             let ordinals: Vec<usize> = (opts.device..opts.device + ep).collect();
-            let group = match NcclTransport::in_process(&ordinals) {
+            let nccl = match opts.moe_exchange {
+                RowExchange::Host => {
+                    Err(crate::dist::DistError::Config("--moe-exchange host".into()))
+                }
+                _ => NcclTransport::in_process(&ordinals),
+            };
+            let group = match nccl {
+                Err(e) if opts.moe_exchange == RowExchange::Nccl => {
+                    return Err(Error::Options(format!(
+                        "--moe-exchange nccl, but NCCL cannot join GPUs {ordinals:?}: {e}"
+                    )));
+                }
                 Ok(endpoints) => {
                     tracing::info!(ranks = ep, "the ranks exchange MoE rows over NCCL");
                     let endpoints = endpoints
@@ -305,7 +316,9 @@ pub fn build_replica(
                     ExpertParallelExecutor::in_process_over(ranks, endpoints)?
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "NCCL is not usable; the ranks exchange MoE rows through host memory");
+                    if opts.moe_exchange == RowExchange::Auto {
+                        tracing::warn!(error = %e, "NCCL is not usable; the ranks exchange MoE rows through host memory");
+                    }
                     ExpertParallelExecutor::in_process_ranks(ranks)?
                 }
             };
@@ -346,7 +359,7 @@ pub fn build_replica(
 struct JoinedRank {
     rank: usize,
     compute: Box<dyn RankCompute>,
-    transport: TcpTransport,
+    transport: Box<dyn Transport>,
 }
 
 /// Loads rank `rank` of `world` (on GPU `opts.device + local_index` when on the GPU).
@@ -419,7 +432,9 @@ fn group_process(
         join_timeout: opts.group_join_timeout,
         peer_timeout: opts.group_timeout,
     };
-    let on_gpu = setup.on_gpu();
+    // GPU ranks' devices, for the NCCL communicator; `None` on the CPU.
+    let gpu_of = |i: usize| setup.on_gpu().then(|| opts.device + i);
+    let exchange = opts.moe_exchange;
     // Every rank joins at once: the leader's join waits for all of them.
     let joining: Vec<_> = computes
         .into_iter()
@@ -432,7 +447,10 @@ fn group_process(
             };
             std::thread::Builder::new()
                 .name(format!("join-rank-{}", first + i))
-                .spawn(move || join_rank(rank_env, compute, tcp, on_gpu))
+                .spawn({
+                    let gpu = gpu_of(i);
+                    move || join_rank(rank_env, compute, tcp, gpu, exchange)
+                })
                 .map_err(Error::io("starting a rank thread"))
         })
         .collect::<Result<_>>()?;
@@ -461,15 +479,14 @@ fn group_process(
                         mut transport,
                         ..
                     } = r;
-                    run_worker_with(compute.as_mut(), &mut transport)
+                    run_worker_with(compute.as_mut(), transport.as_mut())
                 })
                 .map_err(Error::io("starting a rank thread"))
         })
         .collect::<Result<_>>()?;
     if head.rank == 0 {
         return Ok(Replica::Executor(Box::new(
-            ExpertParallelExecutor::with_rank(head.compute, Box::new(head.transport))
-                .with_workers(workers),
+            ExpertParallelExecutor::with_rank(head.compute, head.transport).with_workers(workers),
         )));
     }
     tracing::info!(
@@ -481,7 +498,7 @@ fn group_process(
         mut transport,
         ..
     } = head;
-    let mine = run_worker_with(compute.as_mut(), &mut transport);
+    let mine = run_worker_with(compute.as_mut(), transport.as_mut());
     for w in workers {
         match w.join() {
             Ok(r) => r.map_err(Error::Group)?,
@@ -496,18 +513,20 @@ fn group_process(
     Ok(Replica::Worker)
 }
 
-/// Joins the group as `env.rank` and, on GPUs, agrees with every rank on the KV blocks.
+/// Joins the group as `env.rank` and, on GPUs (`gpu` is the device), agrees with every rank on
+/// the KV blocks and on how the MoE rows move (NCCL or host memory, per `exchange`).
 fn join_rank(
     env: crate::dist::GroupEnv,
     mut compute: Box<dyn RankCompute>,
     tcp: TcpOptions,
-    on_gpu: bool,
+    gpu: Option<usize>,
+    exchange: RowExchange,
 ) -> Result<JoinedRank> {
     let mut transport = TcpTransport::connect(&env, tcp)?;
     // GPU ranks each sized their cache from their own free memory; CPU ranks were all given
     // the same geometry.
     let own = compute.kv_geometry().num_blocks;
-    let blocks = if on_gpu {
+    let blocks = if gpu.is_some() {
         agree_on_blocks(&mut transport, own)?
     } else {
         own
@@ -521,6 +540,10 @@ fn join_rank(
         );
         compute.limit_blocks(blocks);
     }
+    let transport: Box<dyn Transport> = match gpu {
+        Some(ordinal) => crate::dist::mixed::rows_over(transport, ordinal, exchange)?,
+        None => Box::new(transport),
+    };
     Ok(JoinedRank {
         rank: env.rank,
         compute,

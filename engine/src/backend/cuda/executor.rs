@@ -1445,7 +1445,8 @@ impl CudaExecutor {
             // The rows were written on this executor's stream; NCCL runs on its own.
             dev.stream.synchronize().map_err(|e| backend(e.into()))?;
             nccl.all_to_all_rows(send, send_counts, recv, recv_counts, h)?;
-            nccl.stream().synchronize().map_err(|e| backend(e.into()))?;
+            // Polls, watching the peers: NCCL alone would wait forever on a lost rank.
+            nccl.wait()?;
             Ok(())
         };
         exchange(nccl, send, &sent_rows, &mut rows, &recv_rows)?;
