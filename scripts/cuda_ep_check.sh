@@ -125,5 +125,20 @@ grep -h "expert-parallel MoE exchanges" "$out/gen_two_rank0.log" "$out/gen_two_r
 ep_pair 29652 score "${common[@]}" --prompt-ids "$long" --last-only > /dev/null
 echo "prefill of 512 tokens (4096 rows per MoE layer):"
 grep -h "expert-parallel MoE exchanges" "$out/ep_rank0.log" "$out/ep_rank1.log" | sed 's/.*exchanges//'
+echo "bench of the checkpoint, EP1 (one process) against EP2 (two processes on GPU 0):"
+shapes=(--checkpoint --prefill 1x512,4x512 --decode-batches 1,8,32 --contexts 512,2048
+        --decode-steps 16)
+"$engine" bench "${common[@]}" "${shapes[@]}" --out "$out/bench_ep1.json" > /dev/null \
+    2> "$out/bench_ep1.log" || { status=1; tail -3 "$out/bench_ep1.log"; }
+ep_pair 29653 bench "${common[@]}" "${shapes[@]}" --out "$out/bench_ep2.json" > /dev/null
+python3 - "$out/bench_ep1.json" "$out/bench_ep2.json" <<'PY' || status=1
+import json, sys
+one, two = (json.load(open(p)) for p in sys.argv[1:3])
+for a, b in zip(one["prefill"], two["prefill"]):
+    print(f"prefill {a['sequences']}x{a['tokens']}: EP1 {a['tokens_per_s']:.0f} tok/s, EP2 {b['tokens_per_s']:.0f} tok/s ({b['tokens_per_s'] / a['tokens_per_s']:.2f}x)")
+for a, b in zip(one["decode"], two["decode"]):
+    print(f"decode batch {a['batch']} at {a['context']}: EP1 {a['ms_per_step']:.2f} ms/step {a['tokens_per_s']:.0f} tok/s, EP2 {b['ms_per_step']:.2f} ms/step {b['tokens_per_s']:.0f} tok/s ({b['tokens_per_s'] / a['tokens_per_s']:.2f}x)")
+PY
+grep -h "expert-parallel MoE exchanges" "$out/ep_rank0.log" | sed 's/.*exchanges//' | tail -1
 fi
 exit $status

@@ -109,8 +109,10 @@ enum Command {
     /// workspace and the KV-cache tokens left. Exits non-zero when the model does not fit.
     Plan(PlanArgs),
     /// Measure prefill and decode speed, and decode time per token as the context grows.
-    /// On the CPU: the given model. With `--backend cuda`: a DeepSeek-V3.2-shaped model at full
-    /// width with fewer layers and random weights generated on the GPU.
+    /// On the CPU: the given model (one prompt of --prompt-len, batch 1). With `--backend cuda`
+    /// on one GPU: a DeepSeek-V3.2-shaped model at full width with fewer layers and random
+    /// weights generated on the GPU; with --checkpoint or over an expert-parallel group: the
+    /// given model through the serving executor, at the GPU shapes.
     Bench {
         #[command(flatten)]
         model: ModelArgs,
@@ -159,7 +161,8 @@ struct PlanArgs {
     json: bool,
 }
 
-/// Shapes of the GPU benchmark (ignored on the CPU), and where else the report goes.
+/// Shapes of the GPU benchmark (the CPU times --prompt-len at batch 1), and where else the
+/// report goes.
 #[derive(Args)]
 struct GpuBenchArgs {
     /// Dense (first) layers of the full-width model.
@@ -185,6 +188,11 @@ struct GpuBenchArgs {
     /// MLA on both caches).
     #[arg(long)]
     no_dsa_timings: bool,
+    /// Time the --model checkpoint through the serving executor instead of the synthetic
+    /// full-width model (always so over an expert-parallel group, which times the checkpoint
+    /// end to end: the same command with --expert-parallel 1 and 2 compares EP2 with EP1).
+    #[arg(long)]
+    checkpoint: bool,
     /// Also write the JSON report here (CPU or GPU).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -497,8 +505,11 @@ fn main() -> Result<()> {
                 },
                 gemm_timings: !gpu.no_gemm_timings,
                 dsa_timings: !gpu.no_dsa_timings,
+                checkpoint: gpu.checkpoint,
             };
-            let report = offline::bench(&model.into(), &opts)?;
+            let Some(report) = offline::bench(&model.into(), &opts)? else {
+                return Ok(());
+            };
             if let Some(path) = &gpu.out {
                 std::fs::write(path, serde_json::to_string_pretty(&report)?)
                     .with_context(|| format!("writing {}", path.display()))?;

@@ -116,6 +116,53 @@ fn score_and_generate_print_the_documented_json() {
 }
 
 #[test]
+fn bench_times_one_device_and_an_expert_parallel_group_the_same_way() {
+    let bench = |ep: &str| {
+        stdout_json(
+            bin()
+                .args(["bench", "--backend", "cpu", "--expert-parallel", ep])
+                .args([
+                    "--prompt-len",
+                    "40",
+                    "--decode-steps",
+                    "3",
+                    "--contexts",
+                    "20,70",
+                ])
+                .arg("--model")
+                .arg(data("fixtures/tiny-deep")),
+        )
+    };
+    for (ep, ranks) in [("1", 1), ("2", 2)] {
+        let v = bench(ep);
+        assert_eq!(v["ranks"], ranks, "{v}");
+        assert_eq!(v["prefill"][0]["tokens"], 40, "{v}");
+        let decode = v["decode"].as_array().unwrap();
+        let contexts: Vec<_> = decode.iter().map(|d| d["context"].clone()).collect();
+        assert_eq!(contexts, [json!(20), json!(70)], "{v}");
+        for d in decode {
+            assert_eq!(d["batch"], 1, "{v}");
+            assert!(d["tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+        }
+    }
+    let out = bin()
+        .args([
+            "bench",
+            "--backend",
+            "cpu",
+            "--decode-steps",
+            "0",
+            "--model",
+        ])
+        .arg(data("fixtures/tiny-deep"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--decode-steps must be at least 1"), "{err}");
+}
+
+#[test]
 fn a_bad_model_directory_is_a_clear_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("config.json"), r#"{"model_type": "llama"}"#).unwrap();

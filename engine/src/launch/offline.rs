@@ -9,15 +9,15 @@ use std::time::Instant;
 use serde_json::{Value, json};
 
 use super::device::gpu_dtypes;
-use super::replica::{Replica, Setup, build_replica, load_shard, model_config};
+use super::group::Role;
+use super::replica::{Replica, Setup, build_replica, model_config};
 use super::{Error, ModelOptions, Result};
-use crate::backend::cpu::CpuKvCache;
+use crate::backend::Executor;
 use crate::backend::cuda::plan::{Placement, PlacementRequest, placement};
 use crate::backend::cuda::{self, DType, Gemm};
-use crate::dist::ExpertShard;
-use crate::generate::{self, GenerateRequest, Generation, Rng};
-use crate::kv::{BlockAllocator, BlockTable, DEFAULT_BLOCK_SIZE, KvGeometry};
-use crate::model::{LogitsWanted, Model, ModelConfig, SeqChunk};
+use crate::generate::{self, GenerateRequest, Generation, Rng, Sampler, SamplingParams};
+use crate::kv::{BlockTable, DEFAULT_BLOCK_SIZE, KvGeometry, PrefixCachingPool};
+use crate::model::{LogitsWanted, ModelConfig, SeqChunk};
 
 /// The logits of every prompt position (or only the last), one row per position.
 pub fn score(
@@ -100,19 +100,20 @@ pub struct BenchOptions {
     pub gemm_timings: bool,
     /// GPU: also time DeepSeek Sparse Attention's kernels alone, each on both caches.
     pub dsa_timings: bool,
+    /// GPU: time the `--model` checkpoint through the serving executor instead of the
+    /// synthetic full-width model (always so over an expert-parallel group).
+    pub checkpoint: bool,
 }
 
-/// On the CPU: the given model. With the CUDA backend: a DeepSeek-V3.2-shaped model at full
-/// width with fewer layers and random weights generated on the GPU. Returns the JSON report.
-pub fn bench(opts: &ModelOptions, b: &BenchOptions) -> Result<Value> {
-    if opts.expert_parallel.is_some_and(|ep| ep > 1) {
-        return Err(Error::Options(
-            "bench times one device; time expert parallelism with generate or score over the \
-             group's ranks (scripts/cuda_ep_check.sh does, and logs the MoE exchange's cost)"
-                .into(),
-        ));
-    }
-    if Setup::whole(opts)?.on_gpu() {
+/// With the CUDA backend on one GPU (unless `checkpoint`): a DeepSeek-V3.2-shaped model at full
+/// width with fewer layers and random weights generated on the GPU, kernel by kernel. Otherwise
+/// the `--model` checkpoint through the serving executor, as one device or as the replica's
+/// expert-parallel group (threads or processes), so EP2 and EP1 are timed the same way.
+/// Returns the JSON report; a worker rank of a multi-process group returns `None`.
+pub fn bench(opts: &ModelOptions, b: &BenchOptions) -> Result<Option<Value>> {
+    let setup = Setup::new(opts)?;
+    let one_device = matches!(setup.role, Role::Single { ep: 1 });
+    if setup.on_gpu() && one_device && !b.checkpoint {
         let (weights, cache) = gpu_dtypes(opts, true)?;
         let gpu = cuda::bench::BenchOptions {
             device: opts.device,
@@ -129,104 +130,236 @@ pub fn bench(opts: &ModelOptions, b: &BenchOptions) -> Result<Value> {
             dsa_timings: b.dsa_timings,
             ..cuda::bench::BenchOptions::default()
         };
-        return Ok(cuda::bench::run(&gpu)?);
+        return Ok(Some(cuda::bench::run(&gpu)?));
     }
-    let model = load_shard(opts, ExpertShard::WHOLE)?;
-    bench_cpu(&model, b.prompt_len, b.decode_steps, &b.contexts)
+    let config = model_config(opts)?;
+    // The CPU reference times one prompt and batch 1; GPUs take the GPU shapes.
+    let shapes = if setup.on_gpu() {
+        BenchShapes {
+            prefill: b.prefill.clone(),
+            batches: b.decode_batches.clone(),
+            contexts: b.contexts.clone(),
+            decode_steps: b.decode_steps,
+        }
+    } else {
+        BenchShapes {
+            prefill: vec![(1, b.prompt_len)],
+            batches: vec![1],
+            contexts: b.contexts.clone(),
+            decode_steps: b.decode_steps,
+        }
+    };
+    let geometry = shapes.geometry(config.max_position_embeddings)?;
+    let Replica::Executor(mut ex) = build_replica(opts, &setup, geometry, false, None)? else {
+        return Ok(None);
+    };
+    Ok(Some(bench_executor(ex.as_mut(), &config, &shapes)?))
 }
 
-/// Prefill throughput at `prompt_len`, then decode time per token after contexts of each length.
-fn bench_cpu(
-    model: &Model,
-    prompt_len: usize,
-    decode_steps: usize,
-    contexts: &[usize],
+/// What [`bench_executor`] runs: prefill steps of (sequences, tokens each), and decode steps of
+/// each batch size after each context length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchShapes {
+    pub prefill: Vec<(usize, usize)>,
+    pub batches: Vec<usize>,
+    pub contexts: Vec<usize>,
+    pub decode_steps: usize,
+}
+
+/// Context is filled at most this many tokens per sequence and step, as a server would chunk it.
+const FILL_CHUNK: usize = 2048;
+
+impl BenchShapes {
+    /// The KV blocks each rank needs to hold the largest step here (every sequence may land on
+    /// one rank), checked against the model's context limit; every user number is checked.
+    pub fn geometry(&self, limit: usize) -> Result<KvGeometry> {
+        let bad = |why: String| Error::Options(why);
+        if self.prefill.iter().any(|&(s, t)| s == 0 || t == 0) {
+            return Err(bad(
+                "every prefill shape needs at least 1 sequence of 1 token".into(),
+            ));
+        }
+        if self.batches.contains(&0) {
+            return Err(bad("decode batch sizes must be at least 1".into()));
+        }
+        if !self.contexts.is_empty() && self.decode_steps == 0 {
+            return Err(bad("--decode-steps must be at least 1".into()));
+        }
+        let blocks = |tokens: usize| tokens.div_ceil(DEFAULT_BLOCK_SIZE);
+        let longest_prompt = self.prefill.iter().map(|p| p.1).max().unwrap_or(0);
+        let longest_decode = match self.contexts.iter().max() {
+            Some(&c) => c
+                .checked_add(self.decode_steps)
+                .ok_or_else(|| bad("the longest context plus --decode-steps overflows".into()))?,
+            None => 0,
+        };
+        let longest = longest_prompt.max(longest_decode);
+        if longest > limit {
+            return Err(bad(format!(
+                "the longest benchmark sequence ({longest} tokens) exceeds max_position_embeddings ({limit})"
+            )));
+        }
+        let prefill_blocks = self
+            .prefill
+            .iter()
+            .map(|&(s, t)| s.checked_mul(blocks(t)))
+            .try_fold(0usize, |most, b| b.map(|b| most.max(b)));
+        let widest = if self.contexts.is_empty() {
+            0
+        } else {
+            self.batches.iter().copied().max().unwrap_or(0)
+        };
+        let decode_blocks = widest.checked_mul(blocks(longest_decode));
+        let num_blocks = prefill_blocks
+            .zip(decode_blocks)
+            .map(|(p, d)| p.max(d).max(1))
+            .ok_or_else(|| bad("the benchmark's KV blocks overflow".into()))?;
+        Ok(KvGeometry {
+            num_blocks,
+            block_size: DEFAULT_BLOCK_SIZE,
+        })
+    }
+}
+
+/// Times `shapes` on `ex` with random tokens and greedy decoding (sampled where the executor
+/// samples, on the device for GPUs). A warm-up step runs first so that kernel compilation is
+/// not timed.
+pub fn bench_executor(
+    ex: &mut dyn Executor,
+    c: &ModelConfig,
+    shapes: &BenchShapes,
 ) -> Result<Value> {
-    let c = &model.config;
+    let mut pool = PrefixCachingPool::partitioned(ex.kv_geometry(), ex.kv_partitions(), false);
     let mut rng = Rng::new(17);
     let mut tokens = |n: usize| -> Vec<u32> {
         (0..n)
             .map(|_| 2 + (rng.next_u64() % (c.vocab_size as u64 - 2)) as u32)
             .collect()
     };
-    let longest = contexts
-        .iter()
-        .copied()
-        .chain([prompt_len])
-        .max()
-        .unwrap_or(0)
-        .saturating_add(decode_steps);
-    if longest > c.max_position_embeddings {
-        return Err(Error::Options(format!(
-            "the longest benchmark context ({longest}) exceeds max_position_embeddings ({})",
-            c.max_position_embeddings
-        )));
-    }
-    let geometry = KvGeometry {
-        num_blocks: longest.div_ceil(DEFAULT_BLOCK_SIZE),
-        block_size: DEFAULT_BLOCK_SIZE,
-    };
-    let mut cache = CpuKvCache::new(c, geometry);
-    let mut alloc = BlockAllocator::new(geometry);
-    let mut table = BlockTable::default();
-    alloc.reserve(&mut table, longest)?;
+    let flops = |from: usize, to: usize| (from..to).map(|p| c.flops_per_token(p)).sum::<f64>();
 
-    let prompt = tokens(prompt_len);
-    let t = Instant::now();
-    model.forward(
-        &mut cache,
-        &[SeqChunk {
-            tokens: &prompt,
-            start_pos: 0,
-            blocks: &table,
-            logits: LogitsWanted::Last,
-        }],
-    )?;
-    let prefill_s = t.elapsed().as_secs_f64();
-    let mut decode = Vec::new();
-    for &ctx in contexts {
-        let ctx_tokens = tokens(ctx);
-        tracing::info!(context = ctx, "filling context");
-        model.forward(
-            &mut cache,
-            &[SeqChunk {
-                tokens: &ctx_tokens,
-                start_pos: 0,
-                blocks: &table,
-                logits: LogitsWanted::None,
-            }],
-        )?;
-        let mut next = tokens(1);
-        let t = Instant::now();
-        for step in 0..decode_steps {
-            let out = model.forward(
-                &mut cache,
-                &[SeqChunk {
-                    tokens: &next,
-                    start_pos: ctx + step,
-                    blocks: &table,
-                    logits: LogitsWanted::Last,
-                }],
-            )?;
-            next = vec![generate::argmax(&out[0])];
+    let mut warm = BlockTable::default();
+    pool.reserve(&mut warm, 16)?;
+    let warm_tokens = tokens(16);
+    ex.forward(&[SeqChunk {
+        tokens: &warm_tokens,
+        start_pos: 0,
+        blocks: &warm,
+        logits: LogitsWanted::Last,
+    }])?;
+    pool.release(&mut warm);
+
+    let mut prefill = Vec::new();
+    for &(seqs, len) in &shapes.prefill {
+        tracing::info!(sequences = seqs, tokens = len, "timing prefill");
+        let prompts: Vec<Vec<u32>> = (0..seqs).map(|_| tokens(len)).collect();
+        let mut tables = vec![BlockTable::default(); seqs];
+        for t in &mut tables {
+            pool.reserve(t, len)?;
         }
-        let per_token_ms = 1e3 * t.elapsed().as_secs_f64() / decode_steps.max(1) as f64;
-        let gflops = c.flops_per_token(ctx + decode_steps / 2) / per_token_ms / 1e6;
-        decode.push(json!({
-            "context": ctx,
-            "ms_per_token": per_token_ms,
-            "tokens_per_s": 1e3 / per_token_ms,
-            "gflop_per_s": gflops,
+        let chunks: Vec<SeqChunk> = prompts
+            .iter()
+            .zip(&tables)
+            .map(|(p, t)| SeqChunk {
+                tokens: p,
+                start_pos: 0,
+                blocks: t,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let t = Instant::now();
+        ex.forward(&chunks)?;
+        let secs = t.elapsed().as_secs_f64();
+        for t in &mut tables {
+            pool.release(t);
+        }
+        let total = (seqs * len) as f64;
+        prefill.push(json!({
+            "sequences": seqs,
+            "tokens": len,
+            "seconds": secs,
+            "tokens_per_s": total / secs,
+            "gflop_per_s": seqs as f64 * flops(0, len) / secs / 1e9,
         }));
     }
+
+    let mut decode = Vec::new();
+    let mut contexts = shapes.contexts.clone();
+    contexts.sort_unstable();
+    contexts.dedup();
+    let widest = shapes.batches.iter().copied().max().unwrap_or(0);
+    let steps = shapes.decode_steps;
+    let mut tables = vec![BlockTable::default(); if contexts.is_empty() { 0 } else { widest }];
+    if let Some(&longest) = contexts.last() {
+        for t in &mut tables {
+            pool.reserve(t, longest + steps)?;
+        }
+    }
+    // Each context extends what the last one filled (decode's own writes are overwritten).
+    let mut filled = 0;
+    for &ctx in &contexts {
+        tracing::info!(context = ctx, sequences = widest, "filling context");
+        for t in &tables {
+            let mut pos = filled;
+            while pos < ctx {
+                let n = (ctx - pos).min(FILL_CHUNK);
+                let fill = tokens(n);
+                ex.forward(&[SeqChunk {
+                    tokens: &fill,
+                    start_pos: pos,
+                    blocks: t,
+                    logits: LogitsWanted::None,
+                }])?;
+                pos += n;
+            }
+        }
+        filled = ctx;
+        for &batch in &shapes.batches {
+            let mut next: Vec<Vec<u32>> = (0..batch).map(|_| tokens(1)).collect();
+            let t = Instant::now();
+            for step in 0..steps {
+                let chunks: Vec<SeqChunk> = next
+                    .iter()
+                    .zip(&tables)
+                    .map(|(tok, t)| SeqChunk {
+                        tokens: tok,
+                        start_pos: ctx + step,
+                        blocks: t,
+                        logits: LogitsWanted::Last,
+                    })
+                    .collect();
+                let mut samplers: Vec<Option<Sampler>> = (0..batch)
+                    .map(|_| {
+                        Some(Sampler {
+                            params: SamplingParams::default(),
+                            rng: Rng::new(0),
+                            logprobs: None,
+                        })
+                    })
+                    .collect();
+                let sampled = ex.forward_sample(&chunks, &mut samplers)?;
+                for (n, s) in next.iter_mut().zip(sampled) {
+                    if let Some(s) = s {
+                        n[0] = s.token;
+                    }
+                }
+            }
+            let secs = t.elapsed().as_secs_f64();
+            let ms_per_step = 1e3 * secs / steps as f64;
+            decode.push(json!({
+                "context": ctx,
+                "batch": batch,
+                "ms_per_step": ms_per_step,
+                "tokens_per_s": (batch * steps) as f64 / secs,
+                "gflop_per_s": batch as f64 * flops(ctx, ctx + steps) / secs / 1e9,
+            }));
+        }
+    }
     Ok(json!({
+        "device": ex.device_name(),
+        "ranks": ex.kv_partitions(),
         "threads": rayon::current_num_threads(),
-        "prefill": {
-            "tokens": prompt_len,
-            "seconds": prefill_s,
-            "tokens_per_s": prompt_len as f64 / prefill_s,
-            "gflop_per_s": (0..prompt_len).map(|p| c.flops_per_token(p)).sum::<f64>() / prefill_s / 1e9,
-        },
+        "prefill": prefill,
         "decode": decode,
     }))
 }
@@ -289,4 +422,47 @@ pub fn plan(o: &PlanOptions) -> Result<Placement> {
         max_num_seqs: o.max_num_seqs,
     };
     Ok(placement(&cfg, &req))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shapes(prefill: &[(usize, usize)], batches: &[usize], contexts: &[usize]) -> BenchShapes {
+        BenchShapes {
+            prefill: prefill.to_vec(),
+            batches: batches.to_vec(),
+            contexts: contexts.to_vec(),
+            decode_steps: 16,
+        }
+    }
+
+    #[test]
+    fn a_bench_holds_its_largest_step_on_one_rank() {
+        let g = shapes(&[(1, 4096), (4, 1024)], &[1, 8], &[100, 1000])
+            .geometry(1 << 20)
+            .unwrap();
+        // Decode: 8 sequences of 1016 tokens = 8 x 16 blocks; prefill: 4 x 16 or 1 x 64.
+        assert_eq!(g.num_blocks, 128);
+        assert_eq!(g.block_size, DEFAULT_BLOCK_SIZE);
+        let g = shapes(&[(2, 64)], &[64], &[]).geometry(1 << 20).unwrap();
+        assert_eq!(g.num_blocks, 2, "no contexts: only prefill counts");
+    }
+
+    #[test]
+    fn bench_shapes_that_cannot_run_are_refused_with_the_reason() {
+        let err = |s: BenchShapes| s.geometry(4096).unwrap_err().to_string();
+        assert!(err(shapes(&[(1, 5000)], &[1], &[])).contains("exceeds max_position_embeddings"));
+        assert!(err(shapes(&[(1, 10)], &[1], &[4090])).contains("4106 tokens"));
+        assert!(err(shapes(&[(0, 10)], &[1], &[])).contains("at least 1 sequence"));
+        assert!(err(shapes(&[(1, 10)], &[0], &[64])).contains("batch sizes"));
+        let mut s = shapes(&[(1, 10)], &[1], &[64]);
+        s.decode_steps = 0;
+        assert!(err(s).contains("--decode-steps"));
+        let mut s = shapes(&[(1, 10)], &[1], &[usize::MAX]);
+        s.decode_steps = 1;
+        assert!(err(s).contains("overflows"));
+        let huge = shapes(&[(usize::MAX, 4096)], &[1], &[]);
+        assert!(err(huge).contains("overflow"));
+    }
 }

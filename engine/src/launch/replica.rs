@@ -38,16 +38,6 @@ impl Setup {
         Ok(Setup { role, backend })
     }
 
-    /// The setup of a one-device run (benchmarks): the whole model, here.
-    pub fn whole(opts: &ModelOptions) -> Result<Self> {
-        let backend = choose_here(opts.backend, 1)?;
-        gpu_dtypes(opts, false)?;
-        Ok(Setup {
-            role: Role::Single { ep: 1 },
-            backend,
-        })
-    }
-
     pub fn on_gpu(&self) -> bool {
         self.backend.compute == Compute::Cuda
     }
