@@ -59,6 +59,11 @@ impl Rng {
         Rng(seed)
     }
 
+    /// The generator's whole state: `Rng::new(r.state())` continues where `r` is.
+    pub fn state(&self) -> u64 {
+        self.0
+    }
+
     pub fn from_entropy() -> Self {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

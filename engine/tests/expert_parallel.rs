@@ -138,6 +138,100 @@ fn a_group_holds_as_many_kv_blocks_as_its_ranks_together() {
 }
 
 #[test]
+fn each_rank_samples_its_own_sequences_as_one_process_would() {
+    use deepseek_engine::backend::CpuExecutor;
+    use deepseek_engine::generate::{Rng, Sampler};
+    use deepseek_engine::kv::{BlockTable, PrefixCachingPool};
+    use deepseek_engine::model::{LogitsWanted, SeqChunk};
+
+    let name = "tiny-deep";
+    let whole = Arc::new(Model::load(&dir(name)).unwrap());
+    let e = expected(name);
+    let prompts: Vec<&[u32]> = vec![
+        &e.prompt_ids[..9],
+        &e.prompt_ids[4..20],
+        &e.prompt_ids[30..33],
+        &e.prompt_ids[7..15],
+    ];
+    let steps = 6;
+    let per_rank = deepseek_engine::kv::KvGeometry {
+        num_blocks: 16,
+        block_size: deepseek_engine::kv::DEFAULT_BLOCK_SIZE,
+    };
+    let mut group = ExpertParallelExecutor::in_process(shards(name, 2), per_rank).unwrap();
+    let mut single = CpuExecutor::new(whole, group.kv_geometry());
+    let mut pool =
+        PrefixCachingPool::partitioned(group.kv_geometry(), group.kv_partitions(), false);
+    let mut tables = vec![BlockTable::default(); prompts.len()];
+    for (t, p) in tables.iter_mut().zip(&prompts) {
+        pool.reserve(t, p.len() + steps).unwrap();
+    }
+    let per = per_rank.num_blocks as u32;
+    let ranks: Vec<u32> = tables.iter().map(|t| t.blocks[0] / per).collect();
+    assert!(
+        ranks.contains(&0) && ranks.contains(&1),
+        "sequences on both ranks: {ranks:?}"
+    );
+    // Temperature, nucleus, top-k and logprobs on three sequences; the last has no sampler.
+    let samplers = || -> Vec<Option<Sampler>> {
+        (0..prompts.len())
+            .map(|i| {
+                (i < 3).then(|| Sampler {
+                    params: SamplingParams {
+                        temperature: 0.9,
+                        top_p: 0.95,
+                        top_k: 40,
+                        seed: Some(i as u64),
+                    },
+                    rng: Rng::new(1000 + i as u64),
+                    logprobs: Some(3),
+                })
+            })
+            .collect()
+    };
+    let (mut s_group, mut s_single) = (samplers(), samplers());
+    let mut inputs: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+    let mut pos = vec![0usize; prompts.len()];
+    for step in 0..steps {
+        let chunks: Vec<SeqChunk> = inputs
+            .iter()
+            .zip(&tables)
+            .zip(&pos)
+            .map(|((tokens, blocks), &start_pos)| SeqChunk {
+                tokens,
+                start_pos,
+                blocks,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let a = group.forward_sample(&chunks, &mut s_group).unwrap();
+        let b = single.forward_sample(&chunks, &mut s_single).unwrap();
+        assert!(a[3].is_none() && b[3].is_none(), "no sampler, no token");
+        for (i, (x, y)) in a.iter().zip(&b).enumerate().take(3) {
+            let (x, y) = (x.as_ref().unwrap(), y.as_ref().unwrap());
+            assert_eq!(x.token, y.token, "step {step}, sequence {i}");
+            assert!((x.logprob.unwrap() - y.logprob.unwrap()).abs() < 1e-4);
+            assert_eq!(x.top_logprobs.len(), 3);
+            let ids = |s: &deepseek_engine::generate::Sampled| -> Vec<u32> {
+                s.top_logprobs.iter().map(|p| p.0).collect()
+            };
+            assert_eq!(ids(x), ids(y));
+        }
+        for (x, y) in s_group.iter().zip(&s_single) {
+            assert_eq!(
+                x.as_ref().map(|s| s.rng.state()),
+                y.as_ref().map(|s| s.rng.state()),
+                "every rank hands its samplers' generators back"
+            );
+        }
+        for (i, input) in inputs.iter_mut().enumerate() {
+            pos[i] += input.len();
+            *input = vec![a[i].as_ref().map_or(7, |s| s.token)];
+        }
+    }
+}
+
+#[test]
 fn a_tcp_group_on_loopback_matches_one_process() {
     let name = "tiny-deep";
     let whole = Model::load(&dir(name)).unwrap();

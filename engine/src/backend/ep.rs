@@ -13,13 +13,16 @@
 
 use std::sync::Arc;
 
-use super::{CpuExecutor, Executor};
+use super::{CpuExecutor, Executor, sample_rows};
 use crate::dist::{DistError, Reader, Transport, Writer};
+use crate::generate::{Rng, Sampled, Sampler, SamplingParams};
 use crate::kv::{BlockTable, KvGeometry};
 use crate::model::{ForwardError, LogitsWanted, Model, SeqChunk};
 
 const STEP: u32 = 1;
 const SHUTDOWN: u32 = 2;
+/// A step whose sampled chunks are sampled by the rank that holds them.
+const STEP_SAMPLE: u32 = 3;
 
 /// One rank's share of an expert-parallel step: its own sequences through every layer, with
 /// each MoE layer exchanging tokens with the other ranks through `comm`. A rank with no
@@ -33,6 +36,17 @@ pub trait RankCompute: Send {
     fn kv_geometry(&self) -> KvGeometry;
     /// Uses at most `num_blocks` KV blocks: the group's ranks agree on the fewest any holds,
     /// so every rank's partition of the leader's pool has the same size.
+    /// Like [`Executor::forward_sample`]: the sampled token of each chunk with a sampler.
+    /// By default the rank's logits are sampled on the host.
+    fn forward_rank_sample(
+        &mut self,
+        batch: &[SeqChunk],
+        samplers: &mut [Option<Sampler>],
+        comm: &mut dyn Transport,
+    ) -> Result<Vec<Option<Sampled>>, ForwardError> {
+        let logits = self.forward_rank(batch, comm)?;
+        Ok(sample_rows(&logits, samplers))
+    }
     fn limit_blocks(&mut self, num_blocks: usize);
     fn device_name(&self) -> String;
 }
@@ -184,10 +198,82 @@ impl ExpertParallelExecutor {
     }
 }
 
-fn encode_chunks(chunks: &[(usize, &SeqChunk)]) -> Vec<u8> {
+/// What one chunk of a step gives back: its logits, or, in a sampling step, its sampled token
+/// (sampled on the rank that holds the sequence, so only the token crosses the group).
+enum ChunkOut {
+    Logits(Vec<f32>),
+    Sampled(Option<Sampled>),
+}
+
+fn encode_sampler(w: &mut Writer, s: &Sampler) {
+    let opt = |w: &mut Writer, v: Option<u64>| {
+        w.u32(v.is_some() as u32).u64(v.unwrap_or(0));
+    };
+    w.u32(s.params.temperature.to_bits())
+        .u32(s.params.top_p.to_bits())
+        .u64(s.params.top_k as u64);
+    opt(w, s.params.seed);
+    opt(w, s.logprobs.map(|n| n as u64));
+    w.u64(s.rng.state());
+}
+
+fn decode_sampler(r: &mut Reader) -> Result<Sampler, DistError> {
+    let temperature = f32::from_bits(r.u32()?);
+    let top_p = f32::from_bits(r.u32()?);
+    let top_k = r.u64()? as usize;
+    let opt = |r: &mut Reader| -> Result<Option<u64>, DistError> {
+        let some = r.u32()? != 0;
+        let v = r.u64()?;
+        Ok(some.then_some(v))
+    };
+    let seed = opt(r)?;
+    let logprobs = opt(r)?.map(|n| n as usize);
+    Ok(Sampler {
+        params: SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            seed,
+        },
+        rng: Rng::new(r.u64()?),
+        logprobs,
+    })
+}
+
+fn encode_sampled(w: &mut Writer, s: &Option<Sampled>) {
+    let Some(s) = s else {
+        w.u32(0);
+        return;
+    };
+    w.u32(1).u32(s.token);
+    w.u32(s.logprob.is_some() as u32)
+        .u32(s.logprob.unwrap_or(0.0).to_bits());
+    let (ids, lps): (Vec<u32>, Vec<f32>) = s.top_logprobs.iter().copied().unzip();
+    w.u32s(&ids).f32s(&lps);
+}
+
+fn decode_sampled(r: &mut Reader) -> Result<Option<Sampled>, DistError> {
+    if r.u32()? == 0 {
+        return Ok(None);
+    }
+    let token = r.u32()?;
+    let has_logprob = r.u32()? != 0;
+    let logprob = f32::from_bits(r.u32()?);
+    let ids = r.u32s()?;
+    let lps = r.f32s()?;
+    Ok(Some(Sampled {
+        token,
+        logprob: has_logprob.then_some(logprob),
+        top_logprobs: ids.into_iter().zip(lps).collect(),
+    }))
+}
+
+/// A step for one rank: its chunks and, in a sampling step, each chunk's sampler.
+fn encode_chunks(chunks: &[(usize, &SeqChunk, Option<&Sampler>)], sampling: bool) -> Vec<u8> {
     let mut w = Writer::default();
-    w.u32(STEP).u32(chunks.len() as u32);
-    for (index, c) in chunks {
+    w.u32(if sampling { STEP_SAMPLE } else { STEP })
+        .u32(chunks.len() as u32);
+    for (index, c, sampler) in chunks {
         let wanted = match c.logits {
             LogitsWanted::None => 0,
             LogitsWanted::Last => 1,
@@ -199,6 +285,12 @@ fn encode_chunks(chunks: &[(usize, &SeqChunk)]) -> Vec<u8> {
             .u32s(&c.blocks.blocks)
             .u32(c.blocks.block_size as u32)
             .u32(wanted);
+        if sampling {
+            w.u32(sampler.is_some() as u32);
+            if let Some(s) = sampler {
+                encode_sampler(&mut w, s);
+            }
+        }
     }
     w.finish()
 }
@@ -209,22 +301,30 @@ struct OwnedChunk {
     start_pos: usize,
     table: BlockTable,
     logits: LogitsWanted,
+    sampler: Option<Sampler>,
 }
 
-fn decode_chunks(bytes: &[u8]) -> Result<Option<Vec<OwnedChunk>>, DistError> {
+/// A step as a worker receives it; `None` when the leader shuts the group down.
+struct OwnedStep {
+    sampling: bool,
+    chunks: Vec<OwnedChunk>,
+}
+
+fn decode_chunks(bytes: &[u8]) -> Result<Option<OwnedStep>, DistError> {
     let mut r = Reader::new(bytes, 0);
-    match r.u32()? {
+    let sampling = match r.u32()? {
         SHUTDOWN => return Ok(None),
-        STEP => {}
+        STEP => false,
+        STEP_SAMPLE => true,
         k => {
             return Err(DistError::Protocol {
                 rank: 0,
                 reason: format!("unknown message kind {k}"),
             });
         }
-    }
+    };
     let n = r.u32()? as usize;
-    let mut out = Vec::with_capacity(n.min(4096));
+    let mut chunks = Vec::with_capacity(n.min(4096));
     for _ in 0..n {
         let index = r.u32()? as usize;
         let tokens = r.u32s()?;
@@ -236,32 +336,42 @@ fn decode_chunks(bytes: &[u8]) -> Result<Option<Vec<OwnedChunk>>, DistError> {
             1 => LogitsWanted::Last,
             _ => LogitsWanted::All,
         };
-        out.push(OwnedChunk {
+        let sampler = if sampling && r.u32()? != 0 {
+            Some(decode_sampler(&mut r)?)
+        } else {
+            None
+        };
+        chunks.push(OwnedChunk {
             index,
             tokens,
             start_pos,
             table: BlockTable { blocks, block_size },
             logits,
+            sampler,
         });
     }
-    Ok(Some(out))
+    Ok(Some(OwnedStep { sampling, chunks }))
 }
 
+/// Runs this rank's chunks; in a sampling step `samplers` (one per chunk) advance as they draw.
 fn run_local(
     local: &mut dyn RankCompute,
-    chunks: &[OwnedChunk],
+    chunks: &[SeqChunk],
+    samplers: Option<&mut [Option<Sampler>]>,
     t: &mut dyn Transport,
-) -> Result<Vec<Vec<f32>>, ForwardError> {
-    let views: Vec<SeqChunk> = chunks
-        .iter()
-        .map(|c| SeqChunk {
-            tokens: &c.tokens,
-            start_pos: c.start_pos,
-            blocks: &c.table,
-            logits: c.logits,
-        })
-        .collect();
-    local.forward_rank(&views, t)
+) -> Result<Vec<ChunkOut>, ForwardError> {
+    Ok(match samplers {
+        Some(samplers) => local
+            .forward_rank_sample(chunks, samplers, t)?
+            .into_iter()
+            .map(ChunkOut::Sampled)
+            .collect(),
+        None => local
+            .forward_rank(chunks, t)?
+            .into_iter()
+            .map(ChunkOut::Logits)
+            .collect(),
+    })
 }
 
 /// A worker rank's loop on the CPU: returns `Ok` when the leader shuts the group down.
@@ -282,15 +392,41 @@ pub fn run_worker_with(
     let world = t.world_size();
     loop {
         let got = t.all_to_all(vec![Vec::new(); world])?;
-        let Some(chunks) = decode_chunks(&got[0])? else {
+        let Some(mut step) = decode_chunks(&got[0])? else {
             tracing::info!(rank = t.rank(), "the leader closed the group");
             return Ok(());
         };
-        let logits = run_local(local, &chunks, t)?;
+        let mut samplers: Vec<Option<Sampler>> =
+            step.chunks.iter_mut().map(|c| c.sampler.take()).collect();
+        let views: Vec<SeqChunk> = step
+            .chunks
+            .iter()
+            .map(|c| SeqChunk {
+                tokens: &c.tokens,
+                start_pos: c.start_pos,
+                blocks: &c.table,
+                logits: c.logits,
+            })
+            .collect();
+        let outs = run_local(
+            local,
+            &views,
+            step.sampling.then_some(samplers.as_mut_slice()),
+            t,
+        )?;
         let mut w = Writer::default();
-        w.u32(chunks.len() as u32);
-        for (c, l) in chunks.iter().zip(&logits) {
-            w.u32(c.index as u32).f32s(l);
+        w.u32(step.chunks.len() as u32);
+        for ((c, out), sampler) in step.chunks.iter().zip(&outs).zip(&samplers) {
+            w.u32(c.index as u32);
+            match out {
+                ChunkOut::Logits(l) => {
+                    w.f32s(l);
+                }
+                ChunkOut::Sampled(s) => {
+                    encode_sampled(&mut w, s);
+                    w.u64(sampler.as_ref().map_or(0, |s| s.rng.state()));
+                }
+            }
         }
         let mut parts = vec![Vec::new(); world];
         parts[0] = w.finish();
@@ -298,9 +434,16 @@ pub fn run_worker_with(
     }
 }
 
-impl Executor for ExpertParallelExecutor {
-    fn forward(&mut self, batch: &[SeqChunk]) -> Result<Vec<Vec<f32>>, ForwardError> {
+impl ExpertParallelExecutor {
+    /// One step of the group: each rank runs its own sequences; with `samplers` (one per
+    /// chunk) each rank samples its own and only tokens come back, else the logits do.
+    fn step(
+        &mut self,
+        batch: &[SeqChunk],
+        mut samplers: Option<&mut [Option<Sampler>]>,
+    ) -> Result<Vec<ChunkOut>, ForwardError> {
         let world = self.transport.world_size();
+        let sampling = samplers.is_some();
         let placed = batch
             .iter()
             .map(|c| self.place(c))
@@ -317,18 +460,41 @@ impl Executor for ExpertParallelExecutor {
                 },
             ));
         }
+        let sampler_of = |i: usize| -> Option<&Sampler> {
+            samplers
+                .as_deref()
+                .and_then(|s| s.get(i))
+                .and_then(Option::as_ref)
+        };
         let mut parts: Vec<Vec<u8>> = per_rank
             .iter()
-            .map(|cs| encode_chunks(&cs.iter().map(|(i, c)| (*i, c)).collect::<Vec<_>>()))
+            .map(|cs| {
+                let chunks: Vec<_> = cs.iter().map(|(i, c)| (*i, c, sampler_of(*i))).collect();
+                encode_chunks(&chunks, sampling)
+            })
             .collect();
         parts[0] = Vec::new();
         self.transport.all_to_all(parts)?;
 
         let own: Vec<SeqChunk> = per_rank[0].iter().map(|(_, c)| *c).collect();
-        let own_logits = self.local.forward_rank(&own, self.transport.as_mut())?;
-        let mut out: Vec<Vec<f32>> = vec![Vec::new(); batch.len()];
-        for ((i, _), l) in per_rank[0].iter().zip(own_logits) {
-            out[*i] = l;
+        let mut own_samplers: Option<Vec<Option<Sampler>>> = samplers.as_deref_mut().map(|s| {
+            per_rank[0]
+                .iter()
+                .map(|(i, _)| s.get_mut(*i).and_then(Option::take))
+                .collect()
+        });
+        let own_out = run_local(
+            self.local.as_mut(),
+            &own,
+            own_samplers.as_deref_mut(),
+            self.transport.as_mut(),
+        )?;
+        let mut out: Vec<Option<ChunkOut>> = (0..batch.len()).map(|_| None).collect();
+        for (k, ((i, _), o)) in per_rank[0].iter().zip(own_out).enumerate() {
+            out[*i] = Some(o);
+            if let (Some(all), Some(own)) = (samplers.as_deref_mut(), own_samplers.as_mut()) {
+                all[*i] = own[k].take();
+            }
         }
         let replies = self.transport.all_to_all(vec![Vec::new(); world])?;
         for (src, bytes) in replies.iter().enumerate().skip(1) {
@@ -336,16 +502,64 @@ impl Executor for ExpertParallelExecutor {
             let n = r.u32()? as usize;
             for _ in 0..n {
                 let i = r.u32()? as usize;
-                let l = r.f32s()?;
-                let slot = out.get_mut(i).ok_or_else(|| {
-                    ForwardError::Backend(format!(
+                if i >= batch.len() {
+                    return Err(ForwardError::Backend(format!(
                         "rank {src} answered for chunk {i}, which does not exist"
-                    ))
-                })?;
-                *slot = l;
+                    )));
+                }
+                out[i] = Some(match samplers.as_deref_mut() {
+                    None => ChunkOut::Logits(r.f32s()?),
+                    Some(all) => {
+                        let sampled = decode_sampled(&mut r)?;
+                        let state = r.u64()?;
+                        if let Some(s) = all.get_mut(i).and_then(Option::as_mut) {
+                            s.rng = Rng::new(state);
+                        }
+                        ChunkOut::Sampled(sampled)
+                    }
+                });
             }
         }
-        Ok(out)
+        Ok(out
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or(if sampling {
+                    ChunkOut::Sampled(None)
+                } else {
+                    ChunkOut::Logits(Vec::new())
+                })
+            })
+            .collect())
+    }
+}
+
+impl Executor for ExpertParallelExecutor {
+    fn forward(&mut self, batch: &[SeqChunk]) -> Result<Vec<Vec<f32>>, ForwardError> {
+        Ok(self
+            .step(batch, None)?
+            .into_iter()
+            .map(|o| match o {
+                ChunkOut::Logits(l) => l,
+                ChunkOut::Sampled(_) => Vec::new(),
+            })
+            .collect())
+    }
+
+    /// Each rank samples its own sequences where their logits are (on its GPU for the CUDA
+    /// backend), so a step moves tokens, not vocabulary-wide rows, between ranks.
+    fn forward_sample(
+        &mut self,
+        batch: &[SeqChunk],
+        samplers: &mut [Option<Sampler>],
+    ) -> Result<Vec<Option<Sampled>>, ForwardError> {
+        Ok(self
+            .step(batch, Some(samplers))?
+            .into_iter()
+            .map(|o| match o {
+                ChunkOut::Sampled(s) => s,
+                ChunkOut::Logits(_) => None,
+            })
+            .collect())
     }
 
     /// Every rank's cache, one partition each.
@@ -388,6 +602,48 @@ impl Drop for ExpertParallelExecutor {
         let _ = self.transport.all_to_all(parts);
         for h in self.workers.drain(..) {
             let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samplers_and_sampled_tokens_cross_the_wire_unchanged() {
+        let sampler = Sampler {
+            params: SamplingParams {
+                temperature: 0.7,
+                top_p: 0.9,
+                top_k: 12,
+                seed: Some(42),
+            },
+            rng: Rng::new(0xdead_beef),
+            logprobs: Some(5),
+        };
+        let sampled = Some(Sampled {
+            token: 99,
+            logprob: Some(-1.25),
+            top_logprobs: vec![(99, -1.25), (3, -2.5)],
+        });
+        let mut w = Writer::default();
+        encode_sampler(&mut w, &sampler);
+        encode_sampled(&mut w, &sampled);
+        encode_sampled(&mut w, &None);
+        let bytes = w.finish();
+        let mut r = Reader::new(&bytes, 1);
+        let back = decode_sampler(&mut r).unwrap();
+        assert_eq!(back.params, sampler.params);
+        assert_eq!(back.rng.state(), sampler.rng.state());
+        assert_eq!(back.logprobs, Some(5));
+        assert_eq!(decode_sampled(&mut r).unwrap(), sampled);
+        assert_eq!(decode_sampled(&mut r).unwrap(), None);
+        assert!(r.is_empty());
+        for cut in 0..bytes.len() {
+            let mut r = Reader::new(&bytes[..cut], 1);
+            let whole = decode_sampler(&mut r).and_then(|_| decode_sampled(&mut r));
+            assert!(whole.is_err() || cut >= bytes.len() - 4, "cut at {cut}");
         }
     }
 }

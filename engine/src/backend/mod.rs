@@ -46,15 +46,20 @@ pub trait Executor: Send {
         samplers: &mut [Option<Sampler>],
     ) -> Result<Vec<Option<Sampled>>, ForwardError> {
         let logits = self.forward(batch)?;
-        Ok(logits
-            .iter()
-            .zip(samplers.iter_mut())
-            .map(|(l, s)| match s {
-                Some(s) if !l.is_empty() => Some(sample_row(l, s)),
-                _ => None,
-            })
-            .collect())
+        Ok(sample_rows(&logits, samplers))
     }
+}
+
+/// Samples on the host each chunk's logits that has a sampler (and logits).
+pub fn sample_rows(logits: &[Vec<f32>], samplers: &mut [Option<Sampler>]) -> Vec<Option<Sampled>> {
+    logits
+        .iter()
+        .zip(samplers.iter_mut())
+        .map(|(l, s)| match s {
+            Some(s) if !l.is_empty() => Some(sample_row(l, s)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The CPU reference model with its host-memory cache.

@@ -1548,6 +1548,15 @@ impl RankCompute for CudaExecutor {
         let step = self.forward_impl(batch, Some(comm))?;
         self.download_logits(&step).map_err(backend)
     }
+    fn forward_rank_sample(
+        &mut self,
+        batch: &[SeqChunk],
+        samplers: &mut [Option<Sampler>],
+        comm: &mut dyn Transport,
+    ) -> Result<Vec<Option<Sampled>>, ForwardError> {
+        let step = self.forward_impl(batch, Some(comm))?;
+        self.sample_on_device(&step, samplers).map_err(backend)
+    }
     fn kv_geometry(&self) -> KvGeometry {
         self.geometry
     }
