@@ -126,8 +126,8 @@ ep_pair 29652 score "${common[@]}" --prompt-ids "$long" --last-only > /dev/null
 echo "prefill of 512 tokens (4096 rows per MoE layer):"
 grep -h "expert-parallel MoE exchanges" "$out/ep_rank0.log" "$out/ep_rank1.log" | sed 's/.*exchanges//'
 echo "bench of the checkpoint, EP1 (one process) against EP2 (two processes on GPU 0):"
-shapes=(--checkpoint --prefill 1x512,4x512 --decode-batches 1,8,32 --contexts 512,2048
-        --decode-steps 16)
+# Small shapes: the host-staged exchange of two ranks sharing the GPU moves prefill slowly.
+shapes=(--checkpoint --prefill 1x512 --decode-batches 1,8,32 --contexts 512 --decode-steps 16)
 "$engine" bench "${common[@]}" "${shapes[@]}" --out "$out/bench_ep1.json" > /dev/null \
     2> "$out/bench_ep1.log" || { status=1; tail -3 "$out/bench_ep1.log"; }
 ep_pair 29653 bench "${common[@]}" "${shapes[@]}" --out "$out/bench_ep2.json" > /dev/null

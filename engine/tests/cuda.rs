@@ -1315,6 +1315,61 @@ fn an_expert_parallel_group_of_gpu_ranks_computes_what_one_gpu_computes() {
     }
 }
 
+/// Where an MoE layer's FP8 experts run as grouped GEMMs (K of both projections a multiple of
+/// 128, few rows per expert), an expert-parallel rank runs its share of the rows the same way,
+/// so a sequence alone gives bit-identical logits on one GPU and on either rank of a group.
+#[test]
+fn an_expert_parallel_group_runs_the_grouped_fp8_experts_one_gpu_runs() {
+    if gpu().is_none() {
+        return;
+    }
+    use deepseek_engine::model::builtin::{RandomWeights, builtin_config};
+    let mut cfg = builtin_config();
+    cfg.moe_intermediate_size = 128;
+    let src = RandomWeights { seed: 0x9e0 };
+    let n = cfg.n_routed_experts;
+    let whole = Model::from_source(cfg.clone(), &src).unwrap();
+    let g = geometry(8, 64);
+    let mut single = executor(&whole, g, DType::Fp8);
+    let ranks: Vec<Box<dyn RankCompute>> = (0..2)
+        .map(|r| {
+            let shard = ExpertShard::new(r, 2, n).unwrap();
+            let m = Model::from_source_sharded(cfg.clone(), &src, shard).unwrap();
+            Box::new(executor(&m, g, DType::Fp8)) as Box<dyn RankCompute>
+        })
+        .collect();
+    let mut group = ExpertParallelExecutor::in_process_ranks(ranks).unwrap();
+    let mut pool = PrefixCachingPool::partitioned(group.kv_geometry(), 2, false);
+    let prompt: Vec<u32> = (0..24)
+        .map(|i| (i * 37 + 5) % cfg.vocab_size as u32)
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..2 {
+        let mut t = BlockTable::default();
+        pool.reserve(&mut t, prompt.len()).unwrap();
+        seen.insert(pool.partition_of(&t));
+        let mut local = BlockTable::default();
+        BlockAllocator::new(g)
+            .reserve(&mut local, prompt.len())
+            .unwrap();
+        let chunk = |blocks| SeqChunk {
+            tokens: &prompt,
+            start_pos: 0,
+            blocks,
+            logits: LogitsWanted::All,
+        };
+        let want = single.forward(&[chunk(&local)]).unwrap();
+        let got = group.forward(&[chunk(&t)]).unwrap();
+        assert_eq!(
+            rel_err(&got[0], &want[0]),
+            0.0,
+            "rank {:?}",
+            pool.partition_of(&t)
+        );
+    }
+    assert_eq!(seen.len(), 2, "the sequence ran on each rank: {seen:?}");
+}
+
 /// The streaming load (each rank's tensors from the files to the device part by part, through
 /// pinned staging) puts on the device exactly what uploading the host model puts there: the
 /// logits agree bit for bit, for every storage type, whole and as expert-parallel ranks.

@@ -942,21 +942,7 @@ impl CudaExecutor {
         let xs = dev.alloc::<f32>(n * k * h)?;
         ops::gather_rows(dev, dev.ptr(&xs, 0), xn, dev.ptr(&d_perm, 0), n * k, h)?;
         let ys = dev.alloc::<f32>(n * k * h)?;
-        let ran = counts.iter().filter(|c| **c > 0).count();
-        self.experts_touched
-            .fetch_add(ran, std::sync::atomic::Ordering::Relaxed);
-        if self.grouped_experts_apply(moe, &counts) {
-            self.experts_grouped(
-                moe,
-                &counts,
-                &offsets,
-                dev.ptr(&xs, 0),
-                n * k,
-                dev.ptr(&ys, 0),
-            )?;
-        } else {
-            self.experts_one_by_one(moe, &counts, &offsets, &xs, &ys)?;
-        }
+        self.experts_sorted(moe, &counts, &offsets, &xs, &ys, n * k)?;
         let y = dev.alloc::<f32>(n * h)?;
         ops::moe_combine(
             dev,
@@ -973,6 +959,30 @@ impl CudaExecutor {
             ops::add(dev, dev.ptr(&y, 0), dev.ptr(&s, 0), n * h)?;
         }
         Ok(y)
+    }
+
+    /// Every active expert's MLP over its rows of `xs` (`rows` of them, sorted by expert) into
+    /// `ys`: grouped where [`Self::grouped_experts_apply`] says so, else one expert at a time.
+    /// A whole layer and an expert-parallel rank's share of one take the same path, so a group
+    /// computes what one GPU does.
+    fn experts_sorted(
+        &self,
+        moe: &DevMoe,
+        counts: &[usize],
+        offsets: &[usize],
+        xs: &cudarc::driver::CudaSlice<f32>,
+        ys: &cudarc::driver::CudaSlice<f32>,
+        rows: usize,
+    ) -> Result<(), CudaError> {
+        let ran = counts.iter().filter(|c| **c > 0).count();
+        self.experts_touched
+            .fetch_add(ran, std::sync::atomic::Ordering::Relaxed);
+        if self.grouped_experts_apply(moe, counts) {
+            let dev = &self.dev;
+            self.experts_grouped(moe, counts, offsets, dev.ptr(xs, 0), rows, dev.ptr(ys, 0))
+        } else {
+            self.experts_one_by_one(moe, counts, offsets, xs, ys)
+        }
     }
 
     /// Grouped GEMMs pay where experts have few rows each (decode): FP8 experts on the cuBLAS
@@ -1160,21 +1170,7 @@ impl CudaExecutor {
             h,
         )?;
         let ys = dev.alloc::<f32>(m * h)?;
-        let mut ran = 0;
-        for (x, mlp) in moe.experts.iter().enumerate() {
-            let cnt = counts[x];
-            if cnt == 0 {
-                continue;
-            }
-            let mlp = mlp.as_ref().ok_or_else(|| {
-                CudaError::Unsupported(format!("expert {x} was sent here but is not held here"))
-            })?;
-            ran += 1;
-            let off = offsets[x] * h;
-            self.mlp_into(mlp, dev.ptr(&xs, off), cnt, dev.ptr(&ys, off))?;
-        }
-        self.experts_touched
-            .fetch_add(ran, std::sync::atomic::Ordering::Relaxed);
+        self.experts_sorted(moe, &counts, &offsets, &xs, &ys, m)?;
         // Back to the rows' order.
         let d_slot_of = dev.upload(&slot_of)?;
         ops::gather_rows(
