@@ -2052,3 +2052,119 @@ fn grouped_expert_gemms_compute_what_per_expert_gemms_compute() {
         );
     }
 }
+
+/// The device sort of routed rows (`moe_sort_rows`) gives the host's stable sort by expert,
+/// its inverse, and the grouped GEMMs' tiles, on odd sizes, experts that draw more rows than a
+/// tile, and outputs poisoned first; an id out of range is flagged.
+#[test]
+fn the_device_sorts_routed_rows_by_expert_as_the_host_does() {
+    let Some(dev) = gpu() else { return };
+    let tile = ops::GROUPED_TILE_ROWS;
+    let mut rng = Rng(0x5eed_0f0e);
+    for (tokens, k, experts, skew) in [
+        (1, 8, 256, false),
+        (3, 8, 256, false),
+        (63, 8, 256, true),
+        (64, 8, 256, false),
+        (200, 6, 64, true),
+        (341, 6, 97, true),
+        (5, 1, 3, false),
+    ] {
+        // k distinct experts per token, ascending (as the router writes them); with `skew`
+        // most tokens draw the first experts, so some get more rows than a tile.
+        let mut ids = Vec::with_capacity(tokens * k);
+        for _ in 0..tokens {
+            let mut chosen: Vec<i32> = Vec::with_capacity(k);
+            while chosen.len() < k {
+                let u = (rng.f() + 1.0) / 2.0;
+                let x = if skew && u < 0.6 {
+                    (u * 2.0 * k as f32) as usize % experts
+                } else {
+                    ((u * experts as f32) as usize).min(experts - 1)
+                } as i32;
+                if !chosen.contains(&x) {
+                    chosen.push(x);
+                }
+            }
+            chosen.sort();
+            ids.extend(chosen);
+        }
+        let (perm, row_of, tiles, status) =
+            ops::moe_sort_rows_host(&dev, &ids, experts, k).unwrap();
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&r| ids[r]);
+        let mut want_perm = vec![0i32; ids.len()];
+        let mut want_row_of = vec![0i32; ids.len()];
+        for (slot, &r) in order.iter().enumerate() {
+            want_perm[slot] = (r / k) as i32;
+            want_row_of[r] = slot as i32;
+        }
+        let mut want_tiles = Vec::new();
+        let mut at = 0;
+        for x in 0..experts as i32 {
+            let count = ids.iter().filter(|v| **v == x).count();
+            for t0 in (0..count).step_by(tile) {
+                want_tiles.push((x, (at + t0) as i32, (at + (t0 + tile).min(count)) as i32));
+            }
+            at += count;
+        }
+        let active = (0..experts as i32).filter(|x| ids.contains(x)).count() as u64;
+        assert_eq!(perm, want_perm, "{tokens} x {k} over {experts}: perm");
+        assert_eq!(row_of, want_row_of, "{tokens} x {k} over {experts}: row_of");
+        assert_eq!(tiles, want_tiles, "{tokens} x {k} over {experts}: tiles");
+        assert_eq!(status, [active, 0], "{tokens} x {k} over {experts}: status");
+        if skew {
+            assert!(
+                tiles.len() > active as usize,
+                "the skewed case must split an expert"
+            );
+        }
+    }
+    let (_, _, _, status) = ops::moe_sort_rows_host(&dev, &[0, 7, 1, 2], 4, 2).unwrap();
+    assert_eq!(status[1], 1, "an id out of range is flagged");
+    let err = ops::moe_sort_rows_host(&dev, &vec![0; ops::MOE_SORT_MAX_ROWS + 1], 4, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("at most"), "{err}");
+}
+
+/// Decode-sized MoE steps that route, sort and run the grouped experts wholly on the device
+/// give the logits, tokens and expert counts of the host-sorted grouped path bit for bit: the
+/// trained model with FP8 weights, each greedy prompt scored (every prompt is shorter than a
+/// tile) and decoded.
+#[test]
+fn moe_steps_on_the_device_compute_what_host_sorted_steps_compute() {
+    if gpu().is_none() {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3.2-mini");
+    let exp: TrainedExpected =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let model = Model::load(&dir).unwrap();
+    let opts = CudaOptions {
+        weights: DType::Fp8,
+        cache: DType::Bf16,
+        max_batch_tokens: 256,
+        gemm: cuda::Gemm::Cublas,
+    };
+    let mut exec = CudaExecutor::with_options(&model, geometry(8, 64), 0, opts).unwrap();
+    for g in &exp.greedy {
+        assert!(g.prompt_ids.len() <= ops::GROUPED_TILE_ROWS);
+        exec.take_experts_touched();
+        exec.device().set_device_moe(true);
+        let on_device = score(&mut exec, &g.prompt_ids);
+        let touched_device = exec.take_experts_touched();
+        let tokens_device = greedy(&mut exec, &g.prompt_ids, 8);
+        exec.device().set_device_moe(false);
+        exec.take_experts_touched();
+        let on_host = score(&mut exec, &g.prompt_ids);
+        let touched_host = exec.take_experts_touched();
+        let tokens_host = greedy(&mut exec, &g.prompt_ids, 8);
+        exec.device().set_device_moe(true);
+        assert!(on_device.iter().all(|v| v.is_finite()), "{}", g.id);
+        assert_eq!(on_device, on_host, "{}: logits", g.id);
+        assert_eq!(tokens_device, tokens_host, "{}: greedy tokens", g.id);
+        assert!(touched_device > 0, "{}", g.id);
+        assert_eq!(touched_device, touched_host, "{}: experts run", g.id);
+    }
+}

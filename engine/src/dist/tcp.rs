@@ -114,6 +114,9 @@ fn read_u32(r: &mut impl Read) -> std::io::Result<u32> {
     Ok(u32::from_le_bytes(b4))
 }
 
+/// The most a frame's part reserves before its bytes arrive.
+const PREALLOC_LIMIT: u64 = 256 << 20;
+
 /// The next frame: `None` for a heartbeat.
 fn read_frame(r: &mut impl Read, max_parts: usize) -> std::io::Result<Option<Vec<Vec<u8>>>> {
     match read_u32(r)? {
@@ -138,7 +141,8 @@ fn read_frame(r: &mut impl Read, max_parts: usize) -> std::io::Result<Option<Vec
         let mut b8 = [0u8; 8];
         r.read_exact(&mut b8)?;
         let len = u64::from_le_bytes(b8);
-        let mut p = Vec::new();
+        // Room for the part up front (bounded: the length is a peer's word until it arrives).
+        let mut p = Vec::with_capacity(len.min(PREALLOC_LIMIT) as usize);
         r.by_ref().take(len).read_to_end(&mut p)?;
         if p.len() as u64 != len {
             return Err(std::io::Error::new(

@@ -14,17 +14,27 @@ impl Writer {
         self.0.extend_from_slice(&v.to_le_bytes());
         self
     }
+    /// A writer with room for `bytes` (an MoE exchange knows its size up front).
+    pub fn with_capacity(bytes: usize) -> Self {
+        Writer(Vec::with_capacity(bytes))
+    }
     pub fn f32s(&mut self, v: &[f32]) -> &mut Self {
         self.u64(v.len() as u64);
-        for x in v {
-            self.0.extend_from_slice(&x.to_le_bytes());
+        // One resize and a loop the compiler turns into a copy: hidden-state rows are most of
+        // the bytes an expert-parallel group exchanges.
+        let at = self.0.len();
+        self.0.resize(at + 4 * v.len(), 0);
+        for (dst, x) in self.0[at..].chunks_exact_mut(4).zip(v) {
+            dst.copy_from_slice(&x.to_le_bytes());
         }
         self
     }
     pub fn u32s(&mut self, v: &[u32]) -> &mut Self {
         self.u64(v.len() as u64);
-        for x in v {
-            self.0.extend_from_slice(&x.to_le_bytes());
+        let at = self.0.len();
+        self.0.resize(at + 4 * v.len(), 0);
+        for (dst, x) in self.0[at..].chunks_exact_mut(4).zip(v) {
+            dst.copy_from_slice(&x.to_le_bytes());
         }
         self
     }
@@ -100,12 +110,21 @@ impl<'a> Reader<'a> {
     }
 
     pub fn f32s(&mut self) -> Result<Vec<f32>, DistError> {
+        let mut out = Vec::new();
+        self.f32s_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// Appends the next `f32s` field to `out` (no intermediate vector); returns its length.
+    pub fn f32s_into(&mut self, out: &mut Vec<f32>) -> Result<usize, DistError> {
         let n = self.len(4)?;
-        Ok(self
-            .take(n * 4)?
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
+        let bytes = self.take(n * 4)?;
+        let at = out.len();
+        out.resize(at + n, 0.0);
+        for (dst, b) in out[at..].iter_mut().zip(bytes.chunks_exact(4)) {
+            *dst = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        Ok(n)
     }
 
     pub fn u32s(&mut self) -> Result<Vec<u32>, DistError> {
@@ -169,5 +188,31 @@ mod tests {
                 .to_string()
                 .contains("UTF-8")
         );
+    }
+
+    #[test]
+    fn arrays_are_a_length_then_little_endian_values_and_append_in_place() {
+        let mut w = Writer::with_capacity(64);
+        w.f32s(&[1.0, -0.5]).u32s(&[0x0102_0304]);
+        let bytes = w.finish();
+        let mut want = 2u64.to_le_bytes().to_vec();
+        want.extend_from_slice(&1.0f32.to_le_bytes());
+        want.extend_from_slice(&(-0.5f32).to_le_bytes());
+        want.extend_from_slice(&1u64.to_le_bytes());
+        want.extend_from_slice(&[4, 3, 2, 1]);
+        assert_eq!(bytes, want);
+        let mut out = vec![9.0];
+        let mut r = Reader::new(&bytes, 0);
+        assert_eq!(r.f32s_into(&mut out).unwrap(), 2);
+        assert_eq!(out, vec![9.0, 1.0, -0.5]);
+        // A length beyond the message is an error and leaves `out` as it was.
+        let mut r = Reader::new(&bytes[..12], 3);
+        assert!(
+            r.f32s_into(&mut out)
+                .unwrap_err()
+                .to_string()
+                .contains("rank 3")
+        );
+        assert_eq!(out.len(), 3);
     }
 }

@@ -238,6 +238,7 @@ pub struct Device {
     attention: AtomicU8,
     indexer: AtomicU8,
     grouped_experts: std::sync::atomic::AtomicBool,
+    device_moe: std::sync::atomic::AtomicBool,
     blas: Mutex<Option<Arc<CudaBlas>>>,
     fp8_gemm: AtomicU8,
     /// cuBLASLt, made on first use; the error text when it cannot be.
@@ -273,6 +274,7 @@ impl Device {
             attention: AtomicU8::new(0),
             indexer: AtomicU8::new(0),
             grouped_experts: std::sync::atomic::AtomicBool::new(true),
+            device_moe: std::sync::atomic::AtomicBool::new(true),
             blas: Mutex::new(None),
             fp8_gemm: AtomicU8::new(0),
             lt: Mutex::new(None),
@@ -393,6 +395,17 @@ impl Device {
     /// Allows or forbids the grouped expert GEMMs (tests compare both).
     pub fn set_grouped_experts(&self, on: bool) {
         self.grouped_experts.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether decode-sized MoE steps may route, sort and run their grouped experts wholly on
+    /// the device; off, the expert ids come to the host to be sorted (same kernels, same sums).
+    pub fn device_moe(&self) -> bool {
+        self.device_moe.load(Ordering::Relaxed)
+    }
+
+    /// Allows or forbids the on-device MoE path (tests compare both).
+    pub fn set_device_moe(&self, on: bool) {
+        self.device_moe.store(on, Ordering::Relaxed);
     }
 
     /// Chooses the indexer's scoring kernel (tests and the benchmark compare both).

@@ -22,7 +22,7 @@ use super::load::{self, Uploader};
 use super::ops::{self, MlaDims, RouteParams};
 use super::plan::{self, MemoryPlan};
 use super::weights::{
-    self, DType, DevBuf, DevFeedForward, DevLayer, DevLinear, DevMlp, DevModel, DevMoe,
+    self, DType, DevBuf, DevFeedForward, DevLayer, DevLinear, DevMlp, DevModel, DevMoe, MoeTables,
 };
 use crate::backend::Executor;
 use crate::backend::ep::RankCompute;
@@ -75,6 +75,11 @@ pub struct CudaExecutor {
     /// Routed experts that ran (summed over MoE layers) since the last
     /// [`CudaExecutor::take_experts_touched`]: the weight traffic of a decode step.
     experts_touched: std::sync::atomic::AtomicUsize,
+    /// Device counters of the on-device MoE sort (`ops::moe_sort_rows`): experts run, and
+    /// whether the router ever gave an id out of range.
+    moe_status: cudarc::driver::CudaSlice<u64>,
+    /// The experts-run counter as last read.
+    moe_status_seen: std::sync::atomic::AtomicU64,
     /// Sampled rows the device's candidates could not decide (copied whole to the host).
     whole_rows_sampled: std::sync::atomic::AtomicUsize,
     /// The routed experts this executor holds (all of them outside expert parallelism).
@@ -251,6 +256,13 @@ impl CudaExecutor {
         plan: MemoryPlan,
         (attention_factor, softmax_scale): (f32, f32),
     ) -> Result<Self, CudaError> {
+        let mut w = w;
+        for layer in &mut w.layers {
+            if let DevFeedForward::Moe(moe) = &mut layer.mlp {
+                moe.tables = MoeTables::build(&dev, &moe.experts)?;
+            }
+        }
+        let moe_status = dev.zeros::<u64>(2)?;
         let slots = geometry.num_slots();
         let layers = cfg.mlp_layer_types.len();
         let (latent_row, index_row) = weights::cache_row_len(&cfg, options.cache);
@@ -274,6 +286,8 @@ impl CudaExecutor {
             options,
             plan,
             experts_touched: Default::default(),
+            moe_status,
+            moe_status_seen: Default::default(),
             whole_rows_sampled: Default::default(),
             shard: ExpertShard::WHOLE,
             exchange: Default::default(),
@@ -294,8 +308,24 @@ impl CudaExecutor {
 
     /// Routed experts run since the last call, summed over MoE layers; resets the count.
     pub fn take_experts_touched(&self) -> usize {
-        self.experts_touched
-            .swap(0, std::sync::atomic::Ordering::Relaxed)
+        use std::sync::atomic::Ordering::Relaxed;
+        let on_host = self.experts_touched.swap(0, Relaxed);
+        let on_device = match self.dev.download(&self.moe_status, 2) {
+            Ok(status) => {
+                if status[1] != 0 {
+                    tracing::error!(
+                        device = %self.dev.name,
+                        "the router chose an expert id out of range; its rows ran through expert 0"
+                    );
+                }
+                status[0] - self.moe_status_seen.swap(status[0], Relaxed)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the device's expert counter");
+                0
+            }
+        };
+        on_host + on_device as usize
     }
 
     /// A model of shape `cfg` with random weights generated on device `device_ordinal` from
@@ -909,13 +939,17 @@ impl CudaExecutor {
         Ok(y)
     }
 
-    /// Routed experts (grouped by expert on the host) plus the shared experts.
+    /// Routed experts plus the shared experts: wholly on the device for decode-sized steps
+    /// ([`Self::moe_on_device`]), else grouped by expert on the host.
     fn moe(
         &self,
         moe: &DevMoe,
         xn: u64,
         n: usize,
     ) -> Result<cudarc::driver::CudaSlice<f32>, CudaError> {
+        if let Some(tables) = self.device_moe_tables(moe, n) {
+            return self.moe_on_device(moe, tables, xn, n);
+        }
         let (dev, c) = (&self.dev, &self.cfg);
         let (h, e, k) = (c.hidden_size, c.n_routed_experts, c.num_experts_per_tok);
         let (host_ids, wts) = self.route(moe, xn, n)?;
@@ -949,6 +983,85 @@ impl CudaExecutor {
             dev.ptr(&y, 0),
             dev.ptr(&ys, 0),
             dev.ptr(&d_row_of, 0),
+            dev.ptr(&wts, 0),
+            n,
+            k,
+            h,
+        )?;
+        if let Some(shared) = &moe.shared_experts {
+            let s = self.mlp(shared, xn, n)?;
+            ops::add(dev, dev.ptr(&y, 0), dev.ptr(&s, 0), n * h)?;
+        }
+        Ok(y)
+    }
+
+    /// The tables to run a step of `n` tokens through [`Self::moe_on_device`], when it can: the
+    /// grouped path applies ([`Self::grouped_experts_apply`]'s conditions; with at most one
+    /// tile of tokens no expert can have more rows than a tile) and the rows fit one sort block.
+    fn moe_device_tables_ok(&self, n: usize) -> bool {
+        let c = &self.cfg;
+        self.dev.device_moe()
+            && self.dev.grouped_experts()
+            && self.dev.gemm() == super::Gemm::Cublas
+            && c.hidden_size.is_multiple_of(128)
+            && c.moe_intermediate_size.is_multiple_of(128)
+            && n <= ops::GROUPED_TILE_ROWS
+            && n.checked_mul(c.num_experts_per_tok)
+                .is_some_and(|r| r <= ops::MOE_SORT_MAX_ROWS)
+            && c.n_routed_experts <= ops::MAX_EXPERTS
+    }
+
+    fn device_moe_tables<'m>(&self, moe: &'m DevMoe, n: usize) -> Option<&'m MoeTables> {
+        moe.tables.as_ref().filter(|_| self.moe_device_tables_ok(n))
+    }
+
+    /// An MoE step with no host round trip: route, sort the rows by expert and plan the
+    /// grouped GEMMs' tiles on the device (`ops::moe_sort_rows`), run every expert's gate, up
+    /// and down projections as one launch each (tiles pick their expert from `tables`), and
+    /// combine. The tiles, rows and kernels are those of the host-sorted grouped path, so the
+    /// results are the same bit for bit.
+    fn moe_on_device(
+        &self,
+        moe: &DevMoe,
+        tables: &MoeTables,
+        xn: u64,
+        n: usize,
+    ) -> Result<cudarc::driver::CudaSlice<f32>, CudaError> {
+        let (dev, c) = (&self.dev, &self.cfg);
+        let (h, e, k, inter) = (
+            c.hidden_size,
+            c.n_routed_experts,
+            c.num_experts_per_tok,
+            c.moe_intermediate_size,
+        );
+        let rows = n * k;
+        let (ids, wts) = self.route_on_device(moe, xn, n)?;
+        let sorted = ops::moe_sort_rows(
+            dev,
+            dev.ptr(&ids, 0),
+            rows,
+            e,
+            k,
+            dev.ptr(&self.moe_status, 0),
+        )?;
+        let xs = dev.alloc::<f32>(rows * h)?;
+        ops::gather_rows(dev, dev.ptr(&xs, 0), xn, dev.ptr(&sorted.perm, 0), rows, h)?;
+        let g = dev.alloc::<f32>(rows * inter)?;
+        let u = dev.alloc::<f32>(rows * inter)?;
+        let (pg, pu) = (dev.ptr(&g, 0), dev.ptr(&u, 0));
+        let xq = ops::quantize_rows(dev, dev.ptr(&xs, 0), rows, h, tables.gate.pow2_act())?;
+        ops::linear_fp8_grouped_table(dev, pg, &xq, &tables.gate, &sorted)?;
+        ops::linear_fp8_grouped_table(dev, pu, &xq, &tables.up, &sorted)?;
+        ops::silu_mul(dev, pg, pg, pu, rows * inter)?;
+        let gq = ops::quantize_rows(dev, pg, rows, inter, tables.down.pow2_act())?;
+        let ys = dev.alloc::<f32>(rows * h)?;
+        ops::linear_fp8_grouped_table(dev, dev.ptr(&ys, 0), &gq, &tables.down, &sorted)?;
+        let y = dev.alloc::<f32>(n * h)?;
+        ops::moe_combine(
+            dev,
+            dev.ptr(&y, 0),
+            dev.ptr(&ys, 0),
+            dev.ptr(&sorted.row_of, 0),
             dev.ptr(&wts, 0),
             n,
             k,
@@ -1079,6 +1192,32 @@ impl CudaExecutor {
         xn: u64,
         n: usize,
     ) -> Result<(Vec<i32>, cudarc::driver::CudaSlice<f32>), CudaError> {
+        let e = self.cfg.n_routed_experts;
+        let k = self.cfg.num_experts_per_tok;
+        let (ids, wts) = self.route_on_device(moe, xn, n)?;
+        let host_ids = self.dev.download(&ids, n * k)?;
+        if let Some(bad) = host_ids.iter().find(|x| **x < 0 || **x as usize >= e) {
+            return Err(CudaError::Unsupported(format!(
+                "router chose expert {bad} of {e}"
+            )));
+        }
+        Ok((host_ids, wts))
+    }
+
+    /// Routes `n` tokens on the device: the chosen experts `[n·k]` (ascending per token) and
+    /// their weights, both on the device.
+    fn route_on_device(
+        &self,
+        moe: &DevMoe,
+        xn: u64,
+        n: usize,
+    ) -> Result<
+        (
+            cudarc::driver::CudaSlice<i32>,
+            cudarc::driver::CudaSlice<f32>,
+        ),
+        CudaError,
+    > {
         let (dev, c) = (&self.dev, &self.cfg);
         let (e, k) = (c.n_routed_experts, c.num_experts_per_tok);
         let logits = dev.alloc::<f32>(n * e)?;
@@ -1102,13 +1241,7 @@ impl CudaExecutor {
             n,
             params,
         )?;
-        let host_ids = dev.download(&ids, n * k)?;
-        if let Some(bad) = host_ids.iter().find(|x| **x < 0 || **x as usize >= e) {
-            return Err(CudaError::Unsupported(format!(
-                "router chose expert {bad} of {e}"
-            )));
-        }
-        Ok((host_ids, wts))
+        Ok((ids, wts))
     }
 
     /// Runs the local experts over `rows` (host values `[rows·h]`, expert ids per row);
@@ -1288,14 +1421,21 @@ impl CudaExecutor {
         };
         let started = std::time::Instant::now();
         let mut sent_rows = vec![0usize; world];
-        let mut writers: Vec<Writer> = (0..world).map(|_| Writer::default()).collect();
+        if let Some(sorted) = &sorted {
+            for &x in &sorted.experts {
+                sent_rows[self.shard.owner(x, e)] += 1;
+            }
+        }
+        // Each row: expert id, length, values.
+        let row_bytes = 4 + 8 + 4 * h;
+        let mut writers: Vec<Writer> = sent_rows
+            .iter()
+            .map(|rows| Writer::with_capacity(4 + rows * row_bytes))
+            .collect();
         if let Some(sorted) = &sorted {
             let host_xs = dev
                 .download(&sorted.xs, sorted.experts.len() * h)
                 .map_err(backend)?;
-            for &x in &sorted.experts {
-                sent_rows[self.shard.owner(x, e)] += 1;
-            }
             for (dest, w) in writers.iter_mut().enumerate() {
                 w.u32(sent_rows[dest] as u32);
             }
@@ -1313,7 +1453,8 @@ impl CudaExecutor {
 
         // Every row that arrived, from every rank, through the local experts at once.
         let mut experts = Vec::new();
-        let mut rows = Vec::new();
+        let arrived: usize = received.iter().map(Vec::len).sum();
+        let mut rows = Vec::with_capacity(arrived / 4);
         let mut per_source = Vec::with_capacity(world);
         for (src, bytes) in received.iter().enumerate() {
             let mut r = Reader::new(bytes, src);
@@ -1324,14 +1465,13 @@ impl CudaExecutor {
             };
             for _ in 0..count {
                 let x = r.u32()? as usize;
-                let v = r.f32s()?;
-                if x >= e || v.len() != h || !self.shard.owns(x, e) {
+                let len = r.f32s_into(&mut rows)?;
+                if x >= e || len != h || !self.shard.owns(x, e) {
                     return Err(ForwardError::Backend(format!(
                         "rank {src} sent a row for expert {x} that this rank cannot compute"
                     )));
                 }
                 experts.push(x);
-                rows.extend_from_slice(&v);
             }
             per_source.push(count);
         }
@@ -1343,7 +1483,7 @@ impl CudaExecutor {
         let mut replies = Vec::with_capacity(world);
         let mut at = 0;
         for count in per_source {
-            let mut w = Writer::default();
+            let mut w = Writer::with_capacity(8 + 4 * count * h);
             w.f32s(&out[at * h..(at + count) * h]);
             replies.push(w.finish());
             at += count;
@@ -1357,15 +1497,13 @@ impl CudaExecutor {
         // which is the sorted order `row_of` indexes.
         let mut ys = Vec::with_capacity(sorted.experts.len() * h);
         for (dest, bytes) in results.iter().enumerate() {
-            let part = Reader::new(bytes, dest).f32s()?;
-            if part.len() != sent_rows[dest] * h {
+            let len = Reader::new(bytes, dest).f32s_into(&mut ys)?;
+            if len != sent_rows[dest] * h {
                 return Err(ForwardError::Backend(format!(
-                    "rank {dest} returned {} values for {} rows",
-                    part.len(),
+                    "rank {dest} returned {len} values for {} rows",
                     sent_rows[dest]
                 )));
             }
-            ys.extend_from_slice(&part);
         }
         let d_ys = dev.upload(&ys).map_err(backend)?;
         self.record_exchange(

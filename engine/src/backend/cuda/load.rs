@@ -248,6 +248,7 @@ impl PartSink for DeviceParts<'_, '_> {
                         .as_ref()
                         .map(|m| DevMlp::upload(up, m, dtype, pow2))
                         .transpose()?,
+                    tables: None,
                 })
             }
         };

@@ -615,6 +615,242 @@ pub fn linear_fp8_grouped(
     )
 }
 
+/// An MoE layer's FP8 routed experts of one projection as device tables indexed by expert id
+/// (weight codes and 128×128 block scales), so a grouped GEMM picks each tile's expert on the
+/// device ([`linear_fp8_grouped_table`]).
+#[derive(Debug)]
+pub struct ExpertTable {
+    weights: cudarc::driver::CudaSlice<u64>,
+    scales: cudarc::driver::CudaSlice<u64>,
+    out_dim: usize,
+    in_dim: usize,
+    pow2_act: bool,
+}
+
+impl ExpertTable {
+    /// `None` unless every expert is given, FP8 with block scales, all of one shape and one
+    /// activation-scale rule.
+    pub fn build(dev: &Device, experts: &[Option<&DevLinear>]) -> Result<Option<Self>, CudaError> {
+        let Some(Some(first)) = experts.first() else {
+            return Ok(None);
+        };
+        let (mut weights, mut scales) = (Vec::new(), Vec::new());
+        for w in experts {
+            match w {
+                Some(w)
+                    if w.w.dtype() == DType::Fp8
+                        && (w.out_dim, w.in_dim, w.pow2_act)
+                            == (first.out_dim, first.in_dim, first.pow2_act) =>
+                {
+                    let Some(scale) = &w.scale_inv else {
+                        return Ok(None);
+                    };
+                    weights.push(w.w.ptr(dev));
+                    scales.push(dev.ptr(scale, 0));
+                }
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some(ExpertTable {
+            weights: dev.upload(&weights)?,
+            scales: dev.upload(&scales)?,
+            out_dim: first.out_dim,
+            in_dim: first.in_dim,
+            pow2_act: first.pow2_act,
+        }))
+    }
+
+    pub fn pow2_act(&self) -> bool {
+        self.pow2_act
+    }
+}
+
+/// The most rows (tokens × choices) [`moe_sort_rows`] sorts in one block.
+pub const MOE_SORT_MAX_ROWS: usize = 2048;
+
+/// A step's routed rows laid out by expert on the device, with the grouped GEMMs' tile plan
+/// (see `kernels/moe.cu::moe_sort_rows`). Nothing of it is read back to the host.
+#[derive(Debug)]
+pub struct DeviceSortedRows {
+    /// `perm[slot]`: the token of sorted slot `slot`.
+    pub perm: cudarc::driver::CudaSlice<i32>,
+    /// `row_of[t·k + i]`: the sorted slot of token t's i-th choice.
+    pub row_of: cudarc::driver::CudaSlice<i32>,
+    tile_expert: cudarc::driver::CudaSlice<i32>,
+    tile_row0: cudarc::driver::CudaSlice<i32>,
+    tile_row_end: cudarc::driver::CudaSlice<i32>,
+    tile_count: cudarc::driver::CudaSlice<i32>,
+    pub rows: usize,
+    /// The most tiles the plan can hold: the grouped launches' grid.
+    max_tiles: usize,
+}
+
+impl DeviceSortedRows {
+    /// Buffers for `rows` rows over `n_experts`, filled with `fill` (tests poison them).
+    fn alloc(
+        dev: &Device,
+        rows: usize,
+        n_experts: usize,
+        fill: Option<i32>,
+    ) -> Result<Self, CudaError> {
+        // Every tile holds a row, and all of an expert's tiles but its last are full.
+        let max_tiles = rows
+            .min(n_experts + rows.div_ceil(GROUPED_TILE_ROWS))
+            .max(1);
+        let buf = |n: usize| match fill {
+            Some(v) => dev.upload(&vec![v; n.max(1)]),
+            None => dev.alloc::<i32>(n),
+        };
+        Ok(DeviceSortedRows {
+            perm: buf(rows)?,
+            row_of: buf(rows)?,
+            tile_expert: buf(max_tiles)?,
+            tile_row0: buf(max_tiles)?,
+            tile_row_end: buf(max_tiles)?,
+            tile_count: dev.zeros::<i32>(1)?,
+            rows,
+            max_tiles,
+        })
+    }
+
+    fn launch_sort(
+        &self,
+        dev: &Device,
+        ids: u64,
+        n_experts: usize,
+        k: usize,
+        status: u64,
+    ) -> Result<(), CudaError> {
+        if self.rows == 0 {
+            return Ok(());
+        }
+        launch(
+            dev,
+            Family::Moe,
+            "moe_sort_rows",
+            (1, 1, 1),
+            256,
+            0,
+            &[
+                Arg::P(dev.ptr(&self.perm, 0)),
+                Arg::P(dev.ptr(&self.row_of, 0)),
+                Arg::P(dev.ptr(&self.tile_expert, 0)),
+                Arg::P(dev.ptr(&self.tile_row0, 0)),
+                Arg::P(dev.ptr(&self.tile_row_end, 0)),
+                Arg::P(dev.ptr(&self.tile_count, 0)),
+                Arg::P(status),
+                Arg::P(ids),
+                i(self.rows),
+                i(n_experts),
+                i(k),
+                i(GROUPED_TILE_ROWS),
+            ],
+        )
+    }
+}
+
+fn check_sort(rows: usize, n_experts: usize, k: usize) -> Result<(), CudaError> {
+    if rows > MOE_SORT_MAX_ROWS || n_experts > MAX_EXPERTS || k == 0 {
+        return Err(CudaError::Unsupported(format!(
+            "sorting {rows} routed rows over {n_experts} experts on the device (at most \
+             {MOE_SORT_MAX_ROWS} rows, {MAX_EXPERTS} experts)"
+        )));
+    }
+    Ok(())
+}
+
+/// Sorts the `rows` expert ids at `ids` (`k` per token, each below `n_experts`) by expert on
+/// the device and plans [`GROUPED_TILE_ROWS`]-row tiles. `status` is two device counters:
+/// experts with rows are added to the first; an out-of-range id sets the second.
+pub fn moe_sort_rows(
+    dev: &Device,
+    ids: u64,
+    rows: usize,
+    n_experts: usize,
+    k: usize,
+    status: u64,
+) -> Result<DeviceSortedRows, CudaError> {
+    check_sort(rows, n_experts, k)?;
+    let sorted = DeviceSortedRows::alloc(dev, rows, n_experts, None)?;
+    sorted.launch_sort(dev, ids, n_experts, k, status)?;
+    Ok(sorted)
+}
+
+/// [`linear_fp8_grouped`] with the tiles planned on the device: every row of `y[x.rows, out]`
+/// through the expert [`moe_sort_rows`] sorted it under.
+pub fn linear_fp8_grouped_table(
+    dev: &Device,
+    y: u64,
+    x: &QuantizedRows,
+    table: &ExpertTable,
+    sorted: &DeviceSortedRows,
+) -> Result<(), CudaError> {
+    if (x.k, x.pow2, x.rows) != (table.in_dim, table.pow2_act, sorted.rows)
+        || !x.k.is_multiple_of(16)
+    {
+        return Err(CudaError::Unsupported(format!(
+            "grouped FP8 experts of {} inputs got {} rows of {} channels for a plan of {} rows",
+            table.in_dim, x.rows, x.k, sorted.rows
+        )));
+    }
+    if sorted.rows == 0 {
+        return Ok(());
+    }
+    launch(
+        dev,
+        Family::Fp8,
+        "fp8_linear_grouped_table",
+        (blocks(table.out_dim, 128), sorted.max_tiles as u32, 1),
+        128,
+        0,
+        &[
+            Arg::P(y),
+            Arg::P(dev.ptr(&x.codes, 0)),
+            Arg::P(dev.ptr(&x.scales, 0)),
+            Arg::P(dev.ptr(&table.weights, 0)),
+            Arg::P(dev.ptr(&table.scales, 0)),
+            Arg::P(dev.ptr(&sorted.tile_expert, 0)),
+            Arg::P(dev.ptr(&sorted.tile_row0, 0)),
+            Arg::P(dev.ptr(&sorted.tile_row_end, 0)),
+            Arg::P(dev.ptr(&sorted.tile_count, 0)),
+            i(table.out_dim),
+            i(table.in_dim),
+        ],
+    )
+}
+
+/// The device sort of `ids` read back: (perm, row_of, tiles as (expert, row0, row_end),
+/// status counters), with every output poisoned first.
+pub type SortedHost = (Vec<i32>, Vec<i32>, Vec<(i32, i32, i32)>, [u64; 2]);
+
+pub fn moe_sort_rows_host(
+    dev: &Device,
+    ids: &[i32],
+    n_experts: usize,
+    k: usize,
+) -> Result<SortedHost, CudaError> {
+    let rows = ids.len();
+    check_sort(rows, n_experts, k)?;
+    let d_ids = dev.upload(ids)?;
+    let status = dev.zeros::<u64>(2)?;
+    let sorted = DeviceSortedRows::alloc(dev, rows, n_experts, Some(-7))?;
+    sorted.launch_sort(dev, dev.ptr(&d_ids, 0), n_experts, k, dev.ptr(&status, 0))?;
+    let max = sorted.max_tiles;
+    let count = dev.download(&sorted.tile_count, 1)?[0].clamp(0, max as i32) as usize;
+    let (e, r0, r1) = (
+        dev.download(&sorted.tile_expert, max)?,
+        dev.download(&sorted.tile_row0, max)?,
+        dev.download(&sorted.tile_row_end, max)?,
+    );
+    let st = dev.download(&status, 2)?;
+    Ok((
+        dev.download(&sorted.perm, rows)?,
+        dev.download(&sorted.row_of, rows)?,
+        (0..count).map(|t| (e[t], r0[t], r1[t])).collect(),
+        [st[0], st[1]],
+    ))
+}
+
 /// `y[n, out] = x[n, in] · Wᵀ`, by the device's [`super::Gemm`] path.
 pub fn linear(dev: &Device, y: u64, x: u64, w: &DevLinear, n: usize) -> Result<(), CudaError> {
     if w.w.dtype() == DType::Fp8 {

@@ -14,6 +14,7 @@ use cudarc::driver::CudaSlice;
 use super::CudaError;
 use super::device::Device;
 use super::load::Uploader;
+use super::ops;
 use crate::backend::cpu::Linear;
 use crate::backend::cpu::fp8::Fp8Weight;
 use crate::model::{Attention, FeedForward, Mlp, MlpKind, Model, ModelConfig};
@@ -310,6 +311,35 @@ pub struct DevMoe {
     /// Indexed by global expert id; `None` for the experts another expert-parallel rank holds.
     pub experts: Vec<Option<DevMlp>>,
     pub shared_experts: Option<DevMlp>,
+    /// The routed experts as device tables, when this GPU holds all of them in FP8: decode
+    /// steps then route, sort and run them without the host (`CudaExecutor::moe`).
+    pub tables: Option<MoeTables>,
+}
+
+/// [`DevMoe`]'s experts, one [`ops::ExpertTable`] per projection.
+#[derive(Debug)]
+pub struct MoeTables {
+    pub gate: ops::ExpertTable,
+    pub up: ops::ExpertTable,
+    pub down: ops::ExpertTable,
+}
+
+impl MoeTables {
+    /// `None` unless every expert is held here in FP8, one shape per projection.
+    pub fn build(dev: &Device, experts: &[Option<DevMlp>]) -> Result<Option<Self>, CudaError> {
+        let table = |f: fn(&DevMlp) -> &DevLinear| {
+            let ws: Vec<Option<&DevLinear>> = experts.iter().map(|m| m.as_ref().map(f)).collect();
+            ops::ExpertTable::build(dev, &ws)
+        };
+        let (Some(gate), Some(up), Some(down)) = (
+            table(|m| &m.gate_proj)?,
+            table(|m| &m.up_proj)?,
+            table(|m| &m.down_proj)?,
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(MoeTables { gate, up, down }))
+    }
 }
 
 #[derive(Debug)]
@@ -408,6 +438,7 @@ impl DevModel {
                             .as_ref()
                             .map(|m| DevMlp::upload(up, m, dtype, pow2))
                             .transpose()?,
+                        tables: None,
                     })
                 }
             };
@@ -740,6 +771,7 @@ impl DevModel {
                         } else {
                             None
                         },
+                        tables: None,
                     })
                 }
             };

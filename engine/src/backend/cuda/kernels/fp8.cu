@@ -356,15 +356,38 @@ extern "C" __global__ void __launch_bounds__(128) fp8_linear_pipe(float* y, cons
 // MoE layer). Tile i = blockIdx.y multiplies rows row0[i] .. row_end[i] (at most PM) of the
 // expert-sorted quantized activations by the weight at w_ptrs[i] (block scales sw_ptrs[i]) into
 // the same rows of y. No split-K: the experts' tiles fill the GPU.
+// Rows r0 .. r1 (at most PM) of the expert-sorted activations through one expert's weight.
+__device__ void fp8_grouped_tile(float* y, const fp8_t* xa, const float* sa, const fp8_t* w, const float* sw,
+                                 int r0, int r1, int out, int k) {
+    int groups = (k + 127) / 128;
+    fp8_linear_pipe_impl<8>(y + (long long)r0 * out, xa + (long long)r0 * k, sa + (long long)r0 * groups, w, sw,
+                            r1 - r0, out, k, 0, 0, groups);
+}
+
 extern "C" __global__ void __launch_bounds__(128) fp8_linear_grouped(float* y, const fp8_t* xa, const float* sa,
                                                                      const unsigned long long* w_ptrs,
                                                                      const unsigned long long* sw_ptrs,
                                                                      const int* row0, const int* row_end, int out,
                                                                      int k) {
-    int tile = blockIdx.y, r0 = row0[tile];
-    int groups = (k + 127) / 128;
-    fp8_linear_pipe_impl<8>(y + (long long)r0 * out, xa + (long long)r0 * k, sa + (long long)r0 * groups,
-                            (const fp8_t*)w_ptrs[tile], (const float*)sw_ptrs[tile], row_end[tile] - r0, out, k,
-                            0, 0, groups);
+    int tile = blockIdx.y;
+    fp8_grouped_tile(y, xa, sa, (const fp8_t*)w_ptrs[tile], (const float*)sw_ptrs[tile], row0[tile], row_end[tile],
+                     out, k);
+}
+
+// fp8_linear_grouped_table: the same, with the tiles planned on the device (`moe_sort_rows`):
+// tile i < *tile_count multiplies rows row0[i] .. row_end[i] by expert tile_expert[i], whose
+// weight and block scales are w_table[e] and sw_table[e]. The grid covers the most tiles a
+// step can have; the rest exit. Nothing about the step comes from the host.
+extern "C" __global__ void __launch_bounds__(128) fp8_linear_grouped_table(float* y, const fp8_t* xa, const float* sa,
+                                                                           const unsigned long long* w_table,
+                                                                           const unsigned long long* sw_table,
+                                                                           const int* tile_expert, const int* row0,
+                                                                           const int* row_end, const int* tile_count,
+                                                                           int out, int k) {
+    int tile = blockIdx.y;
+    if (tile >= *tile_count) return;
+    int e = tile_expert[tile];
+    fp8_grouped_tile(y, xa, sa, (const fp8_t*)w_table[e], (const float*)sw_table[e], row0[tile], row_end[tile], out,
+                     k);
 }
 

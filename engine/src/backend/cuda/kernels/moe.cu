@@ -80,3 +80,79 @@ extern "C" __global__ void moe_combine(float* y, const float* rows, const int* r
         y[(long long)t * d + c] = acc;
     }
 }
+
+// moe_sort_rows: one block lays a step's (token, choice) rows out by expert on the device, the
+// order the host's sort gives (by expert, then by row): row_of[r] is row r's sorted slot and
+// perm[slot] its token (r / k). It also plans the grouped GEMMs' tiles: each expert's rows in
+// tiles of at most tile_rows, tile i = (tile_expert, row0, row_end), *tile_count of them, in
+// expert order. status[0] += experts with rows (the step's weight traffic); an id outside
+// [0, e) (the router never writes one) sets status[1] and is counted as expert 0.
+#define SORT_MAX_ROWS 2048
+
+extern "C" __global__ void moe_sort_rows(int* perm, int* row_of, int* tile_expert, int* tile_row0, int* tile_row_end,
+                                         int* tile_count, unsigned long long* status, const int* ids, int rows, int e,
+                                         int k, int tile_rows) {
+    __shared__ int sid[SORT_MAX_ROWS];
+    __shared__ int counts[MAX_EXPERTS];
+    __shared__ int offsets[MAX_EXPERTS];
+    __shared__ int first_tile[MAX_EXPERTS];
+    for (int x = threadIdx.x; x < e; x += blockDim.x) counts[x] = 0;
+    __syncthreads();
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+        int x = ids[r];
+        if (x < 0 || x >= e) {
+            atomicOr(&status[1], 1ull);
+            x = 0;
+        }
+        sid[r] = x;
+        atomicAdd(&counts[x], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        // One warp scans the counts: each lane a contiguous run of experts.
+        int lane = threadIdx.x, per = (e + 31) / 32;
+        int x0 = min(e, lane * per), x1 = min(e, x0 + per);
+        int rsum = 0, tsum = 0, active = 0;
+        for (int x = x0; x < x1; x++) {
+            rsum += counts[x];
+            tsum += (counts[x] + tile_rows - 1) / tile_rows;
+            active += counts[x] > 0;
+        }
+        int rinc = rsum, tinc = tsum;
+        for (int d = 1; d < 32; d <<= 1) {
+            int a = __shfl_up_sync(0xffffffffu, rinc, d), b = __shfl_up_sync(0xffffffffu, tinc, d);
+            if (lane >= d) {
+                rinc += a;
+                tinc += b;
+            }
+        }
+        int ro = rinc - rsum, to = tinc - tsum;
+        for (int x = x0; x < x1; x++) {
+            offsets[x] = ro;
+            first_tile[x] = to;
+            ro += counts[x];
+            to += (counts[x] + tile_rows - 1) / tile_rows;
+        }
+        for (int d = 16; d; d >>= 1) active += __shfl_down_sync(0xffffffffu, active, d);
+        if (lane == 31) *tile_count = tinc;
+        if (lane == 0) atomicAdd(&status[0], (unsigned long long)active);
+    }
+    __syncthreads();
+    for (int x = threadIdx.x; x < e; x += blockDim.x) {
+        int c = counts[x];
+        for (int t = 0; t * tile_rows < c; t++) {
+            int i = first_tile[x] + t;
+            tile_expert[i] = x;
+            tile_row0[i] = offsets[x] + t * tile_rows;
+            tile_row_end[i] = offsets[x] + min(c, (t + 1) * tile_rows);
+        }
+    }
+    // Stable: a row's slot counts the earlier rows of its expert (decode steps have few rows).
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+        int x = sid[r], before = 0;
+        for (int q = 0; q < r; q++) before += sid[q] == x;
+        int slot = offsets[x] + before;
+        row_of[r] = slot;
+        perm[slot] = r / k;
+    }
+}
