@@ -598,26 +598,37 @@ pub fn run(opts: &BenchOptions) -> Result<Value, CudaError> {
                     }
                 })
                 .collect();
-            let mut times = Vec::new();
+            // The same steps twice: as served (MoE wholly on the device where it applies),
+            // then with the expert ids sorted on the host, to show what the device path saves.
+            let mut medians = Vec::new();
             let mut touched = Vec::new();
-            for step in 0..=opts.decode_steps {
-                let toks: Vec<[u32; 1]> = (0..batch).map(|b| [token(b + step * 977)]).collect();
-                let chunks: Vec<SeqChunk> = (0..batch)
-                    .map(|b| SeqChunk {
-                        tokens: &toks[b],
-                        start_pos: ctx + step,
-                        blocks: &tables[b],
-                        logits: LogitsWanted::Last,
-                    })
-                    .collect();
-                exec.take_experts_touched();
-                let t = fwd(&mut exec, &chunks)?;
-                if step > 0 {
-                    times.push(t);
-                    touched.push(exec.take_experts_touched());
+            for device_moe in [true, false] {
+                exec.device().set_device_moe(device_moe);
+                let mut times = Vec::new();
+                for step in 0..=opts.decode_steps {
+                    let toks: Vec<[u32; 1]> =
+                        (0..batch).map(|b| [token(b + step * 977)]).collect();
+                    let chunks: Vec<SeqChunk> = (0..batch)
+                        .map(|b| SeqChunk {
+                            tokens: &toks[b],
+                            start_pos: ctx + step,
+                            blocks: &tables[b],
+                            logits: LogitsWanted::Last,
+                        })
+                        .collect();
+                    exec.take_experts_touched();
+                    let t = fwd(&mut exec, &chunks)?;
+                    if step > 0 {
+                        times.push(t);
+                        if device_moe {
+                            touched.push(exec.take_experts_touched());
+                        }
+                    }
                 }
+                medians.push(median(times));
             }
-            let s = median(times);
+            exec.device().set_device_moe(true);
+            let (s, s_host_sort) = (medians[0], medians[1]);
             let touched = touched.iter().sum::<usize>() / touched.len().max(1);
             let flops = batch as f64 * cfg.flops_per_token(ctx);
             let layers = cfg.mlp_layer_types.len() as f64;
@@ -629,6 +640,7 @@ pub fn run(opts: &BenchOptions) -> Result<Value, CudaError> {
             let bytes = step_weight_bytes(&cfg, touched, opts.weights) + kv;
             decode.push(json!({
                 "context": ctx, "batch": batch, "ms_per_step": s * 1e3,
+                "ms_per_step_moe_sorted_on_host": s_host_sort * 1e3,
                 "tokens_per_s": batch as f64 / s, "tflops": flops / s / 1e12,
                 "of_matmul_ceiling": flops / s / mm_flops,
                 "experts_touched": touched, "gb_read_min": bytes / 1e9,
