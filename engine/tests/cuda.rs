@@ -1836,7 +1836,18 @@ fn the_tensor_core_indexer_matches_the_host_emulation_at_odd_sizes() {
                 ctx_len: &ctx_len,
             };
             dev.set_indexer(cuda::Indexer::Auto);
-            let got = ops::indexer_scores_host(&dev, &kbuf, &q, &w, rows, heads, dim).unwrap();
+            // Every run of keys per block the kernel may take, each against the same reference.
+            let pins: Vec<Option<usize>> = std::iter::once(None)
+                .chain(ops::INDEXER_KEYS_PER_BLOCK.map(Some))
+                .collect();
+            let runs: Vec<Vec<f32>> = pins
+                .iter()
+                .map(|pin| {
+                    dev.set_indexer_keys_per_block(*pin);
+                    ops::indexer_scores_host(&dev, &kbuf, &q, &w, rows, heads, dim).unwrap()
+                })
+                .collect();
+            dev.set_indexer_keys_per_block(None);
             let max_ctx = lens[lens.len() - 1];
             let qr: Vec<f64> = q
                 .iter()
@@ -1856,25 +1867,27 @@ fn the_tensor_core_indexer_matches_the_host_emulation_at_odd_sizes() {
                         *s += w[t * heads + h] as f64 * dot.max(0.0);
                     }
                 }
-                let row = &got[t * max_ctx..(t + 1) * max_ctx];
-                assert!(
-                    row[*len..].iter().all(|v| v.is_nan()),
-                    "{cache:?} {heads}x{dim}: token {t} wrote past its context"
-                );
-                let scale = want.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
-                let err = row[..*len]
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (*a as f64 - b).abs())
-                    .fold(
-                        0f64,
-                        |m, v| if v.is_nan() { f64::INFINITY } else { m.max(v) },
-                    )
-                    / scale;
-                assert!(
-                    err < 1e-4,
-                    "{cache:?} {heads}x{dim} token {t} (context {len}): max|diff|/max|ref| {err:.2e}"
-                );
+                for (got, pin) in runs.iter().zip(&pins) {
+                    let row = &got[t * max_ctx..(t + 1) * max_ctx];
+                    assert!(
+                        row[*len..].iter().all(|v| v.is_nan()),
+                        "{cache:?} {heads}x{dim} keys/block {pin:?}: token {t} wrote past its context"
+                    );
+                    let scale = want.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
+                    let err = row[..*len]
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, b)| (*a as f64 - b).abs())
+                        .fold(
+                            0f64,
+                            |m, v| if v.is_nan() { f64::INFINITY } else { m.max(v) },
+                        )
+                        / scale;
+                    assert!(
+                        err < 1e-4,
+                        "{cache:?} {heads}x{dim} keys/block {pin:?} token {t} (context {len}): max|diff|/max|ref| {err:.2e}"
+                    );
+                }
             }
             eprintln!("indexer {cache:?} {heads}x{dim}: contexts {lens:?} match");
         }

@@ -363,6 +363,16 @@ fn time_dsa(
                 });
             }
             dev.set_indexer(Indexer::Auto);
+            // The tensor-core kernel at each run of keys per block (the auto choice's table).
+            let mut sweep = serde_json::Map::new();
+            for keys in ops::INDEXER_KEYS_PER_BLOCK {
+                dev.set_indexer_keys_per_block(Some(keys));
+                sweep.insert(keys.to_string(), json!(time_op(dev, 3, score)? * 1e6));
+            }
+            dev.set_indexer_keys_per_block(None);
+            rec["tensor_cores"]["keys_per_block"] =
+                json!(ops::indexer_keys_per_block(dev, batch, ctx));
+            rec["tensor_cores_us_by_keys_per_block"] = Value::Object(sweep);
             let s = time_op(dev, 3, || {
                 ops::topk_select(
                     dev,
@@ -606,8 +616,7 @@ pub fn run(opts: &BenchOptions) -> Result<Value, CudaError> {
                 exec.device().set_device_moe(device_moe);
                 let mut times = Vec::new();
                 for step in 0..=opts.decode_steps {
-                    let toks: Vec<[u32; 1]> =
-                        (0..batch).map(|b| [token(b + step * 977)]).collect();
+                    let toks: Vec<[u32; 1]> = (0..batch).map(|b| [token(b + step * 977)]).collect();
                     let chunks: Vec<SeqChunk> = (0..batch)
                         .map(|b| SeqChunk {
                             tokens: &toks[b],

@@ -6,7 +6,7 @@
 //! hash of the source and options, so later processes skip NVRTC.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
@@ -233,12 +233,16 @@ pub struct Device {
     pub stream: Arc<CudaStream>,
     pub arch: String,
     pub name: String,
+    /// Streaming multiprocessors: launch shapes that must fill the GPU count from it.
+    sms: usize,
     modules: Mutex<[Option<Arc<CudaModule>>; Family::ALL.len()]>,
     gemm: AtomicU8,
     attention: AtomicU8,
     indexer: AtomicU8,
     grouped_experts: std::sync::atomic::AtomicBool,
     device_moe: std::sync::atomic::AtomicBool,
+    /// Keys per block of the tensor-core indexer, when pinned (0: chosen per step).
+    indexer_keys: AtomicUsize,
     blas: Mutex<Option<Arc<CudaBlas>>>,
     fp8_gemm: AtomicU8,
     /// cuBLASLt, made on first use; the error text when it cannot be.
@@ -264,9 +268,13 @@ impl Device {
         let (major, minor) = ctx.compute_capability()?;
         let stream = ctx.default_stream();
         let name = ctx.name()?;
+        let sms = ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )?;
         Ok(Device {
             arch: arch_for(major, minor),
             name,
+            sms: sms.max(1) as usize,
             ctx,
             stream,
             modules: Mutex::new(Default::default()),
@@ -275,6 +283,7 @@ impl Device {
             indexer: AtomicU8::new(0),
             grouped_experts: std::sync::atomic::AtomicBool::new(true),
             device_moe: std::sync::atomic::AtomicBool::new(true),
+            indexer_keys: AtomicUsize::new(0),
             blas: Mutex::new(None),
             fp8_gemm: AtomicU8::new(0),
             lt: Mutex::new(None),
@@ -395,6 +404,23 @@ impl Device {
     /// Allows or forbids the grouped expert GEMMs (tests compare both).
     pub fn set_grouped_experts(&self, on: bool) {
         self.grouped_experts.store(on, Ordering::Relaxed);
+    }
+
+    /// Streaming multiprocessors on this GPU.
+    pub fn sm_count(&self) -> usize {
+        self.sms
+    }
+
+    /// Keys per block of the tensor-core indexer, when pinned.
+    pub fn indexer_keys_per_block(&self) -> Option<usize> {
+        Some(self.indexer_keys.load(Ordering::Relaxed)).filter(|k| *k > 0)
+    }
+
+    /// Pins the tensor-core indexer's keys per block (one of
+    /// [`super::ops::INDEXER_KEYS_PER_BLOCK`]), or lets each step choose (`None`).
+    pub fn set_indexer_keys_per_block(&self, keys: Option<usize>) {
+        self.indexer_keys
+            .store(keys.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// Whether decode-sized MoE steps may route, sort and run their grouped experts wholly on

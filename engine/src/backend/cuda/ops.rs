@@ -1122,8 +1122,25 @@ pub fn index_key_store(
 
 /// Heads the tensor-core indexer kernel takes (`kernels/indexer.cu::IDX_MMA_HEADS`).
 pub const INDEXER_MMA_HEADS: usize = 64;
-/// Keys one block of the tensor-core indexer kernel scores (`IDX_MMA_KEYS`).
-const INDEXER_MMA_KEYS: usize = 512;
+/// The runs of keys one block of the tensor-core indexer kernel may score.
+pub const INDEXER_KEYS_PER_BLOCK: [usize; 4] = [512, 1024, 2048, 4096];
+
+/// Keys per block of the tensor-core indexer for `n` tokens over `max_ctx` keys: the longest
+/// run that still gives every SM about 8 blocks (a block stages its token's queries once, so
+/// longer runs spend less of its life on that), unless the device pins one (the benchmark's
+/// sweep).
+pub fn indexer_keys_per_block(dev: &Device, n: usize, max_ctx: usize) -> usize {
+    if let Some(k) = dev.indexer_keys_per_block() {
+        return k;
+    }
+    let want = 8 * dev.sm_count();
+    INDEXER_KEYS_PER_BLOCK
+        .iter()
+        .rev()
+        .copied()
+        .find(|&k| n.saturating_mul(max_ctx.div_ceil(k)) >= want)
+        .unwrap_or(INDEXER_KEYS_PER_BLOCK[0])
+}
 
 /// The tensor-core indexer kernel's name for this cache and shape, or `None` where it does not
 /// apply (f32 cache, more than 64 heads, a head dimension other than 32, 64 or 128).
@@ -1179,13 +1196,15 @@ pub fn indexer_scores(
         i(heads),
     ];
     if let Some(name) = mma {
+        let keys_per_block = indexer_keys_per_block(dev, n, max_ctx);
         args.push(i(max_ctx));
+        args.push(i(keys_per_block));
         args.extend(fp8_stride);
         return launch(
             dev,
             Family::Indexer,
             &name,
-            (n as u32, blocks(max_ctx, INDEXER_MMA_KEYS), 1),
+            (n as u32, blocks(max_ctx, keys_per_block), 1),
             256,
             (INDEXER_MMA_HEADS * mma_row_stride(dim)) as u32,
             &args,
@@ -1550,17 +1569,17 @@ pub fn sparse_mla(
     }
     // Heads of a token share each key in one block when the output fits the registers
     // (kv_lora_rank ≤ 512) and the step has enough tokens to fill the GPU that way (about four
-    // blocks per SM of an H200; measured: at decode batch 8 one block per head is faster, at
+    // blocks per SM; measured on an H200: at decode batch 8 one block per head is faster, at
     // 64 and in prefill sharing is).
     const HEADS_PER_BLOCK: usize = 8;
     const KEYS_PER_TILE: usize = 8;
-    const SHARED_MIN_BLOCKS: usize = 4 * 132;
+    let shared_min_blocks = 4 * dev.sm_count();
     let shared = d.kvr <= 512
         && match dev.attention() {
             Attention::PerHead => false,
             Attention::SharedHeads => true,
             Attention::Auto | Attention::TensorCores | Attention::CudaCores => {
-                n * d.heads.div_ceil(HEADS_PER_BLOCK) >= SHARED_MIN_BLOCKS
+                n * d.heads.div_ceil(HEADS_PER_BLOCK) >= shared_min_blocks
             }
         };
     let name = if shared {

@@ -302,21 +302,21 @@ extern "C" __global__ void gather_candidates(float* vals, const float* x, const 
 // applied to the accumulators, and each score is written once. Queries are rounded to bf16
 // (bf16 cache) or f16 (FP8 cache: codes are exact in f16, the row's scale multiplies the dot
 // product). Keys go straight from the paged cache to registers, each read once. Grid (tokens,
-// ceil(max_ctx / IDX_MMA_KEYS)), 8 warps, each taking 16 keys at a time.
+// ceil(max_ctx / keys_per_block)), 8 warps, each taking 16 keys at a time; a block stages its
+// token's queries once, so longer runs of keys per block spread that cost over more keys.
 #define IDX_MMA_HEADS 64
-#define IDX_MMA_KEYS 512
 
 template <int D, bool FP8>
 __device__ void indexer_mma_impl(float* scores, const float* q, const float* w, const void* kcache,
                                  const int* tables, const int* table_base, int bs, const int* ctx_len,
-                                 int heads, int max_ctx, int stride) {
+                                 int heads, int max_ctx, int keys_per_block, int stride) {
     constexpr int STEPS = D / 16;
     constexpr int NT = IDX_MMA_HEADS / 8;
     extern __shared__ __align__(16) unsigned char idx_smem[];
     __shared__ float wsh[IDX_MMA_HEADS];
     int t = blockIdx.x;
     int len = ctx_len[t];
-    int j0 = blockIdx.y * IDX_MMA_KEYS;
+    int j0 = blockIdx.y * keys_per_block;
     if (j0 >= len) return;
     int qstride = mma_row_stride(D);  // bytes
     const float* qt = q + (long long)t * heads * D;
@@ -335,7 +335,7 @@ __device__ void indexer_mma_impl(float* scores, const float* q, const float* w, 
     int g = lane >> 2, c = lane & 3;
     int nt_used = (heads + 7) / 8;
     const int* tb = tables + table_base[t];
-    int j1 = min(j0 + IDX_MMA_KEYS, len);
+    int j1 = min(j0 + keys_per_block, len);
     for (int base = j0 + warp * 16; base < j1; base += 8 * 16) {
         // Rows g and g + 8 of this 16-key tile: a[s][0..3] per step.
         unsigned a[STEPS][4];
@@ -395,14 +395,16 @@ __device__ void indexer_mma_impl(float* scores, const float* q, const float* w, 
 #define INDEXER_MMA(D)                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) indexer_scores_mma_bf16_d##D(                     \
         float* scores, const float* q, const float* w, const bf16_t* kcache, const int* tables,         \
-        const int* table_base, int bs, const int* ctx_len, int heads, int max_ctx) {                    \
-        indexer_mma_impl<D, false>(scores, q, w, kcache, tables, table_base, bs, ctx_len, heads, max_ctx, 0); \
+        const int* table_base, int bs, const int* ctx_len, int heads, int max_ctx, int keys_per_block) { \
+        indexer_mma_impl<D, false>(scores, q, w, kcache, tables, table_base, bs, ctx_len, heads, max_ctx,     \
+                                   keys_per_block, 0);                                                  \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) indexer_scores_mma_fp8_d##D(                      \
         float* scores, const float* q, const float* w, const fp8_t* kcache, const int* tables,          \
-        const int* table_base, int bs, const int* ctx_len, int heads, int max_ctx, int stride) {        \
+        const int* table_base, int bs, const int* ctx_len, int heads, int max_ctx, int keys_per_block,  \
+        int stride) {                                                                                   \
         indexer_mma_impl<D, true>(scores, q, w, kcache, tables, table_base, bs, ctx_len, heads, max_ctx,      \
-                                  stride);                                                              \
+                                  keys_per_block, stride);                                              \
     }
 INDEXER_MMA(32)
 INDEXER_MMA(64)
