@@ -1808,7 +1808,8 @@ fn paged_tables(
 }
 
 /// The tensor-core lightning indexer against the host's emulation of its function (queries
-/// rounded to bf16 for the bf16 cache and to f16 for the FP8 cache, f64 sums), at head counts
+/// rounded to bf16 for the bf16 cache and quantized to E4M3 per head for the FP8 cache, f64
+/// sums), at every run of keys per block, at head counts
 /// of 4 to 64, head dimensions of 32 to 128 and contexts that are not multiples of its tiles;
 /// the output starts NaN, so a position left unwritten or written past the context fails.
 #[test]
@@ -1849,13 +1850,24 @@ fn the_tensor_core_indexer_matches_the_host_emulation_at_odd_sizes() {
                 .collect();
             dev.set_indexer_keys_per_block(None);
             let max_ctx = lens[lens.len() - 1];
-            let qr: Vec<f64> = q
-                .iter()
-                .map(|v| match cache {
-                    DType::Fp8 => half::f16::from_f32(*v).to_f32() as f64,
-                    _ => half::bf16::from_f32(*v).to_f32() as f64,
-                })
-                .collect();
+            // The bf16 cache's kernel rounds queries to bf16; the FP8 cache's quantizes each
+            // head's query to E4M3 with its own scale, as DeepSeek's indexer does.
+            let qr: Vec<f64> = match cache {
+                DType::Fp8 => q
+                    .chunks(dim)
+                    .flat_map(|head| {
+                        let mut codes = vec![0u8; dim];
+                        let s = cpu::fp8::quantize_group(head, &mut codes, false);
+                        codes.into_iter().map(move |c| {
+                            deepseek_engine::model::weights::fp8_e4m3_to_f32(c) as f64 * s as f64
+                        })
+                    })
+                    .collect(),
+                _ => q
+                    .iter()
+                    .map(|v| half::bf16::from_f32(*v).to_f32() as f64)
+                    .collect(),
+            };
             for (t, len) in lens.iter().enumerate() {
                 let mut want = vec![0f64; *len];
                 for (j, s) in want.iter_mut().enumerate() {
@@ -1883,8 +1895,10 @@ fn the_tensor_core_indexer_matches_the_host_emulation_at_odd_sizes() {
                             |m, v| if v.is_nan() { f64::INFINITY } else { m.max(v) },
                         )
                         / scale;
+                    // FP8 tensor cores accumulate each k32 product at reduced precision.
+                    let bound = if cache == DType::Fp8 { 5e-4 } else { 1e-4 };
                     assert!(
-                        err < 1e-4,
+                        err < bound,
                         "{cache:?} {heads}x{dim} keys/block {pin:?} token {t} (context {len}): max|diff|/max|ref| {err:.2e}"
                     );
                 }
@@ -2077,7 +2091,7 @@ fn the_device_sorts_routed_rows_by_expert_as_the_host_does() {
     for (tokens, k, experts, skew) in [
         (1, 8, 256, false),
         (3, 8, 256, false),
-        (63, 8, 256, true),
+        (63, 8, 256, false),
         (64, 8, 256, false),
         (200, 6, 64, true),
         (341, 6, 97, true),

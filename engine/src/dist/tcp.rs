@@ -581,15 +581,18 @@ impl Transport for TcpTransport {
             )));
         }
         if self.rank != 0 {
+            // A worker's part for itself stays here; the rest go through rank 0.
+            let own = std::mem::take(&mut parts[self.rank]);
             let link = &self.links[0];
             link.send(&parts)?;
-            let got = link.recv()?;
+            let mut got = link.recv()?;
             if got.len() != world {
                 return Err(DistError::Protocol {
                     rank: 0,
                     reason: format!("{} parts for a world of {world}", got.len()),
                 });
             }
+            got[self.rank] = own;
             return Ok(got);
         }
         // Leader: collect every worker's frame, then route.

@@ -1126,14 +1126,15 @@ pub const INDEXER_MMA_HEADS: usize = 64;
 pub const INDEXER_KEYS_PER_BLOCK: [usize; 4] = [512, 1024, 2048, 4096];
 
 /// Keys per block of the tensor-core indexer for `n` tokens over `max_ctx` keys: the longest
-/// run that still gives every SM about 8 blocks (a block stages its token's queries once, so
-/// longer runs spend less of its life on that), unless the device pins one (the benchmark's
-/// sweep).
+/// run that still gives every SM 4 blocks (a block stages its token's queries once, so longer
+/// runs spend less of its life on that), unless the device pins one (the benchmark's sweep).
+/// Measured on an H200 (docs/PERF.md): at batch 64, 512 keys are best at 4K context and 4,096
+/// from 32K on (1.2x over 512 at 64K); at batch 1, 512.
 pub fn indexer_keys_per_block(dev: &Device, n: usize, max_ctx: usize) -> usize {
     if let Some(k) = dev.indexer_keys_per_block() {
         return k;
     }
-    let want = 8 * dev.sm_count();
+    let want = 4 * dev.sm_count();
     INDEXER_KEYS_PER_BLOCK
         .iter()
         .rev()
@@ -1200,13 +1201,19 @@ pub fn indexer_scores(
         args.push(i(max_ctx));
         args.push(i(keys_per_block));
         args.extend(fp8_stride);
+        // The bf16 kernel stages 16-bit queries in dynamic shared memory; the FP8 one keeps
+        // its E4M3 queries in a static array.
+        let smem = match kcache.dtype() {
+            DType::Fp8 => 0,
+            _ => INDEXER_MMA_HEADS * mma_row_stride(dim),
+        };
         return launch(
             dev,
             Family::Indexer,
             &name,
             (n as u32, blocks(max_ctx, keys_per_block), 1),
             256,
-            (INDEXER_MMA_HEADS * mma_row_stride(dim)) as u32,
+            smem as u32,
             &args,
         );
     }

@@ -245,6 +245,15 @@ __device__ __forceinline__ unsigned e4m3x2_to_f16x2(unsigned short codes) {
     return r;
 }
 
+// D += A · B for a 16×32 E4M3 tile A (row-major) and a 32×8 E4M3 tile B (column-major), f32
+// accumulation (sm_89+).
+__device__ __forceinline__ void mma_e4m3(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     return (unsigned)__cvta_generic_to_shared(p);
 }

@@ -110,13 +110,6 @@ __device__ __forceinline__ void load_tile(fp8_t* sm, const fp8_t* g, int tile_ro
     }
 }
 
-__device__ __forceinline__ void mma_e4m3(float* d, const unsigned* a, const unsigned* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 // Grid (ceil(out / 128), ceil(n / (32·WM)), splits); 128·WM threads: WM × 4 warps of 32×32
 // outputs. Split z sums K blocks [z·kbs, (z+1)·kbs) into y + z·n·out (the caller reduces the
 // splits in order when there are several, so results do not depend on scheduling).

@@ -297,19 +297,23 @@ extern "C" __global__ void gather_candidates(float* vals, const float* x, const 
 }
 
 // indexer_scores_mma_{bf16,fp8}_d{32,64,128}: the same scores on tensor cores. Per token, keys
-// are the rows (M) and heads the columns (N, up to IDX_MMA_HEADS, zero-padded) of an
-// m16n8k16 product over the head dimension; ReLU, the head weights and the sum over heads are
-// applied to the accumulators, and each score is written once. Queries are rounded to bf16
-// (bf16 cache) or f16 (FP8 cache: codes are exact in f16, the row's scale multiplies the dot
-// product). Keys go straight from the paged cache to registers, each read once. Grid (tokens,
-// ceil(max_ctx / keys_per_block)), 8 warps, each taking 16 keys at a time; a block stages its
-// token's queries once, so longer runs of keys per block spread that cost over more keys.
+// are the rows (M) and heads the columns (N, up to IDX_MMA_HEADS, zero-padded) of an MMA over
+// the head dimension; ReLU, the head weights and the sum over heads are applied to the
+// accumulators, and each score is written once. Keys go straight from the paged cache to
+// registers, each read once. Grid (tokens, ceil(max_ctx / keys_per_block)), 8 warps, each
+// taking 16 keys at a time; a block stages its token's queries once, so longer runs of keys
+// per block spread that cost over more keys.
+//   bf16 cache: queries rounded to bf16, m16n8k16 bf16 MMAs.
+//   FP8 cache (132-byte rows: E4M3 codes, then the row's f32 scale), as DeepSeek runs it:
+//   each head's query quantized to E4M3 with its own scale (amax / 448), which joins the head
+//   weight; E4M3 × E4M3 m16n8k32 MMAs straight on the cached codes; the key's scale applied
+//   before the ReLU.
 #define IDX_MMA_HEADS 64
 
-template <int D, bool FP8>
-__device__ void indexer_mma_impl(float* scores, const float* q, const float* w, const void* kcache,
-                                 const int* tables, const int* table_base, int bs, const int* ctx_len,
-                                 int heads, int max_ctx, int keys_per_block, int stride) {
+template <int D>
+__device__ void indexer_mma_bf16_impl(float* scores, const float* q, const float* w, const bf16_t* kcache,
+                                      const int* tables, const int* table_base, int bs, const int* ctx_len,
+                                      int heads, int max_ctx, int keys_per_block) {
     constexpr int STEPS = D / 16;
     constexpr int NT = IDX_MMA_HEADS / 8;
     extern __shared__ __align__(16) unsigned char idx_smem[];
@@ -324,8 +328,7 @@ __device__ void indexer_mma_impl(float* scores, const float* q, const float* w, 
         int h = i / D, d = i % D;
         float v = h < heads ? qt[h * D + d] : 0.f;
         unsigned short bits;
-        if (FP8) bits = f_to_f16_bits(v);
-        else store_as(&bits, v);
+        store_as(&bits, v);
         *(unsigned short*)(idx_smem + h * qstride + d * 2) = bits;
     }
     for (int h = threadIdx.x; h < IDX_MMA_HEADS; h += blockDim.x)
@@ -339,29 +342,17 @@ __device__ void indexer_mma_impl(float* scores, const float* q, const float* w, 
     for (int base = j0 + warp * 16; base < j1; base += 8 * 16) {
         // Rows g and g + 8 of this 16-key tile: a[s][0..3] per step.
         unsigned a[STEPS][4];
-        float kscale[2] = {1.f, 1.f};
 #pragma unroll
         for (int half = 0; half < 2; half++) {
             int j = base + g + 8 * half;
             bool ok = j < len;
             long long slot = ok ? paged_slot(tb, bs, j) : 0;
-            if (FP8) {
-                const unsigned char* row = (const unsigned char*)kcache + slot * stride;
-                if (ok) kscale[half] = *(const float*)(row + D);
+            const bf16_t* row = kcache + slot * D;
 #pragma unroll
-                for (int s = 0; s < STEPS; s++) {
-                    unsigned codes = ok ? *(const unsigned*)(row + 16 * s + 4 * c) : 0u;
-                    a[s][half] = e4m3x2_to_f16x2((unsigned short)(codes & 0xffff));
-                    a[s][2 + half] = e4m3x2_to_f16x2((unsigned short)(codes >> 16));
-                }
-            } else {
-                const bf16_t* row = (const bf16_t*)kcache + slot * D;
-#pragma unroll
-                for (int s = 0; s < STEPS; s++) {
-                    uint2 v = ok ? *(const uint2*)(row + 16 * s + 4 * c) : make_uint2(0u, 0u);
-                    a[s][half] = v.x;
-                    a[s][2 + half] = v.y;
-                }
+            for (int s = 0; s < STEPS; s++) {
+                uint2 v = ok ? *(const uint2*)(row + 16 * s + 4 * c) : make_uint2(0u, 0u);
+                a[s][half] = v.x;
+                a[s][2 + half] = v.y;
             }
         }
         float part[2] = {0.f, 0.f};
@@ -374,8 +365,87 @@ __device__ void indexer_mma_impl(float* scores, const float* q, const float* w, 
             for (int s = 0; s < STEPS; s++) {
                 uint2 bv = *(const uint2*)(qrow + (16 * s + 4 * c) * 2);
                 unsigned b[2] = {bv.x, bv.y};
-                if (FP8) mma_f16_16816(acc, a[s], b);
-                else mma_bf16_16816(acc, a[s], b);
+                mma_bf16_16816(acc, a[s], b);
+            }
+            float w0 = wsh[nt * 8 + 2 * c], w1 = wsh[nt * 8 + 2 * c + 1];
+            part[0] += w0 * fmaxf(acc[0], 0.f) + w1 * fmaxf(acc[1], 0.f);
+            part[1] += w0 * fmaxf(acc[2], 0.f) + w1 * fmaxf(acc[3], 0.f);
+        }
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            float v = part[half];
+            v += __shfl_xor_sync(0xffffffffu, v, 1);
+            v += __shfl_xor_sync(0xffffffffu, v, 2);
+            int j = base + g + 8 * half;
+            if (c == 0 && j < len) scores[(long long)t * max_ctx + j] = v;
+        }
+    }
+}
+
+// Bytes of one E4M3 query row in shared memory: D plus 16, so the 8 rows a fragment load
+// touches start in different 16-byte bank groups.
+#define IDX_FP8_QSTRIDE(D) ((D) + 16)
+
+template <int D>
+__device__ void indexer_mma_fp8_impl(float* scores, const float* q, const float* w, const fp8_t* kcache,
+                                     const int* tables, const int* table_base, int bs, const int* ctx_len,
+                                     int heads, int max_ctx, int keys_per_block, int stride) {
+    constexpr int STEPS = D / 32;
+    constexpr int NT = IDX_MMA_HEADS / 8;
+    constexpr int QS = IDX_FP8_QSTRIDE(D);
+    __shared__ __align__(16) unsigned char qsh[IDX_MMA_HEADS * QS];
+    __shared__ float wsh[IDX_MMA_HEADS];
+    int t = blockIdx.x;
+    int len = ctx_len[t];
+    int j0 = blockIdx.y * keys_per_block;
+    if (j0 >= len) return;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const float* qt = q + (long long)t * heads * D;
+    // One warp per head: its amax, its scale, its codes. Within a k32 step, lane c's fragment
+    // registers hold logical columns 4c..4c+3 and 16+4c..16+4c+3; both operands map them to
+    // the 8 stored bytes 8c..8c+7, so every fragment is one contiguous load.
+    for (int h = warp; h < IDX_MMA_HEADS; h += blockDim.x >> 5) {
+        float amax = 0.f;
+        if (h < heads)
+            for (int d = lane; d < D; d += 32) amax = fmaxf(amax, fabsf(qt[h * D + d]));
+        for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        float sc = group_scale(amax, 0);
+        for (int d = lane; d < D; d += 32)
+            qsh[h * QS + d] = h < heads ? f_to_e4m3(qt[h * D + d] / sc) : (fp8_t)0;
+        if (lane == 0) wsh[h] = h < heads ? w[(long long)t * heads + h] * sc : 0.f;
+    }
+    __syncthreads();
+    int g = lane >> 2, c = lane & 3;
+    int nt_used = (heads + 7) / 8;
+    const int* tb = tables + table_base[t];
+    int j1 = min(j0 + keys_per_block, len);
+    for (int base = j0 + warp * 16; base < j1; base += 8 * 16) {
+        unsigned a[STEPS][4];
+        float kscale[2] = {0.f, 0.f};
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            int j = base + g + 8 * half;
+            bool ok = j < len;
+            const unsigned char* row = kcache + (ok ? paged_slot(tb, bs, j) : 0) * stride;
+            if (ok) kscale[half] = *(const float*)(row + D);
+#pragma unroll
+            for (int s = 0; s < STEPS; s++) {
+                // Rows are 4-byte aligned (132 bytes apart), so two 4-byte loads.
+                a[s][half] = ok ? *(const unsigned*)(row + 32 * s + 8 * c) : 0u;
+                a[s][2 + half] = ok ? *(const unsigned*)(row + 32 * s + 8 * c + 4) : 0u;
+            }
+        }
+        float part[2] = {0.f, 0.f};
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            if (nt >= nt_used) break;
+            float acc[4] = {0.f, 0.f, 0.f, 0.f};
+            const unsigned char* qrow = qsh + (nt * 8 + g) * QS;
+#pragma unroll
+            for (int s = 0; s < STEPS; s++) {
+                uint2 bv = *(const uint2*)(qrow + 32 * s + 8 * c);
+                unsigned b[2] = {bv.x, bv.y};
+                mma_e4m3(acc, a[s], b);
             }
             float w0 = wsh[nt * 8 + 2 * c], w1 = wsh[nt * 8 + 2 * c + 1];
             part[0] += w0 * fmaxf(acc[0] * kscale[0], 0.f) + w1 * fmaxf(acc[1] * kscale[0], 0.f);
@@ -396,15 +466,15 @@ __device__ void indexer_mma_impl(float* scores, const float* q, const float* w, 
     extern "C" __global__ void __launch_bounds__(256) indexer_scores_mma_bf16_d##D(                     \
         float* scores, const float* q, const float* w, const bf16_t* kcache, const int* tables,         \
         const int* table_base, int bs, const int* ctx_len, int heads, int max_ctx, int keys_per_block) { \
-        indexer_mma_impl<D, false>(scores, q, w, kcache, tables, table_base, bs, ctx_len, heads, max_ctx,     \
-                                   keys_per_block, 0);                                                  \
+        indexer_mma_bf16_impl<D>(scores, q, w, kcache, tables, table_base, bs, ctx_len, heads, max_ctx,   \
+                                 keys_per_block);                                                       \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) indexer_scores_mma_fp8_d##D(                      \
         float* scores, const float* q, const float* w, const fp8_t* kcache, const int* tables,          \
         const int* table_base, int bs, const int* ctx_len, int heads, int max_ctx, int keys_per_block,  \
         int stride) {                                                                                   \
-        indexer_mma_impl<D, true>(scores, q, w, kcache, tables, table_base, bs, ctx_len, heads, max_ctx,      \
-                                  keys_per_block, stride);                                              \
+        indexer_mma_fp8_impl<D>(scores, q, w, kcache, tables, table_base, bs, ctx_len, heads, max_ctx,    \
+                                keys_per_block, stride);                                                \
     }
 INDEXER_MMA(32)
 INDEXER_MMA(64)
