@@ -369,15 +369,29 @@ fn single_ops_match_the_cpu_reference() {
         }
     }
 
-    // The noaux_tc router: group limits, bias for selection only, normalised scaled weights.
-    for (e, groups, topk_group, k) in [
-        (16usize, 4usize, 3usize, 4usize),
-        (256, 8, 4, 8),
-        (8, 1, 1, 2),
+    // The noaux_tc router: group limits, bias for selection only, normalised scaled weights;
+    // expert counts that are not multiples of a warp, the largest the kernel takes, and logits
+    // on a coarse grid with no bias, so scores tie and the lower index must win.
+    for (e, groups, topk_group, k, ties) in [
+        (16usize, 4usize, 3usize, 4usize, false),
+        (256, 8, 4, 8, false),
+        (8, 1, 1, 2, false),
+        (40, 4, 2, 6, false),
+        (512, 64, 8, 8, false),
+        (256, 8, 4, 8, true),
+        (97, 1, 1, 9, true),
     ] {
         let n = 33;
-        let logits: Vec<f32> = rng.vec(n * e).iter().map(|v| v * 4.0).collect();
-        let bias: Vec<f32> = rng.vec(e).iter().map(|v| v * 0.1).collect();
+        let logits: Vec<f32> = rng
+            .vec(n * e)
+            .iter()
+            .map(|v| if ties { (v * 2.0).round() } else { v * 4.0 })
+            .collect();
+        let bias: Vec<f32> = rng
+            .vec(e)
+            .iter()
+            .map(|v| if ties { 0.0 } else { v * 0.1 })
+            .collect();
         let p = ops::RouteParams {
             n_experts: e,
             n_group: groups,
@@ -397,7 +411,10 @@ fn single_ops_match_the_cpu_reference() {
                 true,
                 2.5,
             );
-            assert_eq!(ids, &want_ids, "router token {t} ({e} experts)");
+            assert_eq!(
+                ids, &want_ids,
+                "router token {t} ({e} experts, ties {ties})"
+            );
             assert!(rel_err(w, &want_w) < 1e-5, "router weights token {t}");
         }
     }

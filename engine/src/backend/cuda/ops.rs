@@ -1634,6 +1634,8 @@ pub struct RouteParams {
 
 pub const MAX_EXPERTS: usize = 512;
 pub const MAX_GROUPS: usize = 64;
+/// Tokens (one warp each) a `moe_route` block takes (`kernels/moe.cu::ROUTE_WARPS`).
+const ROUTE_WARPS: usize = 4;
 
 pub fn moe_route(
     dev: &Device,
@@ -1654,8 +1656,8 @@ pub fn moe_route(
         dev,
         Family::Moe,
         "moe_route",
-        (blocks(n, 64), 1, 1),
-        64,
+        (blocks(n, ROUTE_WARPS), 1, 1),
+        32 * ROUTE_WARPS as u32,
         0,
         &[
             Arg::P(ids),

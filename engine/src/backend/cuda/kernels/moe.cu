@@ -1,29 +1,32 @@
 // MoE routing and combine.
-// moe_route: the noaux_tc router, one thread per token, exactly as the CPU's `route_scores`:
+// moe_route: the noaux_tc router, one warp per token, exactly as the CPU's `route_scores`:
 //   sigmoid scores; bias only for selection; group score = sum of the group's two best biased
-//   scores; keep the best topk_group groups; top-k experts among them (ties to the lower index);
-//   ids written ascending with weights σ/Σσ (+1e-20) × scaling.
+//   scores; keep the best topk_group groups (ties to the lower group); top-k experts among them
+//   (ties to the lower index, NaN as -inf); ids written ascending with weights σ/Σσ (+1e-20) ×
+//   scaling, summed in that order. A warp's lanes share the experts (lane l takes l, l + 32,
+//   ...), so a decode step's few tokens do not wait on one thread's scan of every expert.
 // moe_combine: y[t, :] = Σ_i w[t, i] · rows[row_of[t·k + i], :], in ascending expert order.
 
 #define MAX_EXPERTS 512
 #define MAX_GROUPS 64
+#define ROUTE_WARPS 4
 
-extern "C" __global__ void moe_route(int* ids, float* wts, const float* logits, const float* bias,
-                                     int n, int e, int n_group, int topk_group, int k, int normalize,
-                                     float scaling) {
-    int t = blockIdx.x * blockDim.x + threadIdx.x;
+extern "C" __global__ void __launch_bounds__(32 * ROUTE_WARPS) moe_route(int* ids, float* wts, const float* logits,
+                                                                        const float* bias, int n, int e, int n_group,
+                                                                        int topk_group, int k, int normalize,
+                                                                        float scaling) {
+    __shared__ float biased_sh[ROUTE_WARPS][MAX_EXPERTS];
+    __shared__ float gscore_sh[ROUTE_WARPS][MAX_GROUPS];
+    __shared__ unsigned long long keep_sh[ROUTE_WARPS];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int t = blockIdx.x * ROUTE_WARPS + warp;
     if (t >= n) return;
-    float biased[MAX_EXPERTS];
-    unsigned char taken[MAX_EXPERTS];
-    float gscore[MAX_GROUPS];
-    unsigned char gkeep[MAX_GROUPS];
+    float* biased = biased_sh[warp];
     const float* l = logits + (long long)t * e;
-    for (int i = 0; i < e; i++) {
-        biased[i] = 1.f / (1.f + expf(-l[i])) + bias[i];
-        taken[i] = 0;
-    }
+    for (int i = lane; i < e; i += 32) biased[i] = 1.f / (1.f + expf(-l[i])) + bias[i];
+    __syncwarp();
     int per = e / (n_group > 0 ? n_group : 1);
-    for (int g = 0; g < n_group; g++) {
+    for (int g = lane; g < n_group; g += 32) {
         float m1 = NEG_INF, m2 = NEG_INF;
         for (int i = g * per; i < (g + 1) * per; i++) {
             float v = biased[i];
@@ -34,40 +37,74 @@ extern "C" __global__ void moe_route(int* ids, float* wts, const float* logits, 
                 m2 = v;
             }
         }
-        gscore[g] = per >= 2 ? (0.f + m1) + m2 : 0.f + m1;
-        gkeep[g] = 0;
+        gscore_sh[warp][g] = per >= 2 ? (0.f + m1) + m2 : 0.f + m1;
     }
-    for (int r = 0; r < topk_group && r < n_group; r++) {
-        int best = -1;
-        for (int g = 0; g < n_group; g++)
-            if (!gkeep[g] && (best < 0 || gscore[g] > gscore[best])) best = g;
-        gkeep[best] = 1;
+    __syncwarp();
+    if (lane == 0) {
+        unsigned long long keep = 0;
+        for (int r = 0; r < topk_group && r < n_group; r++) {
+            int best = -1;
+            for (int g = 0; g < n_group; g++)
+                if (!((keep >> g) & 1ull) && (best < 0 || gscore_sh[warp][g] > gscore_sh[warp][best])) best = g;
+            keep |= 1ull << best;
+        }
+        keep_sh[warp] = keep;
     }
-    for (int i = 0; i < e; i++)
-        if (!gkeep[i / per]) biased[i] = NEG_INF;
+    __syncwarp();
+    unsigned long long keep = keep_sh[warp];
+    for (int i = lane; i < e; i += 32) {
+        int g = i / per;
+        if (g >= MAX_GROUPS || !((keep >> g) & 1ull)) biased[i] = NEG_INF;
+    }
+    __syncwarp();
+    // k rounds of a warp argmax; lane l remembers which of its experts (bit j: l + 32j) won.
+    unsigned taken = 0;
     for (int r = 0; r < k; r++) {
-        int best = -1;
-        for (int i = 0; i < e; i++)
-            if (!taken[i] && (best < 0 || biased[i] > biased[best])) best = i;
-        taken[best] = 1;
+        float bv = NEG_INF;
+        int bi = 0x7fffffff;
+        for (int i = lane, j = 0; i < e; i += 32, j++) {
+            if ((taken >> j) & 1u) continue;
+            float v = biased[i];
+            if (v != v) v = NEG_INF;
+            if (v > bv || (v == bv && i < bi)) {
+                bv = v;
+                bi = i;
+            }
+        }
+        for (int o = 16; o; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) {
+                bv = ov;
+                bi = oi;
+            }
+        }
+        if (bi < e && (bi & 31) == lane) taken |= 1u << (bi >> 5);
     }
     int* out = ids + (long long)t * k;
     float* w = wts + (long long)t * k;
     int c = 0;
-    float sum = 0.f;
-    for (int i = 0; i < e && c < k; i++) {
-        if (taken[i]) {
-            out[c] = i;
-            w[c] = 1.f / (1.f + expf(-l[i]));
-            sum += w[c];
-            c++;
+    for (int base = 0, j = 0; base < e; base += 32, j++) {
+        int i = base + lane;
+        bool won = i < e && ((taken >> j) & 1u);
+        unsigned m = __ballot_sync(0xffffffffu, won);
+        if (won) {
+            int at = c + __popc(m & ((1u << lane) - 1u));
+            out[at] = i;
+            w[at] = 1.f / (1.f + expf(-l[i]));
         }
+        c += __popc(m);
     }
-    if (normalize) {
-        sum += 1e-20f;
-        for (int i = 0; i < k; i++) w[i] /= sum;
+    __syncwarp();
+    if (lane == 0) {
+        float sum = 0.f;
+        for (int i = 0; i < k; i++) sum += w[i];
+        if (normalize) {
+            sum += 1e-20f;
+            for (int i = 0; i < k; i++) w[i] /= sum;
+        }
+        for (int i = 0; i < k; i++) w[i] *= scaling;
     }
-    for (int i = 0; i < k; i++) w[i] *= scaling;
 }
 
 // Grid (tokens); threads over the hidden dimension.
