@@ -497,11 +497,12 @@ fn cache_writes_match_the_cpu_and_bf16_caches_hold_the_rounded_rows() {
 #[test]
 fn fp8_linears_match_the_host_emulation_on_both_kernels() {
     let Some(dev) = gpu() else { return };
-    // Our two kernels; the library's GEMM has its own test below.
-    dev.set_fp8_gemm(cuda::Fp8Gemm::Ours);
+    // Our kernels (the split-K one and, for up to 8 tokens, the few-token one); the library's
+    // GEMM has its own test below.
     let mut rng = Rng(0xf8f8_0001);
     // Odd extents (K not a multiple of 16 takes the byte-wise tile loads), tile edges, and
-    // model shapes.
+    // model shapes; few-token cases with output rows that are not a multiple of 16, one
+    // 128-column block and more blocks than warps.
     for (n, out, inp) in [
         (1, 37, 19),
         (70, 130, 96),
@@ -509,19 +510,38 @@ fn fp8_linears_match_the_host_emulation_on_both_kernels() {
         (33, 257, 1536),
         (3, 2048, 7168),
         (130, 512, 1024),
+        (1, 37, 128),
+        (8, 4104, 512),
+        (7, 576, 7168),
+        (2, 7168, 2048),
     ] {
         let (x, lin, emulated) = fp8_case(&mut rng, n, out, inp);
         let exact = lin.forward(&x, n);
         let e_emul = l2_rel(&emulated, &exact);
-        for (gemm, tol) in [(cuda::Gemm::Tiled, 1e-5), (cuda::Gemm::Cublas, 1e-4)] {
+        for (gemm, pin, tol) in [
+            (cuda::Gemm::Tiled, cuda::Fp8Gemm::Ours, 1e-5),
+            (cuda::Gemm::Cublas, cuda::Fp8Gemm::Ours, 1e-4),
+            (cuda::Gemm::Cublas, cuda::Fp8Gemm::Few, 1e-4),
+        ] {
             dev.set_gemm(gemm).unwrap();
+            dev.set_fp8_gemm(pin);
+            if pin == cuda::Fp8Gemm::Few && !ops::few_tokens_apply(n, inp) {
+                continue;
+            }
             let got = ops::linear_host(&dev, &x, &lin, DType::Fp8).unwrap();
             let e = l2_rel(&got, &emulated);
             let e_exact = l2_rel(&got, &exact);
             eprintln!(
-                "fp8 linear {n}x{out}x{inp} {gemm:?}: vs emulation {e:.2e}, vs f32 {e_exact:.2e} (emulation vs f32 {e_emul:.2e})"
+                "fp8 linear {n}x{out}x{inp} {gemm:?} {pin:?}: vs emulation {e:.2e}, vs f32 {e_exact:.2e} (emulation vs f32 {e_emul:.2e})"
             );
-            assert!(e < tol, "{n}x{out}x{inp} {gemm:?}: {e:.2e} >= {tol:.0e}");
+            assert!(
+                got.iter().all(|v| v.is_finite()),
+                "{n}x{out}x{inp} {gemm:?} {pin:?}: a row left unwritten"
+            );
+            assert!(
+                e < tol,
+                "{n}x{out}x{inp} {gemm:?} {pin:?}: {e:.2e} >= {tol:.0e}"
+            );
             // E4M3 keeps 3 mantissa bits: about 2-4 % l2 error from quantizing the activations.
             assert!(
                 e_exact <= e_emul * 1.01 + 1e-6 && e_emul < 0.06,

@@ -271,6 +271,14 @@ fn time_gemms(dev: &Device, mm_flops: f64) -> Result<Value, CudaError> {
                 us[j] = s * 1e6;
                 row[tag] = json!({"us": s * 1e6, "tflops": tflops(n, o, k, s)});
             }
+            if ops::few_tokens_apply(n, k) {
+                dev.set_fp8_gemm(Fp8Gemm::Few);
+                let s = time_op(dev, 5, || {
+                    ops::linear(dev, dev.ptr(&y, 0), x.ptr(dev), &w, n)
+                })?;
+                row["few"] = json!({"us": s * 1e6, "tflops": tflops(n, o, k, s),
+                    "weight_gb_per_s": (o * k) as f64 / s / 1e9});
+            }
             dev.set_fp8_gemm(Fp8Gemm::Auto);
             if crossover.is_none() && us[1] < us[0] {
                 crossover = Some(n);

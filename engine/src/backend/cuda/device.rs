@@ -188,6 +188,8 @@ pub enum Fp8Gemm {
     Ours = 1,
     /// cuBLASLt wherever it takes the shape.
     Library = 2,
+    /// The few-token kernel (`fp8_linear_few`) wherever it takes the shape, else ours.
+    Few = 3,
 }
 
 /// The kernel one FP8 GEMM runs on.
@@ -195,6 +197,8 @@ pub enum Fp8Gemm {
 pub enum Fp8Path {
     Ours,
     Library,
+    /// `fp8_linear_few`: at most [`super::ops::FEW_TOKENS`] tokens, K a multiple of 128.
+    Few,
 }
 
 /// Which sparse-attention kernel runs.
@@ -311,6 +315,7 @@ impl Device {
         match self.fp8_gemm.load(Ordering::Relaxed) {
             1 => Fp8Gemm::Ours,
             2 => Fp8Gemm::Library,
+            3 => Fp8Gemm::Few,
             _ => Fp8Gemm::Auto,
         }
     }
@@ -320,12 +325,15 @@ impl Device {
         self.fp8_gemm.store(g as u8, Ordering::Relaxed);
     }
 
-    /// The kernel an `n x o x k` FP8 GEMM runs on: ours unless cuBLASLt loads, takes the shape
-    /// and is chosen for it.
+    /// The kernel an `n x o x k` FP8 GEMM runs on: the few-token kernel for decode-sized steps,
+    /// else ours unless cuBLASLt loads, takes the shape and is chosen for it.
     pub fn fp8_gemm_path(&self, n: usize, o: usize, k: usize) -> Fp8Path {
+        let few = super::ops::few_tokens_apply(n, k);
         let wanted = match self.fp8_gemm() {
             Fp8Gemm::Ours => false,
             Fp8Gemm::Library => true,
+            Fp8Gemm::Few | Fp8Gemm::Auto if few => return Fp8Path::Few,
+            Fp8Gemm::Few => false,
             Fp8Gemm::Auto => super::lt::library_wins(n, o, k),
         };
         if wanted && super::lt::shape_supported(o, k) {

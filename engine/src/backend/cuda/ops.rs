@@ -438,6 +438,9 @@ fn linear_fp8(dev: &Device, y: u64, x: u64, w: &DevLinear, n: usize) -> Result<(
     let sa = dev.alloc::<f32>(n * k.div_ceil(128))?;
     let (pxa, psa) = (dev.ptr(&xa, 0), dev.ptr(&sa, 0));
     act_quant(dev, pxa, psa, x, n, k, w.pow2_act, ScaleLayout::TokenMajor)?;
+    if dev.gemm() == super::Gemm::Cublas && dev.fp8_gemm_path(n, o, k) == Fp8Path::Few {
+        return linear_fp8_few(dev, y, (pxa, psa), (wptr, sptr), n, o, k);
+    }
     if dev.gemm() != super::Gemm::Cublas {
         return launch(
             dev,
@@ -493,20 +496,82 @@ fn linear_fp8(dev: &Device, y: u64, x: u64, w: &DevLinear, n: usize) -> Result<(
         ],
     )?;
     if let Some(p) = &parts {
-        launch(
-            dev,
-            Family::Fp8,
-            "sum_splits",
-            (blocks(n * o, 256).clamp(1, 65_535), 1, 1),
-            256,
-            0,
-            &[
-                Arg::P(y),
-                Arg::P(dev.ptr(p, 0)),
-                Arg::L((n * o) as i64),
-                i(splits),
-            ],
-        )?;
+        sum_splits(dev, y, dev.ptr(p, 0), n * o, splits)?;
+    }
+    Ok(())
+}
+
+/// `y[i] = Σ_z parts[z·len + i]`, the splits summed in order (results do not depend on
+/// scheduling).
+fn sum_splits(
+    dev: &Device,
+    y: u64,
+    parts: u64,
+    len: usize,
+    splits: usize,
+) -> Result<(), CudaError> {
+    launch(
+        dev,
+        Family::Fp8,
+        "sum_splits",
+        (blocks(len, 256).clamp(1, 65_535), 1, 1),
+        256,
+        0,
+        &[Arg::P(y), Arg::P(parts), Arg::L(len as i64), i(splits)],
+    )
+}
+
+/// The most tokens `fp8_linear_few` takes (the MMA's N).
+pub const FEW_TOKENS: usize = 8;
+
+/// Whether an `n`-token FP8 GEMM over `k` inputs fits `fp8_linear_few`.
+pub fn few_tokens_apply(n: usize, k: usize) -> bool {
+    (1..=FEW_TOKENS).contains(&n) && k.is_multiple_of(128)
+}
+
+/// `y[n, o] = x · Wᵀ` by `fp8_linear_few` over quantized activations `(codes, scales)`
+/// (token-major) and the weight's `(codes, block scales)`; K split over enough blocks to fill
+/// the GPU (at least one 128-column block per warp), the splits summed in order.
+fn linear_fp8_few(
+    dev: &Device,
+    y: u64,
+    (xa, sa): (u64, u64),
+    (w, sw): (u64, u64),
+    n: usize,
+    o: usize,
+    k: usize,
+) -> Result<(), CudaError> {
+    let row_blocks = o.div_ceil(16);
+    let groups = k / 128;
+    let splits = (2 * dev.sm_count())
+        .div_ceil(row_blocks)
+        .clamp(1, (groups / 8).clamp(1, 16));
+    let parts = if splits > 1 {
+        Some(dev.alloc::<f32>(splits * n * o)?)
+    } else {
+        None
+    };
+    let dst = parts.as_ref().map(|p| dev.ptr(p, 0)).unwrap_or(y);
+    launch(
+        dev,
+        Family::Fp8,
+        "fp8_linear_few",
+        (row_blocks as u32, splits as u32, 1),
+        256,
+        0,
+        &[
+            Arg::P(dst),
+            Arg::P(xa),
+            Arg::P(sa),
+            Arg::P(w),
+            Arg::P(sw),
+            i(n),
+            i(o),
+            i(k),
+        ],
+    )?;
+    if let Some(p) = &parts {
+        sum_splits(dev, y, dev.ptr(p, 0), n * o, splits)?;
     }
     Ok(())
 }

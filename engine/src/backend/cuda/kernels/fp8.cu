@@ -384,3 +384,69 @@ extern "C" __global__ void __launch_bounds__(128) fp8_linear_grouped_table(float
                      k);
 }
 
+
+// fp8_linear_few: y[n, out] = x · Wᵀ for decode-sized steps (n ≤ 8 tokens, K a multiple of
+// 128), the same block-scaled function as the kernels above: weights are the MMA's M dimension
+// (16 output rows a warp) and tokens its N (8, zero-padded), so every weight byte is read once,
+// by 16-byte loads, and fed to E4M3 MMAs as stored; nothing is wasted on padding rows of
+// tokens. Within each 64-column chunk, lane c holds bytes 16c .. 16c+15 of a row for two k32
+// steps (the same permutation of K for both operands). Block (blockIdx.x) = 16 rows; its 8 warps
+// and the splits (blockIdx.y) share the 128-column blocks of K; each block's partial sum is
+// scaled by the activation and weight scales, summed over the warps in order, and written to
+// split z's slice of y (the caller sums the splits in order).
+extern "C" __global__ void __launch_bounds__(256) fp8_linear_few(float* y, const fp8_t* xa, const float* sa,
+                                                                 const fp8_t* w, const float* sw, int n, int out,
+                                                                 int k) {
+    __shared__ float red[8][32][4];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    int groups = k >> 7;
+    int units = gridDim.y * 8, unit = blockIdx.y * 8 + warp;
+    int kb0 = (int)((long long)unit * groups / units), kb1 = (int)((long long)(unit + 1) * groups / units);
+    int row0 = blockIdx.x * 16;
+    int ra = row0 + g, rb = row0 + g + 8;
+    const fp8_t* wa = w + (long long)min(ra, out - 1) * k + 16 * c;
+    const fp8_t* wb = w + (long long)min(rb, out - 1) * k + 16 * c;
+    const fp8_t* xt = xa + (long long)min(g, n - 1) * k + 16 * c;
+    bool tok = g < n;
+    int t0 = 2 * c, t1 = 2 * c + 1;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 2
+    for (int kb = kb0; kb < kb1; kb++) {
+        float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            int off = kb * 128 + h * 64;
+            uint4 va = *(const uint4*)(wa + off);
+            uint4 vb = *(const uint4*)(wb + off);
+            uint4 vx = tok ? *(const uint4*)(xt + off) : make_uint4(0u, 0u, 0u, 0u);
+            unsigned a0[4] = {va.x, vb.x, va.y, vb.y}, b0[2] = {vx.x, vx.y};
+            unsigned a1[4] = {va.z, vb.z, va.w, vb.w}, b1[2] = {vx.z, vx.w};
+            mma_e4m3(part, a0, b0);
+            mma_e4m3(part, a1, b1);
+        }
+        float ws = sw[(long long)(row0 >> 7) * groups + kb];
+        float s0 = t0 < n ? sa[(long long)t0 * groups + kb] * ws : 0.f;
+        float s1 = t1 < n ? sa[(long long)t1 * groups + kb] * ws : 0.f;
+        acc[0] += part[0] * s0;
+        acc[1] += part[1] * s1;
+        acc[2] += part[2] * s0;
+        acc[3] += part[3] * s1;
+    }
+#pragma unroll
+    for (int e = 0; e < 4; e++) red[warp][lane][e] = acc[e];
+    __syncthreads();
+    if (warp != 0) return;
+    float sum[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int v = 0; v < 8; v++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) sum[e] += red[v][lane][e];
+    float* ys = y + (long long)blockIdx.y * n * out;
+    if (ra < out) {
+        if (t0 < n) ys[(long long)t0 * out + ra] = sum[0];
+        if (t1 < n) ys[(long long)t1 * out + ra] = sum[1];
+    }
+    if (rb < out) {
+        if (t0 < n) ys[(long long)t0 * out + rb] = sum[2];
+        if (t1 < n) ys[(long long)t1 * out + rb] = sum[3];
+    }
+}
