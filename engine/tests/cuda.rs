@@ -2085,7 +2085,9 @@ fn the_tensor_core_sparse_attention_matches_the_host_emulation_at_odd_sizes() {
 
 /// The grouped expert GEMMs (one launch per projection for all of an MoE layer's experts)
 /// compute what one launch per expert computes: the trained model with FP8 weights, scored
-/// both ways on each of its greedy prompts (every expert has far fewer rows than a tile).
+/// both ways on each of its greedy prompts (every expert has far fewer rows than a tile). One
+/// launch per expert runs experts of up to 8 rows on the few-token kernel, which sums each
+/// 128-column block in another order, so the two agree to 1e-4, not bit for bit.
 #[test]
 fn grouped_expert_gemms_compute_what_per_expert_gemms_compute() {
     if gpu().is_none() {
@@ -2110,7 +2112,7 @@ fn grouped_expert_gemms_compute_what_per_expert_gemms_compute() {
         let e = rel_err(&grouped, &each);
         eprintln!("{}: grouped vs per-expert expert GEMMs {e:.2e}", g.id);
         assert!(
-            grouped.iter().all(|v| v.is_finite()) && e < 1e-5,
+            grouped.iter().all(|v| v.is_finite()) && e < 1e-4,
             "{}: grouped vs per-expert {e}",
             g.id
         );
