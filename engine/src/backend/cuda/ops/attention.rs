@@ -1,0 +1,351 @@
+//! Sparse MLA and the absorbed per-head products around it (`kernels/attention.cu`).
+
+use super::*;
+
+/// The absorbed products run as one batched cuBLAS GEMM over the heads under
+/// [`crate::backend::cuda::Gemm::Cublas`] with dense weights: bf16 weights take the `len` activations at `x`
+/// rounded to bf16 (the returned buffer, kept alive until the GEMM is queued), f32 weights
+/// multiply in f32. `None`: the CUDA-core kernels run instead.
+fn absorb_operand(
+    dev: &Device,
+    wkvb: &DevLinear,
+    x: u64,
+    len: usize,
+) -> Result<Option<AbsorbInput>, CudaError> {
+    if dev.gemm() != crate::backend::cuda::Gemm::Cublas {
+        return Ok(None);
+    }
+    match wkvb.w.dtype() {
+        DType::F32 => Ok(Some(AbsorbInput {
+            ty: CuType::F32,
+            ptr: x,
+            _rounded: None,
+        })),
+        DType::Bf16 => {
+            let buf = dev.alloc::<u16>(len)?;
+            let ptr = dev.ptr(&buf, 0);
+            cast_to_bf16(dev, ptr, x, len)?;
+            Ok(Some(AbsorbInput {
+                ty: CuType::Bf16,
+                ptr,
+                _rounded: Some(buf),
+            }))
+        }
+        DType::Fp8 => Ok(None),
+    }
+}
+
+/// The activations of an absorbed product as the batched GEMM reads them.
+struct AbsorbInput {
+    ty: CuType,
+    ptr: u64,
+    /// Owns the bf16 copy `ptr` points into, if one was made.
+    _rounded: Option<cudarc::driver::CudaSlice<u16>>,
+}
+
+/// Shapes of the absorbed attention.
+#[derive(Debug, Clone, Copy)]
+pub struct MlaDims {
+    pub heads: usize,
+    pub nope: usize,
+    pub rd: usize,
+    pub vd: usize,
+    pub kvr: usize,
+}
+
+impl MlaDims {
+    pub fn qk(&self) -> usize {
+        self.nope + self.rd
+    }
+}
+
+pub fn absorb_q(
+    dev: &Device,
+    q_lat: u64,
+    q: u64,
+    wkvb: &DevLinear,
+    n: usize,
+    d: MlaDims,
+) -> Result<(), CudaError> {
+    if let Some(input) = absorb_operand(dev, wkvb, q, n * d.heads * d.qk())? {
+        let (ty, qb) = (input.ty, input.ptr);
+        // Per head h, column-major: q_lat_h[kvr, n] = W_UK_h[kvr, nope] · q_nope_h[nope, n].
+        let w = wkvb.w.ptr(dev);
+        return gemm_batched(
+            dev,
+            false,
+            d.kvr,
+            n,
+            d.nope,
+            Strided {
+                ptr: w,
+                ty,
+                ld: d.kvr,
+                stride: (d.nope + d.vd) * d.kvr,
+            },
+            Strided {
+                ptr: qb,
+                ty,
+                ld: d.heads * d.qk(),
+                stride: d.qk(),
+            },
+            Strided {
+                ptr: q_lat,
+                ty: CuType::F32,
+                ld: d.heads * d.kvr,
+                stride: d.kvr,
+            },
+            d.heads,
+        );
+    }
+    let name = format!("absorb_q_{}", wkvb.w.dtype().suffix());
+    launch(
+        dev,
+        Family::Attention,
+        &name,
+        (n as u32, d.heads as u32, 1),
+        128,
+        0,
+        &[
+            Arg::P(q_lat),
+            Arg::P(q),
+            Arg::P(wkvb.w.ptr(dev)),
+            i(d.heads),
+            i(d.nope),
+            i(d.vd),
+            i(d.qk()),
+            i(d.kvr),
+        ],
+    )
+}
+
+pub fn absorb_v(
+    dev: &Device,
+    out: u64,
+    o_lat: u64,
+    wkvb: &DevLinear,
+    n: usize,
+    d: MlaDims,
+) -> Result<(), CudaError> {
+    if let Some(input) = absorb_operand(dev, wkvb, o_lat, n * d.heads * d.kvr)? {
+        let (ty, ob) = (input.ty, input.ptr);
+        // Per head h, column-major: out_h[vd, n] = W_UV_hᵀ · o_lat_h[kvr, n], W_UV_h stored
+        // as vd rows of kvr after the head's nope rows of W_UK.
+        let w = wkvb.w.ptr(dev) + (d.nope * d.kvr * ty_bytes(ty)) as u64;
+        return gemm_batched(
+            dev,
+            true,
+            d.vd,
+            n,
+            d.kvr,
+            Strided {
+                ptr: w,
+                ty,
+                ld: d.kvr,
+                stride: (d.nope + d.vd) * d.kvr,
+            },
+            Strided {
+                ptr: ob,
+                ty,
+                ld: d.heads * d.kvr,
+                stride: d.kvr,
+            },
+            Strided {
+                ptr: out,
+                ty: CuType::F32,
+                ld: d.heads * d.vd,
+                stride: d.vd,
+            },
+            d.heads,
+        );
+    }
+    let name = format!("absorb_v_{}", wkvb.w.dtype().suffix());
+    launch(
+        dev,
+        Family::Attention,
+        &name,
+        (n as u32, d.heads as u32, 1),
+        128,
+        0,
+        &[
+            Arg::P(out),
+            Arg::P(o_lat),
+            Arg::P(wkvb.w.ptr(dev)),
+            i(d.heads),
+            i(d.nope),
+            i(d.vd),
+            i(d.kvr),
+        ],
+    )
+}
+
+/// Heads one block of the tensor-core attention kernel takes (`MLA_MMA_HEADS`).
+const MLA_MMA_HEADS: usize = 32;
+
+/// Selected rows per tile of the tensor-core attention kernel (`MLA_MMA_KEYS`).
+const MLA_MMA_KEYS: usize = 64;
+
+/// The tensor-core attention kernel's name for this cache and shape, or `None` where it does
+/// not apply (f32 cache, kv_lora_rank other than 128 or 512, a row width not a multiple of 16).
+pub fn sparse_mla_mma_kernel(cache: DType, kvr: usize, rd: usize) -> Option<String> {
+    (cache != DType::F32 && matches!(kvr, 128 | 512) && (kvr + rd).is_multiple_of(16))
+        .then(|| format!("sparse_mla_mma_{}_{kvr}", cache.suffix()))
+}
+
+/// Dynamic shared memory of the tensor-core attention kernel: the block's queries, the tile
+/// buffers (two bf16 tiles; or one bf16 tile and two raw FP8 tiles) and the score tile.
+fn sparse_mla_mma_smem(cache: DType, kvr: usize, rd: usize) -> usize {
+    let rs = mma_row_stride(kvr + rd);
+    let tiles = match cache {
+        DType::Fp8 => MLA_MMA_KEYS * rs + 2 * MLA_MMA_KEYS * latent_fp8_stride(kvr, rd),
+        _ => 2 * MLA_MMA_KEYS * rs,
+    };
+    MLA_MMA_HEADS * rs + tiles + MLA_MMA_HEADS * (MLA_MMA_KEYS + 8) * 4
+}
+
+/// Softmax attention of each (token, head) over its selected latent rows (positions of its
+/// sequence, found through the block tables as in [`indexer_scores`]).
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_mla(
+    dev: &Device,
+    o_lat: u64,
+    q_lat: u64,
+    q: u64,
+    lcache: &DevBuf,
+    sel: u64,
+    sel_count: u64,
+    tables: u64,
+    table_base: u64,
+    block_size: usize,
+    n: usize,
+    d: MlaDims,
+    k: usize,
+    scale: f32,
+) -> Result<(), CudaError> {
+    use crate::backend::cuda::device::Attention;
+    let fp8_stride = (lcache.dtype() == DType::Fp8).then(|| i(latent_fp8_stride(d.kvr, d.rd)));
+    let mma = match dev.attention() {
+        Attention::Auto | Attention::TensorCores => {
+            sparse_mla_mma_kernel(lcache.dtype(), d.kvr, d.rd)
+        }
+        _ => None,
+    };
+    // Every sparse-attention kernel takes the same arguments.
+    let mut args = vec![
+        Arg::P(o_lat),
+        Arg::P(q_lat),
+        Arg::P(q),
+        Arg::P(lcache.ptr(dev)),
+        Arg::P(sel),
+        Arg::P(sel_count),
+        Arg::P(tables),
+        Arg::P(table_base),
+        i(block_size),
+        i(d.heads),
+        i(d.kvr),
+        i(d.rd),
+        i(d.qk()),
+        i(d.nope),
+        i(k),
+        Arg::F(scale),
+    ];
+    args.extend(fp8_stride);
+    if let Some(name) = mma {
+        return launch(
+            dev,
+            Family::Attention,
+            &name,
+            (n as u32, d.heads.div_ceil(MLA_MMA_HEADS) as u32, 1),
+            256,
+            sparse_mla_mma_smem(lcache.dtype(), d.kvr, d.rd) as u32,
+            &args,
+        );
+    }
+    // Heads of a token share each key in one block when the output fits the registers
+    // (kv_lora_rank ≤ 512) and the step has enough tokens to fill the GPU that way (about four
+    // blocks per SM; measured on an H200: at decode batch 8 one block per head is faster, at
+    // 64 and in prefill sharing is).
+    const HEADS_PER_BLOCK: usize = 8;
+    const KEYS_PER_TILE: usize = 8;
+    let shared_min_blocks = 4 * dev.sm_count();
+    let shared = d.kvr <= 512
+        && match dev.attention() {
+            Attention::PerHead => false,
+            Attention::SharedHeads => true,
+            Attention::Auto | Attention::TensorCores | Attention::CudaCores => {
+                n * d.heads.div_ceil(HEADS_PER_BLOCK) >= shared_min_blocks
+            }
+        };
+    let name = if shared {
+        format!("sparse_mla_heads_{}", lcache.dtype().suffix())
+    } else {
+        format!("sparse_mla_{}", lcache.dtype().suffix())
+    };
+    let smem = if shared {
+        (HEADS_PER_BLOCK + KEYS_PER_TILE) * (d.kvr + d.rd) * 4
+    } else {
+        (d.kvr + d.rd + 2 * k) * 4
+    };
+    if smem > 48 * 1024 {
+        return Err(CudaError::Unsupported(format!(
+            "sparse attention over {k} keys of width {} exceeds 48 KiB of shared memory",
+            d.kvr + d.rd
+        )));
+    }
+    let grid_y = if shared {
+        d.heads.div_ceil(HEADS_PER_BLOCK)
+    } else {
+        d.heads
+    };
+    launch(
+        dev,
+        Family::Attention,
+        &name,
+        (n as u32, grid_y as u32, 1),
+        256,
+        smem as u32,
+        &args,
+    )
+}
+
+/// The latent attention output `[n, heads, kvr]` of the kernel the device's
+/// [`crate::backend::cuda::Attention`] setting chooses: token t attends to the cache rows at positions
+/// `sel[t, j]` of its sequence for `j < sel_count[t]`, with queries `q_lat [n, heads,
+/// kvr]` and `q [n, heads, nope + rd]` (its rope part used). The output starts NaN, so rows a
+/// kernel leaves unwritten show.
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_mla_host(
+    dev: &Device,
+    lcache: &DevBuf,
+    q_lat: &[f32],
+    q: &[f32],
+    sel: &[i32],
+    sel_count: &[i32],
+    rows: PagedRows,
+    d: MlaDims,
+    k: usize,
+    scale: f32,
+) -> Result<Vec<f32>, CudaError> {
+    let n = sel_count.len();
+    let out = dev.upload(&vec![f32::NAN; n * d.heads * d.kvr])?;
+    let (dql, dq) = (dev.upload(q_lat)?, dev.upload(q)?);
+    let (dsel, dcnt) = (dev.upload(sel)?, dev.upload(sel_count)?);
+    let (ds, db) = (dev.upload(rows.tables)?, dev.upload(rows.table_base)?);
+    sparse_mla(
+        dev,
+        dev.ptr(&out, 0),
+        dev.ptr(&dql, 0),
+        dev.ptr(&dq, 0),
+        lcache,
+        dev.ptr(&dsel, 0),
+        dev.ptr(&dcnt, 0),
+        dev.ptr(&ds, 0),
+        dev.ptr(&db, 0),
+        rows.block_size,
+        n,
+        d,
+        k,
+        scale,
+    )?;
+    dev.download(&out, n * d.heads * d.kvr)
+}
