@@ -19,22 +19,20 @@ impl Writer {
         Writer(Vec::with_capacity(bytes))
     }
     pub fn f32s(&mut self, v: &[f32]) -> &mut Self {
-        self.u64(v.len() as u64);
-        // One resize and a loop the compiler turns into a copy: hidden-state rows are most of
-        // the bytes an expert-parallel group exchanges.
-        let at = self.0.len();
-        self.0.resize(at + 4 * v.len(), 0);
-        for (dst, x) in self.0[at..].chunks_exact_mut(4).zip(v) {
-            dst.copy_from_slice(&x.to_le_bytes());
-        }
-        self
+        self.words(v, |x| x.to_le_bytes())
     }
     pub fn u32s(&mut self, v: &[u32]) -> &mut Self {
+        self.words(v, |x| x.to_le_bytes())
+    }
+    /// A length, then each 4-byte value as `le` writes it, into one resize of the buffer (no
+    /// growth check per value: hidden-state rows are most of what an expert-parallel group
+    /// exchanges).
+    fn words<T: Copy>(&mut self, v: &[T], le: impl Fn(T) -> [u8; 4]) -> &mut Self {
         self.u64(v.len() as u64);
         let at = self.0.len();
         self.0.resize(at + 4 * v.len(), 0);
         for (dst, x) in self.0[at..].chunks_exact_mut(4).zip(v) {
-            dst.copy_from_slice(&x.to_le_bytes());
+            dst.copy_from_slice(&le(*x));
         }
         self
     }
