@@ -2218,15 +2218,23 @@ fn moe_steps_on_the_device_compute_what_host_sorted_steps_compute() {
         assert!(g.prompt_ids.len() <= ops::GROUPED_TILE_ROWS);
         exec.take_experts_touched();
         exec.device().set_device_moe(true);
+        let before = exec.moe_layers_on_device();
         let on_device = score(&mut exec, &g.prompt_ids);
         let touched_device = exec.take_experts_touched();
         let tokens_device = greedy(&mut exec, &g.prompt_ids, 8);
+        let ran_on_device = exec.moe_layers_on_device() - before;
         exec.device().set_device_moe(false);
         exec.take_experts_touched();
+        let before = exec.moe_layers_on_device();
         let on_host = score(&mut exec, &g.prompt_ids);
         let touched_host = exec.take_experts_touched();
         let tokens_host = greedy(&mut exec, &g.prompt_ids, 8);
+        let ran_on_host_path_on_device = exec.moe_layers_on_device() - before;
         exec.device().set_device_moe(true);
+        // The comparison means something only if the first pass took the device path and the
+        // second did not.
+        assert!(ran_on_device > 0, "{}: no MoE step ran on the device", g.id);
+        assert_eq!(ran_on_host_path_on_device, 0, "{}", g.id);
         assert!(on_device.iter().all(|v| v.is_finite()), "{}", g.id);
         assert_eq!(on_device, on_host, "{}: logits", g.id);
         assert_eq!(tokens_device, tokens_host, "{}: greedy tokens", g.id);

@@ -80,6 +80,8 @@ pub struct CudaExecutor {
     moe_status: cudarc::driver::CudaSlice<u64>,
     /// The experts-run counter as last read.
     moe_status_seen: std::sync::atomic::AtomicU64,
+    /// MoE layer steps that ran wholly on the device ([`CudaExecutor::moe_on_device`]).
+    moe_layers_on_device: std::sync::atomic::AtomicUsize,
     /// Sampled rows the device's candidates could not decide (copied whole to the host).
     whole_rows_sampled: std::sync::atomic::AtomicUsize,
     /// The routed experts this executor holds (all of them outside expert parallelism).
@@ -288,6 +290,7 @@ impl CudaExecutor {
             experts_touched: Default::default(),
             moe_status,
             moe_status_seen: Default::default(),
+            moe_layers_on_device: Default::default(),
             whole_rows_sampled: Default::default(),
             shard: ExpertShard::WHOLE,
             exchange: Default::default(),
@@ -298,6 +301,12 @@ impl CudaExecutor {
     /// allocated): the blocks every rank of its group holds.
     pub fn limit_blocks(&mut self, num_blocks: usize) {
         self.geometry.num_blocks = self.geometry.num_blocks.min(num_blocks);
+    }
+
+    /// MoE layer steps that ran wholly on the device since the executor was built.
+    pub fn moe_layers_on_device(&self) -> usize {
+        self.moe_layers_on_device
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Sampled rows that had to be copied whole to the host since the executor was built.
@@ -1035,6 +1044,8 @@ impl CudaExecutor {
             c.moe_intermediate_size,
         );
         let rows = n * k;
+        self.moe_layers_on_device
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (ids, wts) = self.route_on_device(moe, xn, n)?;
         let sorted = ops::moe_sort_rows(
             dev,
