@@ -475,6 +475,20 @@ fn time_dsa(
                     "gb_per_s_selected_rows": bytes / s / 1e9,
                 });
             }
+            // The tensor-core kernel at each split of the selected rows (the auto choice's
+            // table); prefill steps fill the GPU with one split.
+            if !prefill {
+                dev.set_attention(Attention::TensorCores);
+                let mut sweep = serde_json::Map::new();
+                for splits in [1usize, 2, 4, 8, 16, 32] {
+                    dev.set_sparse_mla_splits(Some(splits));
+                    sweep.insert(splits.to_string(), json!(time_op(dev, 3, attend)? * 1e6));
+                }
+                dev.set_sparse_mla_splits(None);
+                rec["tensor_cores"]["splits"] =
+                    json!(ops::sparse_mla_splits(dev, n, d.heads, topk));
+                rec["tensor_cores_us_by_splits"] = Value::Object(sweep);
+            }
             dev.set_attention(Attention::Auto);
             tracing::info!(record = %rec, "sparse attention timed");
             attention.push(rec);

@@ -247,6 +247,7 @@ pub struct Device {
     device_moe: std::sync::atomic::AtomicBool,
     /// Keys per block of the tensor-core indexer, when pinned (0: chosen per step).
     indexer_keys: AtomicUsize,
+    mla_splits: AtomicUsize,
     blas: Mutex<Option<Arc<CudaBlas>>>,
     fp8_gemm: AtomicU8,
     /// cuBLASLt, made on first use; the error text when it cannot be.
@@ -288,6 +289,7 @@ impl Device {
             grouped_experts: std::sync::atomic::AtomicBool::new(true),
             device_moe: std::sync::atomic::AtomicBool::new(true),
             indexer_keys: AtomicUsize::new(0),
+            mla_splits: AtomicUsize::new(0),
             blas: Mutex::new(None),
             fp8_gemm: AtomicU8::new(0),
             lt: Mutex::new(None),
@@ -429,6 +431,18 @@ impl Device {
     pub fn set_indexer_keys_per_block(&self, keys: Option<usize>) {
         self.indexer_keys
             .store(keys.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Splits of the selected rows in the tensor-core sparse attention, when pinned.
+    pub fn sparse_mla_splits(&self) -> Option<usize> {
+        Some(self.mla_splits.load(Ordering::Relaxed)).filter(|s| *s > 0)
+    }
+
+    /// Pins the tensor-core sparse attention's splits of the selected rows (at least 1), or
+    /// lets each step choose (`None`); the benchmark's sweep and the tests pin them.
+    pub fn set_sparse_mla_splits(&self, splits: Option<usize>) {
+        self.mla_splits
+            .store(splits.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// Whether decode-sized MoE steps may route, sort and run their grouped experts wholly on

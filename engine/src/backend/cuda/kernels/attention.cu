@@ -237,8 +237,12 @@ extern "C" __global__ void sparse_mla_heads_fp8(float* o_lat, const float* q_lat
 // memory; then each warp keeps an online softmax and the output of 16 heads x kv_lora_rank/4
 // latent columns in registers and adds P·V (V = the rows' first kv_lora_rank columns, read
 // transposed by ldmatrix). Queries and probabilities are rounded to bf16, accumulation is f32.
-// Grid (tokens, ceil(heads / MLA_MMA_HEADS)), MLA_MMA_THREADS threads; kv_lora_rank + rope
-// width a multiple of 16.
+// Grid (tokens, ceil(heads / MLA_MMA_HEADS), splits), MLA_MMA_THREADS threads; kv_lora_rank +
+// rope width a multiple of 16. With one split a block writes its normalized output to o_lat.
+// With more, split z takes its share of the selected rows' tiles (a few tokens fill only a few
+// blocks otherwise) and writes its unnormalized output to part_o [splits, tokens, heads, kvr]
+// and its running max (log2 units) and sum to part_ml [splits, tokens, heads, 2], for
+// sparse_mla_combine.
 #define MLA_MMA_HEADS 32
 #define MLA_MMA_KEYS 64
 #define MLA_MMA_THREADS 256
@@ -249,7 +253,7 @@ __device__ void sparse_mla_mma_impl(float* o_lat, const float* q_lat, const floa
                                     const unsigned char* lcache, const int* sel,
                                     const int* sel_count, const int* tables, const int* table_base, int bs,
                                     int heads, int rd, int qk, int nope, int k, float scale,
-                                    int stride) {
+                                    int stride, float* part_o, float* part_ml) {
     constexpr int CQ = KVR / 4;
     constexpr int NTV = CQ / 8;
     extern __shared__ __align__(16) unsigned char mla_smem[];
@@ -290,9 +294,12 @@ __device__ void sparse_mla_mma_impl(float* o_lat, const float* q_lat, const floa
 #pragma unroll
     for (int nt = 0; nt < NTV; nt++) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
     float mrow[2] = {NEG_INF, NEG_INF}, lsum[2] = {0.f, 0.f};
-    const int ntiles = (m + MLA_MMA_KEYS - 1) / MLA_MMA_KEYS;
-    if (ntiles > 0) issue(0, 0);
-    for (int i = 0; i < ntiles; i++) {
+    const int splits = gridDim.z;
+    const int per_split = ((k + MLA_MMA_KEYS - 1) / MLA_MMA_KEYS + splits - 1) / splits;
+    const int first = blockIdx.z * per_split;
+    const int ntiles = min((m + MLA_MMA_KEYS - 1) / MLA_MMA_KEYS, first + per_split);
+    if (first < ntiles) issue(first, first & 1);
+    for (int i = first; i < ntiles; i++) {
         if (i + 1 < ntiles) {
             issue(i + 1, (i + 1) & 1);
             cp_async_wait<1>();
@@ -412,9 +419,23 @@ __device__ void sparse_mla_mma_impl(float* o_lat, const float* q_lat, const floa
         }
         __syncthreads();
     }
+    int ha = h0 + rg * 16 + g, hb = ha + 8;
+    if (splits > 1) {
+        long long pa = ((long long)blockIdx.z * gridDim.x + t) * heads + ha, pb = pa + 8;
+#pragma unroll
+        for (int nt = 0; nt < NTV; nt++) {
+            int col = wq * CQ + nt * 8 + 2 * c;
+            if (ha < heads) *(float2*)(part_o + pa * KVR + col) = make_float2(o[nt][0], o[nt][1]);
+            if (hb < heads) *(float2*)(part_o + pb * KVR + col) = make_float2(o[nt][2], o[nt][3]);
+        }
+        if (wq == 0 && c == 0) {
+            if (ha < heads) *(float2*)(part_ml + 2 * pa) = make_float2(mrow[0], lsum[0]);
+            if (hb < heads) *(float2*)(part_ml + 2 * pb) = make_float2(mrow[1], lsum[1]);
+        }
+        return;
+    }
     float inv0 = lsum[0] > 0.f ? 1.f / lsum[0] : 0.f;
     float inv1 = lsum[1] > 0.f ? 1.f / lsum[1] : 0.f;
-    int ha = h0 + rg * 16 + g, hb = ha + 8;
 #pragma unroll
     for (int nt = 0; nt < NTV; nt++) {
         int col = wq * CQ + nt * 8 + 2 * c;
@@ -429,16 +450,42 @@ __device__ void sparse_mla_mma_impl(float* o_lat, const float* q_lat, const floa
     extern "C" __global__ void __launch_bounds__(MLA_MMA_THREADS) sparse_mla_mma_bf16_##KVR(              \
         float* o_lat, const float* q_lat, const float* q, const bf16_t* lcache, const int* sel,           \
         const int* sel_count, const int* tables, const int* table_base, int bs, int heads, int kvr, int rd, int qk, \
-        int nope, int k, float scale) {                                                                   \
+        int nope, int k, float scale, float* part_o, float* part_ml) {                                    \
         sparse_mla_mma_impl<KVR, false>(o_lat, q_lat, q, (const unsigned char*)lcache, sel, sel_count,    \
-                                        tables, table_base, bs, heads, rd, qk, nope, k, scale, 0);              \
+                                        tables, table_base, bs, heads, rd, qk, nope, k, scale, 0, part_o, \
+                                        part_ml);                                                         \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(MLA_MMA_THREADS) sparse_mla_mma_fp8_##KVR(               \
         float* o_lat, const float* q_lat, const float* q, const fp8_t* lcache, const int* sel,            \
         const int* sel_count, const int* tables, const int* table_base, int bs, int heads, int kvr, int rd, int qk, \
-        int nope, int k, float scale, int stride) {                                                       \
+        int nope, int k, float scale, int stride, float* part_o, float* part_ml) {                        \
         sparse_mla_mma_impl<KVR, true>(o_lat, q_lat, q, lcache, sel, sel_count, tables, table_base, bs, heads,  \
-                                       rd, qk, nope, k, scale, stride);                                   \
+                                       rd, qk, nope, k, scale, stride, part_o, part_ml);                  \
     }
 SPARSE_MLA_MMA(128)
 SPARSE_MLA_MMA(512)
+
+// sparse_mla_combine: o_lat[t, h, :] from the splits of sparse_mla_mma_*: each split's output
+// weighted by 2^(its max - the overall max), over the sum of its softmax sums weighted alike.
+// A (token, head) with no selected rows gets zeros, as with one split. Grid (tokens, heads).
+extern "C" __global__ void sparse_mla_combine(float* o_lat, const float* part_o, const float* part_ml,
+                                              int splits, int tokens, int heads, int kvr) {
+    const int t = blockIdx.x, h = blockIdx.y;
+    const long long th = (long long)t * heads + h, per_split = (long long)tokens * heads;
+    float mx = NEG_INF;
+    for (int z = 0; z < splits; z++) mx = fmaxf(mx, part_ml[2 * (z * per_split + th)]);
+    float total = 0.f;
+    for (int z = 0; z < splits; z++) {
+        float2 ml = *(const float2*)(part_ml + 2 * (z * per_split + th));
+        if (ml.y > 0.f) total += exp2f(ml.x - mx) * ml.y;
+    }
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+    for (int col = threadIdx.x; col < kvr; col += blockDim.x) {
+        float acc = 0.f;
+        for (int z = 0; z < splits; z++) {
+            float2 ml = *(const float2*)(part_ml + 2 * (z * per_split + th));
+            if (ml.y > 0.f) acc += exp2f(ml.x - mx) * part_o[(z * per_split + th) * kvr + col];
+        }
+        o_lat[th * kvr + col] = acc * inv;
+    }
+}

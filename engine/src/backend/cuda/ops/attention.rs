@@ -185,6 +185,27 @@ const MLA_MMA_HEADS: usize = 32;
 /// Selected rows per tile of the tensor-core attention kernel (`MLA_MMA_KEYS`).
 const MLA_MMA_KEYS: usize = 64;
 
+/// The most splits of the selected rows the tensor-core attention takes when pinned.
+pub const SPARSE_MLA_MAX_SPLITS: usize = 64;
+
+/// Splits of each token's selected rows in the tensor-core attention for `n` tokens of `heads`
+/// heads over up to `k` selected rows, unless the device pins them (the benchmark's sweep, the
+/// tests). A block takes 32 heads of one token, and one block fits an SM (its two tiles and
+/// queries take about 200 KB of shared memory), so a few tokens leave most SMs idle: at batch 1
+/// with 128 heads, 4 of 132. Splitting the rows gives each SM at most one block (a second wave
+/// costs a whole block's time), each split keeping at least two tiles so that staging the
+/// block's queries stays a small part of its work; the splits' outputs are then combined by one
+/// more launch. Measured on an H200 (docs/PERF.md): 1 token 164 µs unsplit, 55 µs at 16
+/// splits; 8 tokens 168 µs, 75 µs at 4 splits and 116-131 µs at 5-8 (two waves).
+pub fn sparse_mla_splits(dev: &Device, n: usize, heads: usize, k: usize) -> usize {
+    if let Some(s) = dev.sparse_mla_splits() {
+        return s.clamp(1, SPARSE_MLA_MAX_SPLITS);
+    }
+    let blocks = n.saturating_mul(heads.div_ceil(MLA_MMA_HEADS)).max(1);
+    let most = (k.div_ceil(MLA_MMA_KEYS) / 2).max(1);
+    (dev.sm_count() / blocks).clamp(1, most)
+}
+
 /// The tensor-core attention kernel's name for this cache and shape, or `None` where it does
 /// not apply (f32 cache, kv_lora_rank other than 128 or 512, a row width not a multiple of 16).
 pub fn sparse_mla_mma_kernel(cache: DType, kvr: usize, rd: usize) -> Option<String> {
@@ -251,15 +272,51 @@ pub fn sparse_mla(
     ];
     args.extend(fp8_stride);
     if let Some(name) = mma {
-        return launch(
+        let splits = sparse_mla_splits(dev, n, d.heads, k);
+        let parts = if splits > 1 {
+            let rows = splits * n * d.heads;
+            Some((dev.alloc::<f32>(rows * d.kvr)?, dev.alloc::<f32>(rows * 2)?))
+        } else {
+            None
+        };
+        let (part_o, part_ml) = match &parts {
+            Some((o, ml)) => (dev.ptr(o, 0), dev.ptr(ml, 0)),
+            None => (0, 0),
+        };
+        args.extend([Arg::P(part_o), Arg::P(part_ml)]);
+        launch(
             dev,
             Family::Attention,
             &name,
-            (n as u32, d.heads.div_ceil(MLA_MMA_HEADS) as u32, 1),
+            (
+                n as u32,
+                d.heads.div_ceil(MLA_MMA_HEADS) as u32,
+                splits as u32,
+            ),
             256,
             sparse_mla_mma_smem(lcache.dtype(), d.kvr, d.rd) as u32,
             &args,
-        );
+        )?;
+        if parts.is_some() {
+            launch(
+                dev,
+                Family::Attention,
+                "sparse_mla_combine",
+                (n as u32, d.heads as u32, 1),
+                128,
+                0,
+                &[
+                    Arg::P(o_lat),
+                    Arg::P(part_o),
+                    Arg::P(part_ml),
+                    i(splits),
+                    i(n),
+                    i(d.heads),
+                    i(d.kvr),
+                ],
+            )?;
+        }
+        return Ok(());
     }
     // Heads of a token share each key in one block when the output fits the registers
     // (kv_lora_rank ≤ 512) and the step has enough tokens to fill the GPU that way (about four
