@@ -455,7 +455,9 @@ fn time_dsa(
             let flops = 2.0 * (n * d.heads * topk * (width + d.kvr)) as f64;
             let bytes = (n * topk * row_len * cache.bytes()) as f64;
             let mut rec = json!({"cache": format!("{cache:?}"), "tokens": n, "prefill": prefill});
+            let warpgroup = ops::sparse_mla_wgmma_applies(dev, cache, d.kvr, d.rd);
             for (tag, pin) in [
+                ("warpgroup", Attention::Warpgroup),
                 ("tensor_cores", Attention::TensorCores),
                 ("cuda_cores", Attention::CudaCores),
             ] {
@@ -465,7 +467,9 @@ fn time_dsa(
                 } else {
                     3
                 };
-                if prefill && pin == Attention::CudaCores && cache == DType::Fp8 {
+                if (prefill && pin == Attention::CudaCores && cache == DType::Fp8)
+                    || (pin == Attention::Warpgroup && !warpgroup)
+                {
                     continue;
                 }
                 dev.set_attention(pin);
@@ -475,19 +479,27 @@ fn time_dsa(
                     "gb_per_s_selected_rows": bytes / s / 1e9,
                 });
             }
-            // The tensor-core kernel at each split of the selected rows (the auto choice's
+            // Each tensor-core kernel at each split of the selected rows (the auto choice's
             // table); prefill steps fill the GPU with one split.
-            if !prefill {
-                dev.set_attention(Attention::TensorCores);
+            for (tag, pin) in [
+                ("warpgroup", Attention::Warpgroup),
+                ("tensor_cores", Attention::TensorCores),
+            ] {
+                if prefill || (pin == Attention::Warpgroup && !warpgroup) {
+                    continue;
+                }
+                dev.set_attention(pin);
                 let mut sweep = serde_json::Map::new();
                 for splits in [1usize, 2, 4, 8, 16, 32] {
                     dev.set_sparse_mla_splits(Some(splits));
                     sweep.insert(splits.to_string(), json!(time_op(dev, 3, attend)? * 1e6));
                 }
                 dev.set_sparse_mla_splits(None);
-                rec["tensor_cores"]["splits"] =
-                    json!(ops::sparse_mla_splits(dev, n, d.heads, topk));
-                rec["tensor_cores_us_by_splits"] = Value::Object(sweep);
+                if let Some(kernel) = ops::sparse_mla_tensor_kernel(dev, cache, d.kvr, d.rd) {
+                    rec[tag]["splits"] =
+                        json!(ops::sparse_mla_splits(dev, &kernel, n, d.heads, topk));
+                }
+                rec[format!("{tag}_us_by_splits")] = Value::Object(sweep);
             }
             dev.set_attention(Attention::Auto);
             tracing::info!(record = %rec, "sparse attention timed");

@@ -204,8 +204,9 @@ pub enum Fp8Path {
 /// Which sparse-attention kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Attention {
-    /// Tensor cores on a bf16 or FP8 cache where the kernel takes the shape; otherwise shared
-    /// heads when the step has enough tokens to fill the GPU with them, else per head.
+    /// Warpgroup MMAs where they take the shape ([`Attention::Warpgroup`]), else `mma.sync`
+    /// tensor cores on a bf16 or FP8 cache where that kernel takes it; otherwise shared heads
+    /// when the step has enough tokens to fill the GPU with them, else per head.
     #[default]
     Auto = 0,
     /// One block per (token, head), each reading every selected key: the most blocks, for
@@ -218,6 +219,10 @@ pub enum Attention {
     TensorCores = 3,
     /// The CUDA-core kernels only, chosen as [`Attention::Auto`] chooses between them.
     CudaCores = 4,
+    /// Hopper's warpgroup MMAs (wgmma) with 64 heads of a token per block: bf16 cache,
+    /// kv_lora_rank 512 with rope 64 (the released shape), sm_90a; falls back to
+    /// [`Attention::TensorCores`] where it does not apply.
+    Warpgroup = 5,
 }
 
 /// Which lightning-indexer scoring kernel runs.
@@ -394,6 +399,7 @@ impl Device {
             2 => Attention::SharedHeads,
             3 => Attention::TensorCores,
             4 => Attention::CudaCores,
+            5 => Attention::Warpgroup,
             _ => Attention::Auto,
         }
     }

@@ -465,6 +465,211 @@ __device__ void sparse_mla_mma_impl(float* o_lat, const float* q_lat, const floa
 SPARSE_MLA_MMA(128)
 SPARSE_MLA_MMA(512)
 
+// sparse_mla_wgmma_bf16_512: the same attention with Hopper's warpgroup MMAs (wgmma), for the
+// released shape (kv_lora_rank 512, rope 64) on a bf16 cache. A block takes 64 heads of one
+// token (M = 64, FlashMLA's decode tiling) and two warpgroups: each computes S = Q·Kᵀ for half of
+// a 64-row tile (m64n32, 36 steps over the 576 columns), the two share each row's running max
+// through shared memory, write their probabilities as one bf16 tile, and each adds P·V for half
+// of the 512 output columns (m64n256, V read transposed from the same tile). Operands are read
+// by the tensor cores straight from 128-byte-swizzled shared memory: queries once, selected rows
+// by cp.async into a double buffer. Splits and their outputs are those of sparse_mla_mma_*.
+// Grid (tokens, ceil(heads / 64), splits), 256 threads, SPARSE_MLA_WGMMA_SMEM bytes.
+#define MLA_WG_HEADS 64
+#define MLA_WG_KEYS 64
+#define MLA_WG_CHUNK 8192
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Descriptor of a 128-byte-swizzled shared-memory operand whose 8-row groups are `sbo` bytes
+// apart and (MN-major operands) whose 64-element column blocks are `lbo` bytes apart.
+__device__ __forceinline__ unsigned long long wgmma_desc(const void* p, unsigned lbo, unsigned sbo) {
+    unsigned long long a = smem_addr(p);
+    return ((a & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
+           ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// Generic-proxy writes to shared memory (stores, cp.async) made visible to the tensor cores.
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// Keeps the compiler from moving reads of an accumulator above the wait for its wgmma.
+__device__ __forceinline__ void fence_reg(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+__device__ __forceinline__ void wgmma_m64n32k16_kk(float* d, unsigned long long a, unsigned long long b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(a), "l"(b), "r"(1)
+        : "memory");
+}
+__device__ __forceinline__ void wgmma_m64n256k16_kn(float* d, unsigned long long a, unsigned long long b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(a), "l"(b), "r"(1)
+        : "memory");
+}
+
+// Byte offset of 16-byte column chunk `c16` (0-7) of `row` in a 128-byte-swizzled 64-column block.
+__device__ __forceinline__ int sw128(int row, int c16) { return row * 128 + ((c16 ^ (row & 7)) << 4); }
+#endif
+
+extern "C" __global__ void __launch_bounds__(256, 1) sparse_mla_wgmma_bf16_512(
+    float* o_lat, const float* q_lat, const float* q, const bf16_t* lcache, const int* sel,
+    const int* sel_count, const int* tables, const int* table_base, int bs, int heads, int kvr, int rd,
+    int qk, int nope, int k, float scale, float* part_o, float* part_ml) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int KVR = 512, W = 576, CHUNKS = W / 64, TILE = CHUNKS * MLA_WG_CHUNK;
+    extern __shared__ __align__(16) unsigned char wg_smem[];
+    unsigned char* qs = wg_smem + ((1024 - (smem_addr(wg_smem) & 1023)) & 1023);
+    unsigned char* tiles = qs + TILE;      // two tiles
+    unsigned char* ps = tiles + 2 * TILE;  // the probabilities, [64 heads][64 rows]
+    float* red = (float*)(ps + MLA_WG_CHUNK);  // [2][64] row maxima, then [2][64] row sums
+    const int t = blockIdx.x, h0 = blockIdx.y * MLA_WG_HEADS;
+    for (int i = threadIdx.x; i < MLA_WG_HEADS * (W / 8); i += blockDim.x) {
+        int hh = i / (W / 8), c16 = i % (W / 8), h = h0 + hh;
+        float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        if (h < heads) {
+            long long th = (long long)t * heads + h;
+            if (c16 < KVR / 8) {
+                float4 a = *(const float4*)(q_lat + th * KVR + 8 * c16);
+                float4 b = *(const float4*)(q_lat + th * KVR + 8 * c16 + 4);
+                v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+            } else {
+                for (int e = 0; e < 8; e++) v[e] = q[th * qk + nope + 8 * c16 - KVR + e];
+            }
+        }
+        uint4 pk = make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]),
+                              pack_bf16x2(v[6], v[7]));
+        *(uint4*)(qs + (c16 >> 3) * MLA_WG_CHUNK + sw128(hh, c16 & 7)) = pk;
+    }
+    const int m = sel_count[t];
+    const int* st = sel + (long long)t * k;
+    const int* tb = tables + table_base[t];
+    const int lrow = threadIdx.x >> 2, lsub = threadIdx.x & 3;  // loader: 4 threads per row
+    auto issue = [&](int tile, int buf) {
+        int j = tile * MLA_WG_KEYS + lrow;
+        bool ok = j < m;
+        const unsigned char* src = (const unsigned char*)lcache + (ok ? paged_slot(tb, bs, st[j]) * (W * 2) : 0);
+        unsigned char* dst = tiles + buf * TILE;
+        for (int c16 = lsub; c16 < W / 8; c16 += 4)
+            cp_async_16(dst + (c16 >> 3) * MLA_WG_CHUNK + sw128(lrow, c16 & 7), src + 16 * c16, ok);
+        cp_async_commit();
+    };
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int g = lane >> 2, c = lane & 3;
+    const int r0 = warp * 16 + g, r1 = r0 + 8;  // this thread's rows (heads h0 + r) of every tile
+    const float sl2 = scale * 1.4426950408889634f;
+    float o[128];
+#pragma unroll
+    for (int x = 0; x < 128; x++) o[x] = 0.f;
+    float mrow0 = NEG_INF, mrow1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+    const int splits = gridDim.z;
+    const int per_split = ((k + MLA_WG_KEYS - 1) / MLA_WG_KEYS + splits - 1) / splits;
+    const int first = blockIdx.z * per_split;
+    const int ntiles = min((m + MLA_WG_KEYS - 1) / MLA_WG_KEYS, first + per_split);
+    if (first < ntiles) issue(first, first & 1);
+    for (int i = first; i < ntiles; i++) {
+        __syncthreads();  // both warpgroups are done with tile i - 1 (whose buffer gets i + 1) and P
+        if (i + 1 < ntiles) {
+            issue(i + 1, (i + 1) & 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        fence_async_smem();
+        __syncthreads();
+        const unsigned char* tile = tiles + (i & 1) * TILE;
+        float s[16];
+#pragma unroll
+        for (int x = 0; x < 16; x++) s[x] = 0.f;
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < W / 16; ks++) {
+            int off = (ks >> 2) * MLA_WG_CHUNK + (ks & 3) * 32;
+            wgmma_m64n32k16_kk(s, wgmma_desc(qs + off, 16, 1024),
+                               wgmma_desc(tile + off + wg * 32 * 128, 16, 1024));
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+#pragma unroll
+        for (int x = 0; x < 16; x++) fence_reg(s[x]);
+        // s[4j + e]: row r0, key 32·wg + 8j + 2c + e of the tile; s[4j + 2 + e]: row r1.
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                bool ok = i * MLA_WG_KEYS + 32 * wg + 8 * j + 2 * c + e < m;
+                s[4 * j + e] = ok ? s[4 * j + e] * sl2 : NEG_INF;
+                s[4 * j + 2 + e] = ok ? s[4 * j + 2 + e] * sl2 : NEG_INF;
+                mx0 = fmaxf(mx0, s[4 * j + e]);
+                mx1 = fmaxf(mx1, s[4 * j + 2 + e]);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        if (c == 0) red[wg * 64 + r0] = mx0, red[wg * 64 + r1] = mx1;
+        __syncthreads();
+        const float mn0 = fmaxf(mrow0, fmaxf(red[r0], red[64 + r0]));
+        const float mn1 = fmaxf(mrow1, fmaxf(red[r1], red[64 + r1]));
+        const float corr0 = exp2f(mrow0 - mn0), corr1 = exp2f(mrow1 - mn1);
+        mrow0 = mn0, mrow1 = mn1;
+        l0 *= corr0, l1 *= corr1;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            float a0 = exp2f(s[4 * j] - mn0), a1 = exp2f(s[4 * j + 1] - mn0);
+            float b0 = exp2f(s[4 * j + 2] - mn1), b1 = exp2f(s[4 * j + 3] - mn1);
+            l0 += a0 + a1, l1 += b0 + b1;
+            int key = 32 * wg + 8 * j + 2 * c;
+            *(unsigned*)(ps + sw128(r0, key >> 3) + (key & 7) * 2) = pack_bf16x2(a0, a1);
+            *(unsigned*)(ps + sw128(r1, key >> 3) + (key & 7) * 2) = pack_bf16x2(b0, b1);
+        }
+#pragma unroll
+        for (int j = 0; j < 32; j++) {
+            o[4 * j] *= corr0, o[4 * j + 1] *= corr0, o[4 * j + 2] *= corr1, o[4 * j + 3] *= corr1;
+        }
+        fence_async_smem();
+        __syncthreads();
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < MLA_WG_KEYS / 16; ks++) {
+            wgmma_m64n256k16_kn(o, wgmma_desc(ps + ks * 32, 16, 1024),
+                                wgmma_desc(tile + 4 * wg * MLA_WG_CHUNK + ks * 16 * 128, MLA_WG_CHUNK, 1024));
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+#pragma unroll
+        for (int x = 0; x < 128; x++) fence_reg(o[x]);
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    if (c == 0) red[128 + wg * 64 + r0] = l0, red[128 + wg * 64 + r1] = l1;
+    __syncthreads();
+    const float sum0 = red[128 + r0] + red[192 + r0], sum1 = red[128 + r1] + red[192 + r1];
+    const int ha = h0 + r0, hb = h0 + r1;
+    const int splits_out = splits > 1;
+    const long long pa = ((long long)blockIdx.z * gridDim.x + t) * heads + ha, pb = pa + 8;
+    const float inv0 = splits_out ? 1.f : (sum0 > 0.f ? 1.f / sum0 : 0.f);
+    const float inv1 = splits_out ? 1.f : (sum1 > 0.f ? 1.f / sum1 : 0.f);
+    float* da = splits_out ? part_o + pa * KVR : o_lat + ((long long)t * heads + ha) * KVR;
+    float* db = splits_out ? part_o + pb * KVR : o_lat + ((long long)t * heads + hb) * KVR;
+#pragma unroll
+    for (int j = 0; j < 32; j++) {
+        int col = 256 * wg + 8 * j + 2 * c;
+        if (ha < heads) *(float2*)(da + col) = make_float2(o[4 * j] * inv0, o[4 * j + 1] * inv0);
+        if (hb < heads) *(float2*)(db + col) = make_float2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
+    }
+    if (splits_out && wg == 0 && c == 0) {
+        if (ha < heads) *(float2*)(part_ml + 2 * pa) = make_float2(mrow0, sum0);
+        if (hb < heads) *(float2*)(part_ml + 2 * pb) = make_float2(mrow1, sum1);
+    }
+#endif
+}
+
 // sparse_mla_combine: o_lat[t, h, :] from the splits of sparse_mla_mma_*: each split's output
 // weighted by 2^(its max - the overall max), over the sum of its softmax sums weighted alike.
 // A (token, head) with no selected rows gets zeros, as with one split. Grid (tokens, heads).

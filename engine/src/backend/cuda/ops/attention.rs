@@ -190,20 +190,35 @@ pub const SPARSE_MLA_MAX_SPLITS: usize = 64;
 
 /// Splits of each token's selected rows in the tensor-core attention for `n` tokens of `heads`
 /// heads over up to `k` selected rows, unless the device pins them (the benchmark's sweep, the
-/// tests). A block takes 32 heads of one token, and one block fits an SM (its two tiles and
-/// queries take about 200 KB of shared memory), so a few tokens leave most SMs idle: at batch 1
-/// with 128 heads, 4 of 132. Splitting the rows gives each SM at most one block (a second wave
-/// costs a whole block's time), each split keeping at least two tiles so that staging the
-/// block's queries stays a small part of its work; the splits' outputs are then combined by one
-/// more launch. Measured on an H200 (docs/PERF.md): 1 token 164 µs unsplit, 55 µs at 16
-/// splits; 8 tokens 168 µs, 75 µs at 4 splits and 116-131 µs at 5-8 (two waves).
-pub fn sparse_mla_splits(dev: &Device, n: usize, heads: usize, k: usize) -> usize {
+/// tests). A block takes 32 (`mma.sync`) or 64 (warpgroup) heads of one token, and one block
+/// fills an SM's shared memory, so a few tokens leave most SMs idle: at batch 1 with 128 heads,
+/// 2-4 of 132. Splitting the rows gives the idle SMs work; the splits' outputs are then combined
+/// by one more launch. Each block stages its 32-64 queries from f32 before its first tile, which
+/// costs about as much as two tiles, so the splits stop short of one tile each. The targets
+/// below are the H200 sweep's best (docs/PERF.md), µs at 1 and 8 tokens:
+/// - `mma.sync`: one wave of blocks, at least two tiles a split (1 token: 165 unsplit, 54 at
+///   16 splits; 8 tokens: 168 unsplit, 82 at 4 splits, 129 at 8, a second wave);
+/// - warpgroup: half a wave, at least four tiles a split (1 token: 121 unsplit, 38 at 8
+///   splits; 8 tokens: 122 unsplit, 49 at 4 splits, 69 at 8).
+pub fn sparse_mla_splits(
+    dev: &Device,
+    kernel: &SparseMlaKernel,
+    n: usize,
+    heads: usize,
+    k: usize,
+) -> usize {
     if let Some(s) = dev.sparse_mla_splits() {
         return s.clamp(1, SPARSE_MLA_MAX_SPLITS);
     }
-    let blocks = n.saturating_mul(heads.div_ceil(MLA_MMA_HEADS)).max(1);
-    let most = (k.div_ceil(MLA_MMA_KEYS) / 2).max(1);
-    (dev.sm_count() / blocks).clamp(1, most)
+    let blocks = n
+        .saturating_mul(heads.div_ceil(kernel.heads_per_block()))
+        .max(1);
+    let (wave, min_tiles) = match kernel {
+        SparseMlaKernel::Mma(_) => (dev.sm_count(), 2),
+        SparseMlaKernel::Warpgroup => (dev.sm_count() / 2, 4),
+    };
+    let most = (k.div_ceil(MLA_MMA_KEYS) / min_tiles).max(1);
+    (wave / blocks).clamp(1, most)
 }
 
 /// The tensor-core attention kernel's name for this cache and shape, or `None` where it does
@@ -211,6 +226,69 @@ pub fn sparse_mla_splits(dev: &Device, n: usize, heads: usize, k: usize) -> usiz
 pub fn sparse_mla_mma_kernel(cache: DType, kvr: usize, rd: usize) -> Option<String> {
     (cache != DType::F32 && matches!(kvr, 128 | 512) && (kvr + rd).is_multiple_of(16))
         .then(|| format!("sparse_mla_mma_{}_{kvr}", cache.suffix()))
+}
+
+/// Heads one block of the warpgroup attention kernel takes (`MLA_WG_HEADS`).
+const MLA_WG_HEADS: usize = 64;
+
+/// Dynamic shared memory of the warpgroup attention kernel: the queries and two tiles of 64
+/// rows (each nine 128-byte-swizzled blocks of 64 columns), the probabilities, the row maxima
+/// and sums of both warpgroups, and room to align the tiles to 1,024 bytes.
+const SPARSE_MLA_WGMMA_SMEM: usize = 3 * 9 * 8192 + 8192 + 1024 + 1024;
+
+/// Whether the warpgroup attention kernel takes this device, cache and shape: Hopper's
+/// `sm_90a`, a bf16 cache and the released kv_lora_rank 512 with rope 64.
+pub fn sparse_mla_wgmma_applies(dev: &Device, cache: DType, kvr: usize, rd: usize) -> bool {
+    dev.arch == "sm_90a" && cache == DType::Bf16 && kvr == 512 && rd == 64
+}
+
+/// A tensor-core sparse-attention kernel: both take the same arguments and split the selected
+/// rows the same way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SparseMlaKernel {
+    /// `sparse_mla_wgmma_bf16_512`.
+    Warpgroup,
+    /// `sparse_mla_mma_*`, by name.
+    Mma(String),
+}
+
+impl SparseMlaKernel {
+    fn heads_per_block(&self) -> usize {
+        match self {
+            SparseMlaKernel::Warpgroup => MLA_WG_HEADS,
+            SparseMlaKernel::Mma(_) => MLA_MMA_HEADS,
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            SparseMlaKernel::Warpgroup => "sparse_mla_wgmma_bf16_512",
+            SparseMlaKernel::Mma(name) => name,
+        }
+    }
+}
+
+/// The tensor-core kernel the device's [`crate::backend::cuda::Attention`] setting picks for this
+/// cache and shape, or `None` for the CUDA-core kernels.
+pub fn sparse_mla_tensor_kernel(
+    dev: &Device,
+    cache: DType,
+    kvr: usize,
+    rd: usize,
+) -> Option<SparseMlaKernel> {
+    use crate::backend::cuda::device::Attention;
+    let mma = || sparse_mla_mma_kernel(cache, kvr, rd).map(SparseMlaKernel::Mma);
+    match dev.attention() {
+        Attention::Auto | Attention::Warpgroup => {
+            if sparse_mla_wgmma_applies(dev, cache, kvr, rd) {
+                Some(SparseMlaKernel::Warpgroup)
+            } else {
+                mma()
+            }
+        }
+        Attention::TensorCores => mma(),
+        Attention::PerHead | Attention::SharedHeads | Attention::CudaCores => None,
+    }
 }
 
 /// Dynamic shared memory of the tensor-core attention kernel: the block's queries, the tile
@@ -245,12 +323,7 @@ pub fn sparse_mla(
 ) -> Result<(), CudaError> {
     use crate::backend::cuda::device::Attention;
     let fp8_stride = (lcache.dtype() == DType::Fp8).then(|| i(latent_fp8_stride(d.kvr, d.rd)));
-    let mma = match dev.attention() {
-        Attention::Auto | Attention::TensorCores => {
-            sparse_mla_mma_kernel(lcache.dtype(), d.kvr, d.rd)
-        }
-        _ => None,
-    };
+    let tensor = sparse_mla_tensor_kernel(dev, lcache.dtype(), d.kvr, d.rd);
     // Every sparse-attention kernel takes the same arguments.
     let mut args = vec![
         Arg::P(o_lat),
@@ -271,8 +344,8 @@ pub fn sparse_mla(
         Arg::F(scale),
     ];
     args.extend(fp8_stride);
-    if let Some(name) = mma {
-        let splits = sparse_mla_splits(dev, n, d.heads, k);
+    if let Some(kernel) = tensor {
+        let splits = sparse_mla_splits(dev, &kernel, n, d.heads, k);
         let parts = if splits > 1 {
             let rows = splits * n * d.heads;
             Some((dev.alloc::<f32>(rows * d.kvr)?, dev.alloc::<f32>(rows * 2)?))
@@ -284,17 +357,18 @@ pub fn sparse_mla(
             None => (0, 0),
         };
         args.extend([Arg::P(part_o), Arg::P(part_ml)]);
+        let smem = match kernel {
+            SparseMlaKernel::Warpgroup => SPARSE_MLA_WGMMA_SMEM,
+            SparseMlaKernel::Mma(_) => sparse_mla_mma_smem(lcache.dtype(), d.kvr, d.rd),
+        };
+        let blocks_per_token = d.heads.div_ceil(kernel.heads_per_block());
         launch(
             dev,
             Family::Attention,
-            &name,
-            (
-                n as u32,
-                d.heads.div_ceil(MLA_MMA_HEADS) as u32,
-                splits as u32,
-            ),
+            kernel.name(),
+            (n as u32, blocks_per_token as u32, splits as u32),
             256,
-            sparse_mla_mma_smem(lcache.dtype(), d.kvr, d.rd) as u32,
+            smem as u32,
             &args,
         )?;
         if parts.is_some() {
@@ -329,9 +403,10 @@ pub fn sparse_mla(
         && match dev.attention() {
             Attention::PerHead => false,
             Attention::SharedHeads => true,
-            Attention::Auto | Attention::TensorCores | Attention::CudaCores => {
-                n * d.heads.div_ceil(HEADS_PER_BLOCK) >= shared_min_blocks
-            }
+            Attention::Auto
+            | Attention::TensorCores
+            | Attention::Warpgroup
+            | Attention::CudaCores => n * d.heads.div_ceil(HEADS_PER_BLOCK) >= shared_min_blocks,
         };
     let name = if shared {
         format!("sparse_mla_heads_{}", lcache.dtype().suffix())
