@@ -553,6 +553,81 @@ fn fp8_linears_match_the_host_emulation_on_both_kernels() {
     dev.set_gemm(cuda::Gemm::Tiled).unwrap();
 }
 
+/// The grouped FP8 expert GEMMs, both kernels (`mma.sync`; the warpgroup one on Hopper), match
+/// the host's emulation of each expert's block-scaled GEMM: groups of 0 to 200 rows (one row,
+/// tile edges, several tiles), rows between groups that no group covers (left NaN), an output
+/// width that is not a multiple of the 128-column block, and the routed experts' shapes.
+#[test]
+fn grouped_fp8_gemms_match_the_host_emulation_on_both_kernels() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(0x6a0f_e8e8_0002);
+    for (out, inp, counts) in [
+        (320usize, 512usize, vec![1usize, 63, 64, 65, 0, 200, 129]),
+        (2048, 7168, vec![70, 3, 128]),
+        (7168, 2048, vec![130, 1]),
+    ] {
+        let gap = 3;
+        let mut starts = Vec::new();
+        let mut rows = 0;
+        for c in &counts {
+            starts.push(rows);
+            rows += c + gap;
+        }
+        let x: Vec<f32> = rng
+            .vec(rows * inp)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| if i % 97 == 3 { v * 40.0 } else { *v })
+            .collect();
+        let experts: Vec<Linear> = counts
+            .iter()
+            .map(|_| fp8_case(&mut rng, 1, out, inp).1)
+            .collect();
+        let groups: Vec<(&Linear, usize, usize)> = experts
+            .iter()
+            .zip(&starts)
+            .zip(&counts)
+            .map(|((w, s), c)| (w, *s, *c))
+            .collect();
+        let mut want = vec![f32::NAN; rows * out];
+        for (w, start, count) in &groups {
+            let xs = &x[start * inp..(start + count) * inp];
+            let y = cpu::fp8::fp8_linear(xs, *count, w.fp8.as_ref().unwrap(), true);
+            want[start * out..(start + count) * out].copy_from_slice(&y);
+        }
+        let mut kernels = vec![cuda::GroupedGemm::Mma];
+        if ops::grouped_wgmma_applies(&dev, inp) {
+            kernels.push(cuda::GroupedGemm::Warpgroup);
+        }
+        for kernel in kernels {
+            dev.set_grouped_gemm(kernel);
+            let got = ops::linear_fp8_grouped_host(&dev, &x, &groups).unwrap();
+            dev.set_grouped_gemm(cuda::GroupedGemm::Auto);
+            let (mut covered_got, mut covered_want) = (Vec::new(), Vec::new());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                if w.is_nan() {
+                    assert!(
+                        g.is_nan(),
+                        "{kernel:?} {out}x{inp}: row {} outside every group was written",
+                        i / out
+                    );
+                } else {
+                    assert!(
+                        g.is_finite(),
+                        "{kernel:?} {out}x{inp}: row {} left unwritten",
+                        i / out
+                    );
+                    covered_got.push(*g);
+                    covered_want.push(*w);
+                }
+            }
+            let e = l2_rel(&covered_got, &covered_want);
+            eprintln!("grouped fp8 {kernel:?} {out}x{inp} groups {counts:?}: vs emulation {e:.2e}");
+            assert!(e < 1e-4, "{kernel:?} {out}x{inp}: {e:.2e}");
+        }
+    }
+}
+
 /// Both activation quantizers (the vectorized one for 16-byte-aligned whole 128-groups, the
 /// general one for the rest, here forced by a 4-byte offset) write exactly the host's codes and
 /// scales, in both scale layouts, at odd token counts; outputs are poisoned first.

@@ -225,6 +225,20 @@ pub enum Attention {
     Warpgroup = 5,
 }
 
+/// Which kernel runs the grouped FP8 expert GEMMs ([`super::ops::linear_fp8_grouped`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GroupedGemm {
+    /// Warpgroup MMAs for prefill-sized steps (some expert with more rows than one tile) where
+    /// the device and shape take them, else `mma.sync`; decode-sized steps stay on `mma.sync`,
+    /// the kernel the on-device MoE path runs, so both paths give the same sums.
+    #[default]
+    Auto = 0,
+    /// `fp8_linear_grouped` (`mma.sync`) always.
+    Mma = 1,
+    /// `fp8_linear_grouped_wgmma` wherever the device and shape take it.
+    Warpgroup = 2,
+}
+
 /// Which lightning-indexer scoring kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Indexer {
@@ -253,6 +267,7 @@ pub struct Device {
     /// Keys per block of the tensor-core indexer, when pinned (0: chosen per step).
     indexer_keys: AtomicUsize,
     mla_splits: AtomicUsize,
+    grouped_gemm: AtomicU8,
     blas: Mutex<Option<Arc<CudaBlas>>>,
     fp8_gemm: AtomicU8,
     /// cuBLASLt, made on first use; the error text when it cannot be.
@@ -295,6 +310,7 @@ impl Device {
             device_moe: std::sync::atomic::AtomicBool::new(true),
             indexer_keys: AtomicUsize::new(0),
             mla_splits: AtomicUsize::new(0),
+            grouped_gemm: AtomicU8::new(0),
             blas: Mutex::new(None),
             fp8_gemm: AtomicU8::new(0),
             lt: Mutex::new(None),
@@ -437,6 +453,19 @@ impl Device {
     pub fn set_indexer_keys_per_block(&self, keys: Option<usize>) {
         self.indexer_keys
             .store(keys.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    pub fn grouped_gemm(&self) -> GroupedGemm {
+        match self.grouped_gemm.load(Ordering::Relaxed) {
+            1 => GroupedGemm::Mma,
+            2 => GroupedGemm::Warpgroup,
+            _ => GroupedGemm::Auto,
+        }
+    }
+
+    /// Chooses the grouped expert GEMMs' kernel (tests and the benchmark compare them).
+    pub fn set_grouped_gemm(&self, g: GroupedGemm) {
+        self.grouped_gemm.store(g as u8, Ordering::Relaxed);
     }
 
     /// Splits of the selected rows in the tensor-core sparse attention, when pinned.

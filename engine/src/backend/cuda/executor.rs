@@ -1109,16 +1109,21 @@ impl CudaExecutor {
         }
     }
 
-    /// Grouped GEMMs pay where experts have few rows each (decode): FP8 experts on the cuBLAS
-    /// path, every active one held here, none with more rows than one grouped tile, K of both
-    /// projections a multiple of 128 (one activation scale per 128 channels).
+    /// Grouped GEMMs pay where experts have few rows each (decode), and on Hopper at any rows
+    /// (the warpgroup kernel: one launch per projection instead of one library GEMM per
+    /// expert): FP8 experts on the cuBLAS path, every active one held here, K of both
+    /// projections a multiple of 128 (one activation scale per 128 channels), and no expert
+    /// with more rows than one grouped tile unless the warpgroup kernel takes both K.
     fn grouped_experts_apply(&self, moe: &DevMoe, counts: &[usize]) -> bool {
         let c = &self.cfg;
+        let any_rows = self.dev.grouped_gemm() != super::GroupedGemm::Mma
+            && ops::grouped_wgmma_applies(&self.dev, c.hidden_size)
+            && ops::grouped_wgmma_applies(&self.dev, c.moe_intermediate_size);
         self.dev.grouped_experts()
             && self.dev.gemm() == super::Gemm::Cublas
             && c.hidden_size.is_multiple_of(128)
             && c.moe_intermediate_size.is_multiple_of(128)
-            && counts.iter().all(|n| *n <= ops::GROUPED_TILE_ROWS)
+            && (any_rows || counts.iter().all(|n| *n <= ops::GROUPED_TILE_ROWS))
             && moe.experts.iter().zip(counts).all(|(m, n)| {
                 *n == 0
                     || m.as_ref()

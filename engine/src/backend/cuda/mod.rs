@@ -25,7 +25,7 @@ pub mod weights;
 
 use thiserror::Error;
 
-pub use device::{Attention, Device, Fp8Gemm, Fp8Path, Gemm, Indexer};
+pub use device::{Attention, Device, Fp8Gemm, Fp8Path, Gemm, GroupedGemm, Indexer};
 pub use executor::{CudaExecutor, CudaOptions};
 pub use plan::MemoryPlan;
 pub use weights::DType;

@@ -286,3 +286,21 @@ __device__ __forceinline__ int mma_row_stride(int width) {
     while (b % 128 != 32 && b % 128 != 96) b += 16;
     return b;
 }
+
+// Hopper's warpgroup MMAs (wgmma), where the target has them (sm_90a).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Descriptor of a 128-byte-swizzled shared-memory operand whose 8-row groups are `sbo` bytes
+// apart and (MN-major operands) whose 64-element column blocks are `lbo` bytes apart.
+__device__ __forceinline__ unsigned long long wgmma_desc(const void* p, unsigned lbo, unsigned sbo) {
+    unsigned long long a = smem_addr(p);
+    return ((a & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
+           ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// Generic-proxy writes to shared memory (stores, cp.async) made visible to the tensor cores.
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// Keeps the compiler from moving reads of an accumulator above the wait for its wgmma.
+__device__ __forceinline__ void fence_reg(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+#endif

@@ -367,6 +367,107 @@ extern "C" __global__ void __launch_bounds__(128) fp8_linear_grouped(float* y, c
                      out, k);
 }
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// d (m64n128, f32) = A·Bᵀ (+ d when `accumulate`): E4M3 operands, both K-major in 128-byte-swizzled
+// shared memory.
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float* d, unsigned long long a, unsigned long long b,
+                                                      int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(a), "l"(b), "r"(accumulate)
+        : "memory");
+}
+#endif
+
+// fp8_linear_grouped_wgmma: fp8_linear_grouped (same arguments, tiles and block-scaled function)
+// with Hopper's warpgroup MMAs, for prefill-sized MoE steps whose experts have many rows each.
+// One warpgroup a block takes one tile's PM rows by PN output columns; 128-column blocks of K
+// arrive by cp.async through GW_STAGES buffers (rows past the tile's or the weight's end are
+// zero-filled), four m64n128k32 MMAs read each block straight from shared memory, and their sum
+// is scaled by the activation rows' and the weight block's scales into the f32 accumulators (the
+// promotion DeepGEMM does). K a multiple of 128; grid (ceil(out / PN), tiles), 128 threads,
+// GW_SMEM bytes of dynamic shared memory.
+#define GW_STAGES 4
+#define GW_STAGE ((PM + PN) * 128)
+extern "C" __global__ void __launch_bounds__(128) fp8_linear_grouped_wgmma(float* y, const fp8_t* xa, const float* sa,
+                                                                           const unsigned long long* w_ptrs,
+                                                                           const unsigned long long* sw_ptrs,
+                                                                           const int* row0, const int* row_end,
+                                                                           int out, int k) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ __align__(16) unsigned char gw_smem[];
+    unsigned char* sm = gw_smem + ((1024 - (smem_addr(gw_smem) & 1023)) & 1023);
+    const int tile = blockIdx.y, r0 = row0[tile], rows = row_end[tile] - r0;
+    const fp8_t* w = (const fp8_t*)w_ptrs[tile];
+    const float* sw = (const float*)sw_ptrs[tile];
+    const int n0 = blockIdx.x * PN, groups = k / 128;
+    const fp8_t* xt = xa + (long long)r0 * k;
+    auto issue = [&](int kb) {
+        if (kb < groups) {
+            unsigned char* st = sm + (kb % GW_STAGES) * GW_STAGE;
+            for (int v = threadIdx.x; v < (PM + PN) * 8; v += blockDim.x) {
+                int r = v >> 3, c16 = v & 7;
+                bool is_a = r < PM;
+                int rr = is_a ? r : r - PM;
+                bool ok = is_a ? rr < rows : n0 + rr < out;
+                const fp8_t* src = is_a ? xt + (long long)rr * k : w + (long long)(n0 + rr) * k;
+                cp_async_16(st + (is_a ? 0 : PM * 128) + swz(rr, c16), ok ? src + kb * 128 + 16 * c16 : xa, ok);
+            }
+        }
+        cp_async_commit();
+    };
+#pragma unroll
+    for (int s = 0; s < GW_STAGES - 1; s++) issue(s);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int ra = warp * 16 + g, rb = ra + 8;  // this thread's rows of the tile
+    float acc[64], part[64];
+#pragma unroll
+    for (int x = 0; x < 64; x++) acc[x] = 0.f, part[x] = 0.f;
+    for (int kb = 0; kb < groups; kb++) {
+        cp_async_wait<GW_STAGES - 2>();
+        fence_async_smem();
+        __syncthreads();  // block kb is in; every warp is done with block kb - 1's buffer
+        issue(kb + GW_STAGES - 1);
+        const unsigned char* st = sm + (kb % GW_STAGES) * GW_STAGE;
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < 4; ks++) {
+            wgmma_m64n128k32_e4m3(part, wgmma_desc(st + ks * 32, 16, 1024),
+                                  wgmma_desc(st + PM * 128 + ks * 32, 16, 1024), ks);
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+#pragma unroll
+        for (int x = 0; x < 64; x++) fence_reg(part[x]);
+        const float ws = sw[(long long)blockIdx.x * groups + kb];
+        const float s0 = ra < rows ? sa[(long long)(r0 + ra) * groups + kb] * ws : 0.f;
+        const float s1 = rb < rows ? sa[(long long)(r0 + rb) * groups + kb] * ws : 0.f;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            acc[4 * j] += part[4 * j] * s0;
+            acc[4 * j + 1] += part[4 * j + 1] * s0;
+            acc[4 * j + 2] += part[4 * j + 2] * s1;
+            acc[4 * j + 3] += part[4 * j + 3] * s1;
+        }
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        const int col = n0 + 8 * j + 2 * c;
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int r = half ? rb : ra;
+            if (r >= rows) continue;
+            float* dst = y + (long long)(r0 + r) * out + col;
+            if (col < out) dst[0] = acc[4 * j + 2 * half];
+            if (col + 1 < out) dst[1] = acc[4 * j + 2 * half + 1];
+        }
+    }
+#endif
+}
+
 // fp8_linear_grouped_table: the same, with the tiles planned on the device (`moe_sort_rows`):
 // tile i < *tile_count multiplies rows row0[i] .. row_end[i] by expert tile_expert[i], whose
 // weight and block scales are w_table[e] and sw_table[e]. The grid covers the most tiles a

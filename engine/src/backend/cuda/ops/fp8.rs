@@ -302,6 +302,16 @@ pub fn quantize_rows(
     })
 }
 
+/// Dynamic shared memory of `fp8_linear_grouped_wgmma`: four stages of a 64-row activation
+/// block and a 128-row weight block of 128 bytes each, and room to align them to 1,024 bytes.
+const GROUPED_WGMMA_SMEM: usize = 4 * (GROUPED_TILE_ROWS + 128) * 128 + 1024;
+
+/// Whether the warpgroup grouped kernel takes this device and K (Hopper's `sm_90a`, K a
+/// multiple of 128, one activation scale per 128-column block of both operands).
+pub fn grouped_wgmma_applies(dev: &Device, k: usize) -> bool {
+    dev.arch == "sm_90a" && k > 0 && k.is_multiple_of(128)
+}
+
 /// Many FP8 linears of one shape in one launch: `x` holds activation rows sorted by weight,
 /// and `groups[i] = (weight, first row, rows)` says which rows weight i multiplies; every row
 /// of `y[x.rows, out]` covered by a group is written.
@@ -348,15 +358,27 @@ pub fn linear_fp8_grouped(
     if row0.is_empty() {
         return Ok(());
     }
+    use crate::backend::cuda::device::GroupedGemm;
+    let warpgroup = grouped_wgmma_applies(dev, k)
+        && match dev.grouped_gemm() {
+            GroupedGemm::Auto => groups.iter().any(|g| g.2 > GROUPED_TILE_ROWS),
+            GroupedGemm::Warpgroup => true,
+            GroupedGemm::Mma => false,
+        };
+    let (name, smem) = if warpgroup {
+        ("fp8_linear_grouped_wgmma", GROUPED_WGMMA_SMEM)
+    } else {
+        ("fp8_linear_grouped", 0)
+    };
     let (dw, ds) = (dev.upload(&w_ptrs)?, dev.upload(&s_ptrs)?);
     let (dr0, dr1) = (dev.upload(&row0)?, dev.upload(&row_end)?);
     launch(
         dev,
         Family::Fp8,
-        "fp8_linear_grouped",
+        name,
         (blocks(o, 128), row0.len() as u32, 1),
         128,
-        0,
+        smem as u32,
         &[
             Arg::P(y),
             Arg::P(dev.ptr(&x.codes, 0)),
@@ -462,4 +484,34 @@ pub fn linear_fp8_grouped_table(
             i(table.in_dim),
         ],
     )
+}
+
+/// [`linear_fp8_grouped`] from the host: `x[rows, in]` through `groups[i] = (weight, first row,
+/// rows)` (FP8 weights from `w.fp8`'s codes, activation scales powers of two). Rows no group
+/// covers stay NaN, so rows a kernel leaves unwritten show.
+pub fn linear_fp8_grouped_host(
+    dev: &Device,
+    x: &[f32],
+    groups: &[(&Linear, usize, usize)],
+) -> Result<Vec<f32>, CudaError> {
+    let Some(&(first, ..)) = groups.first() else {
+        return Ok(Vec::new());
+    };
+    let (k, out) = (first.in_dim, first.out_dim);
+    let rows = x.len() / k.max(1);
+    let mut up = crate::backend::cuda::load::Uploader::direct(dev);
+    let weights = groups
+        .iter()
+        .map(|(w, ..)| DevLinear::upload(&mut up, w, DType::Fp8, true, true))
+        .collect::<Result<Vec<_>, _>>()?;
+    let dx = dev.upload(x)?;
+    let xq = quantize_rows(dev, dev.ptr(&dx, 0), rows, k, true)?;
+    let dy = dev.upload(&vec![f32::NAN; rows * out])?;
+    let planned: Vec<(&DevLinear, usize, usize)> = weights
+        .iter()
+        .zip(groups)
+        .map(|(w, (_, start, count))| (w, *start, *count))
+        .collect();
+    linear_fp8_grouped(dev, dev.ptr(&dy, 0), &xq, &planned)?;
+    dev.download(&dy, rows * out)
 }
