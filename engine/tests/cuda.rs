@@ -623,7 +623,15 @@ fn grouped_fp8_gemms_match_the_host_emulation_on_both_kernels() {
             }
             let e = l2_rel(&covered_got, &covered_want);
             eprintln!("grouped fp8 {kernel:?} {out}x{inp} groups {counts:?}: vs emulation {e:.2e}");
-            assert!(e < 1e-4, "{kernel:?} {out}x{inp}: {e:.2e}");
+            // The FP8 warpgroup MMA sums the four k32 steps of a 128-column block at reduced
+            // precision inside the tensor core (about 14 bits, as DeepSeek's V3 report states
+            // for Hopper; the kernel promotes to f32 every 128 columns, as DeepGEMM does): 2e-4
+            // measured, against 5e-8 for `mma.sync` and 2-4e-2 for the quantization itself.
+            let tol = match kernel {
+                cuda::GroupedGemm::Warpgroup => 1e-3,
+                _ => 1e-4,
+            };
+            assert!(e < tol, "{kernel:?} {out}x{inp}: {e:.2e}");
         }
     }
 }
