@@ -532,10 +532,17 @@ extern "C" __global__ void __launch_bounds__(256, 1) sparse_mla_wgmma_bf16_512(
     const int* st = sel + (long long)t * k;
     const int* tb = tables + table_base[t];
     const int lrow = threadIdx.x >> 2, lsub = threadIdx.x & 3;  // loader: 4 threads per row
-    auto issue = [&](int tile, int buf) {
+    // A loader's row of a tile: its selected position, then that position's cache slot (-1 past
+    // the selection). Both are global loads, one depending on the other, so they are requested
+    // tiles ahead of the copy that needs them instead of stalling it.
+    auto position_at = [&](int tile) {
         int j = tile * MLA_WG_KEYS + lrow;
-        bool ok = j < m;
-        const unsigned char* src = (const unsigned char*)lcache + (ok ? paged_slot(tb, bs, st[j]) * (W * 2) : 0);
+        return j < m ? st[j] : -1;
+    };
+    auto slot_of = [&](int pos) { return pos >= 0 ? paged_slot(tb, bs, pos) : -1ll; };
+    auto issue = [&](long long slot, int buf) {
+        bool ok = slot >= 0;
+        const unsigned char* src = (const unsigned char*)lcache + (ok ? slot * (W * 2) : 0);
         unsigned char* dst = tiles + buf * TILE;
         for (int c16 = lsub; c16 < W / 8; c16 += 4)
             cp_async_16(dst + (c16 >> 3) * MLA_WG_CHUNK + sw128(lrow, c16 & 7), src + 16 * c16, ok);
@@ -553,11 +560,15 @@ extern "C" __global__ void __launch_bounds__(256, 1) sparse_mla_wgmma_bf16_512(
     const int per_split = ((k + MLA_WG_KEYS - 1) / MLA_WG_KEYS + splits - 1) / splits;
     const int first = blockIdx.z * per_split;
     const int ntiles = min((m + MLA_WG_KEYS - 1) / MLA_WG_KEYS, first + per_split);
-    if (first < ntiles) issue(first, first & 1);
+    if (first < ntiles) issue(slot_of(position_at(first)), first & 1);
+    long long next_slot = first + 1 < ntiles ? slot_of(position_at(first + 1)) : -1;
+    int later_position = first + 2 < ntiles ? position_at(first + 2) : -1;
     for (int i = first; i < ntiles; i++) {
         __syncthreads();  // both warpgroups are done with tile i - 1 (whose buffer gets i + 1) and P
         if (i + 1 < ntiles) {
-            issue(i + 1, (i + 1) & 1);
+            issue(next_slot, (i + 1) & 1);
+            next_slot = slot_of(later_position);
+            later_position = i + 3 < ntiles ? position_at(i + 3) : -1;
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();

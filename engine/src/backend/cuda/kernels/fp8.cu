@@ -430,6 +430,10 @@ extern "C" __global__ void __launch_bounds__(128) fp8_linear_grouped_wgmma(float
         fence_async_smem();
         __syncthreads();  // block kb is in; every warp is done with block kb - 1's buffer
         issue(kb + GW_STAGES - 1);
+        // The block's scales are requested before the MMAs, so their latency hides behind them.
+        const float ws = sw[(long long)blockIdx.x * groups + kb];
+        const float sa0 = ra < rows ? sa[(long long)(r0 + ra) * groups + kb] : 0.f;
+        const float sa1 = rb < rows ? sa[(long long)(r0 + rb) * groups + kb] : 0.f;
         const unsigned char* st = sm + (kb % GW_STAGES) * GW_STAGE;
         wgmma_fence();
 #pragma unroll
@@ -441,9 +445,7 @@ extern "C" __global__ void __launch_bounds__(128) fp8_linear_grouped_wgmma(float
         wgmma_wait_all();
 #pragma unroll
         for (int x = 0; x < 64; x++) fence_reg(part[x]);
-        const float ws = sw[(long long)blockIdx.x * groups + kb];
-        const float s0 = ra < rows ? sa[(long long)(r0 + ra) * groups + kb] * ws : 0.f;
-        const float s1 = rb < rows ? sa[(long long)(r0 + rb) * groups + kb] * ws : 0.f;
+        const float s0 = sa0 * ws, s1 = sa1 * ws;
 #pragma unroll
         for (int j = 0; j < 16; j++) {
             acc[4 * j] += part[4 * j] * s0;
