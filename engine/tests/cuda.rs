@@ -599,10 +599,12 @@ fn grouped_fp8_gemms_match_the_host_emulation_on_both_kernels() {
         if ops::grouped_wgmma_applies(&dev, inp) {
             kernels.push(cuda::GroupedGemm::Warpgroup);
         }
+        let mut pinned = Vec::new();
         for kernel in kernels {
             dev.set_grouped_gemm(kernel);
             let got = ops::linear_fp8_grouped_host(&dev, &x, &groups).unwrap();
             dev.set_grouped_gemm(cuda::GroupedGemm::Auto);
+            pinned.push(got.clone());
             let (mut covered_got, mut covered_want) = (Vec::new(), Vec::new());
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 if w.is_nan() {
@@ -632,6 +634,26 @@ fn grouped_fp8_gemms_match_the_host_emulation_on_both_kernels() {
                 _ => 1e-4,
             };
             assert!(e < tol, "{kernel:?} {out}x{inp}: {e:.2e}");
+        }
+        // The step's own choice takes each group to one kernel by its rows alone: groups of up
+        // to one tile to `mma.sync`, larger ones to the warpgroup kernel, bit for bit.
+        if let [by_mma, by_warpgroup] = &pinned[..] {
+            let auto = ops::linear_fp8_grouped_host(&dev, &x, &groups).unwrap();
+            for (start, count) in starts.iter().zip(&counts) {
+                let pick = if *count > ops::GROUPED_TILE_ROWS {
+                    by_warpgroup
+                } else {
+                    by_mma
+                };
+                let span = start * out..(start + count) * out;
+                assert!(
+                    auto[span.clone()]
+                        .iter()
+                        .zip(&pick[span])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{out}x{inp}: the group of {count} rows did not run on its kernel"
+                );
+            }
         }
     }
 }

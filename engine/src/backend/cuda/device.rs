@@ -228,9 +228,10 @@ pub enum Attention {
 /// Which kernel runs the grouped FP8 expert GEMMs ([`super::ops::linear_fp8_grouped`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GroupedGemm {
-    /// Warpgroup MMAs for prefill-sized steps (some expert with more rows than one tile) where
-    /// the device and shape take them, else `mma.sync`; decode-sized steps stay on `mma.sync`,
-    /// the kernel the on-device MoE path runs, so both paths give the same sums.
+    /// Warpgroup MMAs for each expert with more rows than one tile (prefill-sized) where the
+    /// device and shape take them, `mma.sync` for the rest: decode-sized experts stay on the
+    /// kernel the on-device MoE path runs, so both paths give the same sums, and the choice
+    /// depends on an expert's rows alone, so an expert-parallel group computes what one GPU does.
     #[default]
     Auto = 0,
     /// `fp8_linear_grouped` (`mma.sync`) always.
@@ -266,7 +267,9 @@ pub struct Device {
     device_moe: std::sync::atomic::AtomicBool,
     /// Keys per block of the tensor-core indexer, when pinned (0: chosen per step).
     indexer_keys: AtomicUsize,
+    /// Splits of the selected rows in the tensor-core attention, when pinned (0: chosen per step).
     mla_splits: AtomicUsize,
+    /// [`GroupedGemm`] as its discriminant.
     grouped_gemm: AtomicU8,
     blas: Mutex<Option<Arc<CudaBlas>>>,
     fp8_gemm: AtomicU8,
@@ -455,6 +458,7 @@ impl Device {
             .store(keys.unwrap_or(0), Ordering::Relaxed);
     }
 
+    /// The grouped expert GEMMs' kernel setting.
     pub fn grouped_gemm(&self) -> GroupedGemm {
         match self.grouped_gemm.load(Ordering::Relaxed) {
             1 => GroupedGemm::Mma,

@@ -196,10 +196,10 @@ pub const SPARSE_MLA_MAX_SPLITS: usize = 64;
 /// by one more launch. Each block stages its 32-64 queries from f32 before its first tile, which
 /// costs about as much as two tiles, so the splits stop short of one tile each. The targets
 /// below are the H200 sweep's best (docs/PERF.md), µs at 1 and 8 tokens:
-/// - `mma.sync`: one wave of blocks, at least two tiles a split (1 token: 165 unsplit, 54 at
-///   16 splits; 8 tokens: 168 unsplit, 82 at 4 splits, 129 at 8, a second wave);
-/// - warpgroup: half a wave, at least four tiles a split (1 token: 121 unsplit, 38 at 8
-///   splits; 8 tokens: 122 unsplit, 49 at 4 splits, 69 at 8).
+/// - `mma.sync`: one wave of blocks, at least two tiles a split (1 token: 165 unsplit, 57 at
+///   16 splits; 8 tokens: 168 unsplit, 74 at 4 splits, 131 at 8, a second wave);
+/// - warpgroup: half a wave, at least four tiles a split (1 token: 121 unsplit, 39 at 8
+///   splits; 8 tokens: 119 unsplit, 49 at 4 splits, 70 at 8).
 pub fn sparse_mla_splits(
     dev: &Device,
     kernel: &SparseMlaKernel,

@@ -312,9 +312,59 @@ pub fn grouped_wgmma_applies(dev: &Device, k: usize) -> bool {
     dev.arch == "sm_90a" && k > 0 && k.is_multiple_of(128)
 }
 
-/// Many FP8 linears of one shape in one launch: `x` holds activation rows sorted by weight,
-/// and `groups[i] = (weight, first row, rows)` says which rows weight i multiplies; every row
-/// of `y[x.rows, out]` covered by a group is written.
+/// Which grouped kernel takes a group of `rows` rows: the warpgroup one where `warpgroup_ok`
+/// (the device and K take it) and the device's [`crate::backend::cuda::GroupedGemm`] setting
+/// wants it; under `Auto`, only groups of more rows than one tile (prefill-sized). The choice
+/// depends on the group alone, so an expert's rows go through the same kernel whether its layer
+/// runs on one GPU or its experts are spread over an expert-parallel group.
+fn group_takes_warpgroup(
+    setting: crate::backend::cuda::device::GroupedGemm,
+    warpgroup_ok: bool,
+    rows: usize,
+) -> bool {
+    use crate::backend::cuda::device::GroupedGemm;
+    warpgroup_ok
+        && match setting {
+            GroupedGemm::Auto => rows > GROUPED_TILE_ROWS,
+            GroupedGemm::Warpgroup => true,
+            GroupedGemm::Mma => false,
+        }
+}
+
+/// One grouped GEMM tile: rows `row0..row_end` of the sorted activations through group
+/// `group`'s weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GroupedTile {
+    group: usize,
+    row0: usize,
+    row_end: usize,
+}
+
+/// The tiles of groups `(first row, rows)`: each group cut into tiles of at most
+/// [`GROUPED_TILE_ROWS`] rows, in order; the first list for the `mma.sync` kernel, the second
+/// for the warpgroup kernel, as `warpgroup(rows)` says per group.
+fn grouped_tiles(
+    groups: &[(usize, usize)],
+    warpgroup: impl Fn(usize) -> bool,
+) -> [Vec<GroupedTile>; 2] {
+    let mut kernels: [Vec<GroupedTile>; 2] = [Vec::new(), Vec::new()];
+    for (group, &(start, count)) in groups.iter().enumerate() {
+        let list = &mut kernels[usize::from(warpgroup(count))];
+        for t0 in (0..count).step_by(GROUPED_TILE_ROWS) {
+            list.push(GroupedTile {
+                group,
+                row0: start + t0,
+                row_end: start + (t0 + GROUPED_TILE_ROWS).min(count),
+            });
+        }
+    }
+    kernels
+}
+
+/// Many FP8 linears of one shape in one launch per kernel: `x` holds activation rows sorted by
+/// weight, and `groups[i] = (weight, first row, rows)` says which rows weight i multiplies;
+/// every row of `y[x.rows, out]` covered by a group is written. Groups of decode size run on
+/// `mma.sync` and, on Hopper, larger ones on warpgroup MMAs ([`group_takes_warpgroup`]).
 pub fn linear_fp8_grouped(
     dev: &Device,
     y: u64,
@@ -330,8 +380,7 @@ pub fn linear_fp8_grouped(
             "grouped FP8 linears need K a multiple of 16, not {k}"
         )));
     }
-    let (mut w_ptrs, mut s_ptrs, mut row0, mut row_end) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut operands = Vec::with_capacity(groups.len());
     for (w, start, count) in groups {
         let scale = match (&w.scale_inv, w.w.dtype()) {
             (Some(s), DType::Fp8) if (w.out_dim, w.in_dim) == (o, k) && w.pow2_act == x.pow2 => s,
@@ -348,49 +397,47 @@ pub fn linear_fp8_grouped(
                 x.rows
             )));
         }
-        for t0 in (0..*count).step_by(GROUPED_TILE_ROWS) {
-            w_ptrs.push(w.w.ptr(dev));
-            s_ptrs.push(dev.ptr(scale, 0));
-            row0.push((start + t0) as i32);
-            row_end.push((start + (t0 + GROUPED_TILE_ROWS).min(*count)) as i32);
+        operands.push((w.w.ptr(dev), dev.ptr(scale, 0)));
+    }
+    let (setting, warpgroup_ok) = (dev.grouped_gemm(), grouped_wgmma_applies(dev, k));
+    let spans: Vec<(usize, usize)> = groups.iter().map(|g| (g.1, g.2)).collect();
+    let [mma, warpgroup] = grouped_tiles(&spans, |rows| {
+        group_takes_warpgroup(setting, warpgroup_ok, rows)
+    });
+    for (tiles, name, smem) in [
+        (mma, "fp8_linear_grouped", 0),
+        (warpgroup, "fp8_linear_grouped_wgmma", GROUPED_WGMMA_SMEM),
+    ] {
+        if tiles.is_empty() {
+            continue;
         }
+        let w_ptrs: Vec<u64> = tiles.iter().map(|t| operands[t.group].0).collect();
+        let s_ptrs: Vec<u64> = tiles.iter().map(|t| operands[t.group].1).collect();
+        let row0: Vec<i32> = tiles.iter().map(|t| t.row0 as i32).collect();
+        let row_end: Vec<i32> = tiles.iter().map(|t| t.row_end as i32).collect();
+        let (dw, ds) = (dev.upload(&w_ptrs)?, dev.upload(&s_ptrs)?);
+        let (dr0, dr1) = (dev.upload(&row0)?, dev.upload(&row_end)?);
+        launch(
+            dev,
+            Family::Fp8,
+            name,
+            (blocks(o, 128), tiles.len() as u32, 1),
+            128,
+            smem as u32,
+            &[
+                Arg::P(y),
+                Arg::P(dev.ptr(&x.codes, 0)),
+                Arg::P(dev.ptr(&x.scales, 0)),
+                Arg::P(dev.ptr(&dw, 0)),
+                Arg::P(dev.ptr(&ds, 0)),
+                Arg::P(dev.ptr(&dr0, 0)),
+                Arg::P(dev.ptr(&dr1, 0)),
+                i(o),
+                i(k),
+            ],
+        )?;
     }
-    if row0.is_empty() {
-        return Ok(());
-    }
-    use crate::backend::cuda::device::GroupedGemm;
-    let warpgroup = grouped_wgmma_applies(dev, k)
-        && match dev.grouped_gemm() {
-            GroupedGemm::Auto => groups.iter().any(|g| g.2 > GROUPED_TILE_ROWS),
-            GroupedGemm::Warpgroup => true,
-            GroupedGemm::Mma => false,
-        };
-    let (name, smem) = if warpgroup {
-        ("fp8_linear_grouped_wgmma", GROUPED_WGMMA_SMEM)
-    } else {
-        ("fp8_linear_grouped", 0)
-    };
-    let (dw, ds) = (dev.upload(&w_ptrs)?, dev.upload(&s_ptrs)?);
-    let (dr0, dr1) = (dev.upload(&row0)?, dev.upload(&row_end)?);
-    launch(
-        dev,
-        Family::Fp8,
-        name,
-        (blocks(o, 128), row0.len() as u32, 1),
-        128,
-        smem as u32,
-        &[
-            Arg::P(y),
-            Arg::P(dev.ptr(&x.codes, 0)),
-            Arg::P(dev.ptr(&x.scales, 0)),
-            Arg::P(dev.ptr(&dw, 0)),
-            Arg::P(dev.ptr(&ds, 0)),
-            Arg::P(dev.ptr(&dr0, 0)),
-            Arg::P(dev.ptr(&dr1, 0)),
-            i(o),
-            i(k),
-        ],
-    )
+    Ok(())
 }
 
 /// An MoE layer's FP8 routed experts of one projection as device tables indexed by expert id
@@ -514,4 +561,52 @@ pub fn linear_fp8_grouped_host(
         .collect();
     linear_fp8_grouped(dev, dev.ptr(&dy, 0), &xq, &planned)?;
     dev.download(&dy, rows * out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::device::GroupedGemm;
+
+    #[test]
+    fn grouped_tiles_cut_each_group_into_tiles_and_send_it_to_one_kernel() {
+        let groups = [(0, 1), (1, 64), (65, 65), (130, 0), (130, 200), (333, 3)];
+        let [mma, wide] = grouped_tiles(&groups, |rows| {
+            group_takes_warpgroup(GroupedGemm::Auto, true, rows)
+        });
+        let spans = |tiles: &[GroupedTile]| -> Vec<(usize, usize, usize)> {
+            tiles.iter().map(|t| (t.group, t.row0, t.row_end)).collect()
+        };
+        assert_eq!(spans(&mma), vec![(0, 0, 1), (1, 1, 65), (5, 333, 336)]);
+        assert_eq!(
+            spans(&wide),
+            vec![
+                (2, 65, 129),
+                (2, 129, 130),
+                (4, 130, 194),
+                (4, 194, 258),
+                (4, 258, 322),
+                (4, 322, 330)
+            ]
+        );
+        // The same groups give the same tiles however they are shared out: each group's
+        // kernel depends on its own rows only.
+        let [alone, _] = grouped_tiles(&groups[1..2], |rows| {
+            group_takes_warpgroup(GroupedGemm::Auto, true, rows)
+        });
+        assert_eq!(spans(&alone), vec![(0, 1, 65)]);
+    }
+
+    #[test]
+    fn the_grouped_kernel_setting_and_the_device_decide_the_warpgroup_kernel() {
+        for rows in [1, GROUPED_TILE_ROWS, GROUPED_TILE_ROWS + 1, 4096] {
+            let big = rows > GROUPED_TILE_ROWS;
+            assert_eq!(group_takes_warpgroup(GroupedGemm::Auto, true, rows), big);
+            assert!(group_takes_warpgroup(GroupedGemm::Warpgroup, true, rows));
+            assert!(!group_takes_warpgroup(GroupedGemm::Mma, true, rows));
+            for setting in [GroupedGemm::Auto, GroupedGemm::Warpgroup, GroupedGemm::Mma] {
+                assert!(!group_takes_warpgroup(setting, false, rows));
+            }
+        }
+    }
 }
