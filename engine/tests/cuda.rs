@@ -123,17 +123,22 @@ fn bf16_round(v: &[f32]) -> Vec<f32> {
 
 const DTYPES: [DType; 2] = [DType::F32, DType::Bf16];
 
+/// `len` random activations, every 97th 40 times larger: outliers in a few channels, as real
+/// hidden states have.
+fn outlier_activations(rng: &mut Rng, len: usize) -> Vec<f32> {
+    rng.vec(len)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| if i % 97 == 3 { v * 40.0 } else { *v })
+        .collect()
+}
+
 /// An FP8 linear case: random weights block-quantized (the layer keeps its f32 dequantization
 /// and the codes), activations with outliers in a few channels as real hidden states have, and
 /// the host's emulation of the block-scaled GEMM.
 fn fp8_case(rng: &mut Rng, n: usize, out: usize, inp: usize) -> (Vec<f32>, Linear, Vec<f32>) {
     let w = rng.vec(out * inp);
-    let x: Vec<f32> = rng
-        .vec(n * inp)
-        .iter()
-        .enumerate()
-        .map(|(i, v)| if i % 97 == 3 { v * 40.0 } else { *v })
-        .collect();
+    let x = outlier_activations(rng, n * inp);
     let q = cpu::fp8::Fp8Weight::quantize(&w, out, inp, [128, 128]);
     let emulated = cpu::fp8::fp8_linear(&x, n, &q, true);
     let mut lin = Linear::new(q.dequantize(), out, inp);
@@ -573,12 +578,7 @@ fn grouped_fp8_gemms_match_the_host_emulation_on_both_kernels() {
             starts.push(rows);
             rows += c + gap;
         }
-        let x: Vec<f32> = rng
-            .vec(rows * inp)
-            .iter()
-            .enumerate()
-            .map(|(i, v)| if i % 97 == 3 { v * 40.0 } else { *v })
-            .collect();
+        let x = outlier_activations(&mut rng, rows * inp);
         let experts: Vec<Linear> = counts
             .iter()
             .map(|_| fp8_case(&mut rng, 1, out, inp).1)
