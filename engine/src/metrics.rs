@@ -23,6 +23,9 @@ pub struct Metrics {
     pub num_preemptions: IntCounter,
     pub request_success: IntCounterVec,
     pub projected_kv_usage: Gauge,
+    /// `deepseek_engine_kv_cache_fullest_partition_usage_perc`: the fullest expert-parallel
+    /// rank's KV-cache use (equal to `vllm:kv_cache_usage_perc` on a single rank).
+    pub fullest_partition_kv_usage: Gauge,
     pub model_load_progress: Gauge,
     pub requests_rejected: IntCounterVec,
     pub indexer_selected_tokens: IntCounter,
@@ -127,6 +130,11 @@ impl Metrics {
                 "Blocks in use plus blocks running requests still need for their max_tokens, over all blocks (may exceed 1)"
             ))
             .unwrap()),
+            fullest_partition_kv_usage: reg!(Gauge::with_opts(Opts::new(
+                "deepseek_engine_kv_cache_fullest_partition_usage_perc",
+                "Fraction of blocks in use in the fullest KV partition (one per expert-parallel rank; 0..1)"
+            ))
+            .unwrap()),
             model_load_progress: reg!(Gauge::with_opts(Opts::new(
                 "deepseek_engine_model_load_progress",
                 "Fraction of model weight bytes loaded (0..1)"
@@ -213,6 +221,7 @@ mod tests {
             "vllm:time_to_first_token_seconds_bucket",
             "vllm:request_success_total{finished_reason=\"stop\",model_name=\"m\"} 1",
             "deepseek_engine_kv_cache_projected_usage_perc",
+            "deepseek_engine_kv_cache_fullest_partition_usage_perc 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

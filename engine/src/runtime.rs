@@ -644,6 +644,8 @@ impl Loop {
         m.num_requests_waiting.set(self.sched.num_waiting() as i64);
         m.kv_cache_usage_perc.set(self.sched.kv_usage());
         m.projected_kv_usage.set(self.sched.projected_kv_usage());
+        m.fullest_partition_kv_usage
+            .set(self.sched.fullest_partition_kv_usage());
         let state = EngineState {
             running: self.sched.num_running(),
             waiting: self.sched.num_waiting(),

@@ -133,6 +133,19 @@ impl PrefixCachingPool {
         1.0 - self.free_blocks() as f64 / self.geometry.num_blocks as f64
     }
 
+    /// The largest fraction of one partition's blocks held by some sequence: with one partition
+    /// per expert-parallel rank, a sequence can only take blocks of its own partition, so a full
+    /// partition preempts while [`Self::usage`], the mean over all of them, still reads lower.
+    pub fn fullest_partition_usage(&self) -> f64 {
+        if self.per_partition == 0 {
+            return 0.0;
+        }
+        self.parts
+            .iter()
+            .map(|p| 1.0 - p.free_count as f64 / self.per_partition as f64)
+            .fold(0.0, f64::max)
+    }
+
     pub fn blocks_for(&self, tokens: usize) -> usize {
         tokens.div_ceil(self.geometry.block_size)
     }
@@ -388,6 +401,29 @@ mod tests {
             partitions,
             true,
         )
+    }
+
+    #[test]
+    fn the_fullest_partition_reads_full_while_the_mean_reads_half() {
+        let mut p = parts(2, 4, 2);
+        assert_eq!((p.usage(), p.fullest_partition_usage()), (0.0, 0.0));
+        // One sequence takes all four blocks of a partition (8 tokens of 2 a block).
+        let mut t = BlockTable::default();
+        p.reserve(&mut t, 8).unwrap();
+        assert!(one_partition(&p, &t));
+        assert!((p.usage() - 0.5).abs() < 1e-12, "{}", p.usage());
+        assert!((p.fullest_partition_usage() - 1.0).abs() < 1e-12);
+        // A second takes one block of the other partition.
+        let mut u = BlockTable::default();
+        p.reserve(&mut u, 1).unwrap();
+        assert!((p.fullest_partition_usage() - 1.0).abs() < 1e-12);
+        p.release(&mut t);
+        assert!((p.fullest_partition_usage() - 0.25).abs() < 1e-12);
+        // One partition: the same as the mean.
+        let mut q = parts(1, 4, 2);
+        let mut v = BlockTable::default();
+        q.reserve(&mut v, 3).unwrap();
+        assert_eq!(q.fullest_partition_usage(), q.usage());
     }
 
     fn one_partition(p: &PrefixCachingPool, t: &BlockTable) -> bool {

@@ -237,6 +237,11 @@ impl Scheduler {
         self.pool.usage()
     }
 
+    /// The fullest KV partition's use ([`PrefixCachingPool::fullest_partition_usage`]).
+    pub fn fullest_partition_kv_usage(&self) -> f64 {
+        self.pool.fullest_partition_usage()
+    }
+
     pub fn free_blocks(&self) -> usize {
         self.pool.free_blocks()
     }
