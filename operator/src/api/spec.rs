@@ -355,8 +355,10 @@ pub struct AutoscalingSpec {
     #[schemars(range(min = 1, max = 1000))]
     pub max_replicas: i32,
 
-    /// Mean KV-cache use of the ready groups (0 to 1, `vllm:kv_cache_usage_perc` on each group
-    /// leader) that the autoscaler aims for. Groups needed: ceil(ready groups x mean / target).
+    /// Mean KV-cache use of the ready groups (0 to 1, on each group leader the fullest rank's,
+    /// `deepseek_engine_kv_cache_fullest_partition_usage_perc`, or `vllm:kv_cache_usage_perc`
+    /// from an engine without it) that the autoscaler aims for. Groups needed: ceil(ready
+    /// groups x mean / target).
     #[serde(default = "default_target_kv")]
     #[schemars(range(min = 0.05, max = 1.0))]
     pub target_kv_cache_utilization: f64,
@@ -433,8 +435,9 @@ pub struct PrometheusSpec {
 
     /// Query for the KV-cache use of each group leader. It must return one series per leader
     /// pod with a `pod` label. `$namespace` and `$name` are replaced by the namespace and the
-    /// deployment name. Unset:
-    /// `max by (pod) (vllm:kv_cache_usage_perc{namespace="$namespace",pod=~"$name-g[0-9]+-0"})`.
+    /// deployment name. Unset: `max by (pod)
+    /// (deepseek_engine_kv_cache_fullest_partition_usage_perc{namespace="$namespace",pod=~"$name-g[0-9]+-0"}
+    /// or vllm:kv_cache_usage_perc{...})`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096))]
     pub kv_cache_usage_query: Option<String>,

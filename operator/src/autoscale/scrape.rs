@@ -22,8 +22,13 @@ use crate::api::PrometheusSpec;
 /// Engine metric names read by the autoscaler. The `vllm:` names are vLLM's, kept by the
 /// engine so that existing dashboards and autoscalers work unchanged.
 pub mod names {
-    /// KV-cache blocks in use, 0..1.
+    /// KV-cache blocks in use, 0..1: the mean over an expert-parallel group's ranks.
     pub const KV_CACHE_USAGE: &str = "vllm:kv_cache_usage_perc";
+    /// KV-cache blocks in use in the fullest rank's partition, 0..1. A sequence's blocks stay in
+    /// one rank's partition, so a full rank preempts while the mean reads lower; the autoscaler
+    /// reads this where the engine exports it (it is never below the mean).
+    pub const FULLEST_PARTITION_KV_CACHE_USAGE: &str =
+        "deepseek_engine_kv_cache_fullest_partition_usage_perc";
     /// Requests waiting to be scheduled.
     pub const REQUESTS_WAITING: &str = "vllm:num_requests_waiting";
     /// Requests being decoded.
@@ -48,7 +53,8 @@ pub struct Target {
 /// What was read for one leader; `None` is no data.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct Reading {
-    /// `vllm:kv_cache_usage_perc`.
+    /// `deepseek_engine_kv_cache_fullest_partition_usage_perc`, or `vllm:kv_cache_usage_perc`
+    /// from an engine without it: the larger of the two.
     pub kv_cache_usage: Option<f64>,
     /// `deepseek_engine_kv_cache_projected_usage_perc`.
     pub projected_kv_cache_usage: Option<f64>,
@@ -100,7 +106,13 @@ impl MetricsReader for HttpReader {
 pub fn reading_from_text(text: &str) -> Reading {
     let s = promtext::parse(text);
     Reading {
-        kv_cache_usage: promtext::max(&s, names::KV_CACHE_USAGE),
+        kv_cache_usage: [
+            names::FULLEST_PARTITION_KV_CACHE_USAGE,
+            names::KV_CACHE_USAGE,
+        ]
+        .into_iter()
+        .filter_map(|name| promtext::max(&s, name))
+        .reduce(f64::max),
         projected_kv_cache_usage: promtext::max(&s, names::PROJECTED_KV_CACHE_USAGE),
         requests_waiting: promtext::sum(&s, names::REQUESTS_WAITING),
         requests_running: promtext::sum(&s, names::REQUESTS_RUNNING),
@@ -138,7 +150,11 @@ pub fn default_queries() -> [(&'static str, String); 4] {
     [
         (
             "kv",
-            format!("max by (pod) ({}{sel})", names::KV_CACHE_USAGE),
+            format!(
+                "max by (pod) ({}{sel} or {}{sel})",
+                names::FULLEST_PARTITION_KV_CACHE_USAGE,
+                names::KV_CACHE_USAGE
+            ),
         ),
         (
             "projected",
@@ -334,7 +350,10 @@ mod tests {
         let q = queries(&p, "inference", "v32");
         assert_eq!(
             q[0],
-            r#"max by (pod) (vllm:kv_cache_usage_perc{namespace="inference",pod=~"v32-g[0-9]+-0"})"#
+            concat!(
+                r#"max by (pod) (deepseek_engine_kv_cache_fullest_partition_usage_perc{namespace="inference",pod=~"v32-g[0-9]+-0"}"#,
+                r#" or vllm:kv_cache_usage_perc{namespace="inference",pod=~"v32-g[0-9]+-0"})"#
+            )
         );
         assert!(q[2].starts_with("sum by (pod) (vllm:num_requests_waiting{"));
         p.requests_running_query = Some("my_running{ns=\"$namespace\"}".into());
@@ -343,6 +362,16 @@ mod tests {
             "my_running{ns=\"inference\"}"
         );
         assert_eq!(encode("a b{\"x\"}"), "a%20b%7B%22x%22%7D");
+    }
+
+    #[test]
+    fn the_kv_signal_is_the_fullest_ranks_where_the_engine_exports_it() {
+        let ep = "vllm:kv_cache_usage_perc{model_name=\"m\"} 0.5\n\
+                  deepseek_engine_kv_cache_fullest_partition_usage_perc 0.97\n";
+        assert_eq!(reading_from_text(ep).kv_cache_usage, Some(0.97));
+        let older = "vllm:kv_cache_usage_perc{model_name=\"m\"} 0.5\n";
+        assert_eq!(reading_from_text(older).kv_cache_usage, Some(0.5));
+        assert_eq!(reading_from_text("").kv_cache_usage, None);
     }
 
     #[test]
