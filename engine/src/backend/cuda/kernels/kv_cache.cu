@@ -124,19 +124,19 @@ extern "C" __global__ void index_key_store_bf16(bf16_t* cache, const float* k, c
 extern "C" __global__ void kv_store_fp8(fp8_t* cache, const float* kv, const float* norm_w, const int* slots,
                                         const int* pos, const float* inv_freq, float factor, int kvr, int rd,
                                         float eps, int stride) {
-    extern __shared__ float row[];
+    extern __shared__ float fp8_row[];  // not `row`: the templates above declare that name with C++ linkage
     __shared__ float sh[32];
     int t = blockIdx.x;
-    latent_row(row, sh, kv, norm_w, t, pos[t], inv_freq, factor, kvr, rd, eps);
-    store_row_fp8(cache + (long long)slots[t] * stride, row, kvr, kvr + rd);
+    latent_row(fp8_row, sh, kv, norm_w, t, pos[t], inv_freq, factor, kvr, rd, eps);
+    store_row_fp8(cache + (long long)slots[t] * stride, fp8_row, kvr, kvr + rd);
 }
 
 extern "C" __global__ void index_key_store_fp8(fp8_t* cache, const float* k, const float* w, const float* b,
                                                const int* slots, const int* pos, const float* inv_freq,
                                                float factor, int id, int rd, float eps, int stride) {
-    extern __shared__ float row[];
+    extern __shared__ float fp8_row[];  // not `row`: the templates above declare that name with C++ linkage
     __shared__ float sh[32];
     int t = blockIdx.x;
-    index_key_row(row, sh, k, w, b, t, pos[t], inv_freq, factor, id, rd, eps);
-    store_row_fp8(cache + (long long)slots[t] * stride, row, id, id);
+    index_key_row(fp8_row, sh, k, w, b, t, pos[t], inv_freq, factor, id, rd, eps);
+    store_row_fp8(cache + (long long)slots[t] * stride, fp8_row, id, id);
 }
