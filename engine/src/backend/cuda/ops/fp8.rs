@@ -161,35 +161,44 @@ pub(super) fn linear_fp8(
         ("fp8_linear_mma", 32, 128)
     };
     let (kbs, splits) = split_k(blocks(o, 128) as usize * n.div_ceil(rows), k.div_ceil(128));
-    let parts = if splits > 1 {
-        Some(dev.alloc::<f32>(splits * n * o)?)
-    } else {
-        None
-    };
-    let dst = parts.as_ref().map(|p| dev.ptr(p, 0)).unwrap_or(y);
-    launch(
-        dev,
-        Family::Fp8,
-        name,
-        (blocks(o, 128), blocks(n, rows), splits as u32),
-        threads,
-        0,
-        &[
-            Arg::P(dst),
-            Arg::P(pxa),
-            Arg::P(psa),
-            Arg::P(wptr),
-            Arg::P(sptr),
-            i(n),
-            i(o),
-            i(k),
-            i(kbs),
-        ],
-    )?;
-    if let Some(p) = &parts {
-        sum_splits(dev, y, dev.ptr(p, 0), n * o, splits)?;
+    into_splits(dev, y, n * o, splits, |dst| {
+        launch(
+            dev,
+            Family::Fp8,
+            name,
+            (blocks(o, 128), blocks(n, rows), splits as u32),
+            threads,
+            0,
+            &[
+                Arg::P(dst),
+                Arg::P(pxa),
+                Arg::P(psa),
+                Arg::P(wptr),
+                Arg::P(sptr),
+                i(n),
+                i(o),
+                i(k),
+                i(kbs),
+            ],
+        )
+    })
+}
+
+/// Runs `write(dst)`, a launch that writes `splits` partial results of `len` values each at
+/// `dst`, then sums them into `y` in order; with one split, `dst` is `y` itself.
+fn into_splits(
+    dev: &Device,
+    y: u64,
+    len: usize,
+    splits: usize,
+    write: impl FnOnce(u64) -> Result<(), CudaError>,
+) -> Result<(), CudaError> {
+    if splits <= 1 {
+        return write(y);
     }
-    Ok(())
+    let parts = dev.alloc::<f32>(splits * len)?;
+    write(dev.ptr(&parts, 0))?;
+    sum_splits(dev, y, dev.ptr(&parts, 0), len, splits)
 }
 
 /// `y[i] = Σ_z parts[z·len + i]`, the splits summed in order (results do not depend on
@@ -237,34 +246,26 @@ fn linear_fp8_few(
     let splits = (2 * dev.sm_count())
         .div_ceil(row_blocks)
         .clamp(1, (groups / 8).clamp(1, 16));
-    let parts = if splits > 1 {
-        Some(dev.alloc::<f32>(splits * n * o)?)
-    } else {
-        None
-    };
-    let dst = parts.as_ref().map(|p| dev.ptr(p, 0)).unwrap_or(y);
-    launch(
-        dev,
-        Family::Fp8,
-        "fp8_linear_few",
-        (row_blocks as u32, splits as u32, 1),
-        256,
-        0,
-        &[
-            Arg::P(dst),
-            Arg::P(xa),
-            Arg::P(sa),
-            Arg::P(w),
-            Arg::P(sw),
-            i(n),
-            i(o),
-            i(k),
-        ],
-    )?;
-    if let Some(p) = &parts {
-        sum_splits(dev, y, dev.ptr(p, 0), n * o, splits)?;
-    }
-    Ok(())
+    into_splits(dev, y, n * o, splits, |dst| {
+        launch(
+            dev,
+            Family::Fp8,
+            "fp8_linear_few",
+            (row_blocks as u32, splits as u32, 1),
+            256,
+            0,
+            &[
+                Arg::P(dst),
+                Arg::P(xa),
+                Arg::P(sa),
+                Arg::P(w),
+                Arg::P(sw),
+                i(n),
+                i(o),
+                i(k),
+            ],
+        )
+    })
 }
 
 /// Rows of one tile of [`linear_fp8_grouped`] (`kernels/fp8.cu::PM`).
