@@ -248,6 +248,14 @@ extern "C" __global__ void sparse_mla_heads_fp8(float* o_lat, const float* q_lat
 #define MLA_MMA_THREADS 256
 #define MLA_MMA_SST (MLA_MMA_KEYS + 8)
 
+// The tiles of `tile_rows` selected rows that split blockIdx.z of gridDim.z takes, [first, end):
+// the k-row selection's tiles shared out evenly, cut at the m rows this token has.
+__device__ __forceinline__ void split_tiles(int k, int m, int tile_rows, int& first, int& end) {
+    const int per_split = ((k + tile_rows - 1) / tile_rows + gridDim.z - 1) / gridDim.z;
+    first = blockIdx.z * per_split;
+    end = min((m + tile_rows - 1) / tile_rows, first + per_split);
+}
+
 template <int KVR, bool FP8>
 __device__ void sparse_mla_mma_impl(float* o_lat, const float* q_lat, const float* q,
                                     const unsigned char* lcache, const int* sel,
@@ -295,9 +303,8 @@ __device__ void sparse_mla_mma_impl(float* o_lat, const float* q_lat, const floa
     for (int nt = 0; nt < NTV; nt++) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
     float mrow[2] = {NEG_INF, NEG_INF}, lsum[2] = {0.f, 0.f};
     const int splits = gridDim.z;
-    const int per_split = ((k + MLA_MMA_KEYS - 1) / MLA_MMA_KEYS + splits - 1) / splits;
-    const int first = blockIdx.z * per_split;
-    const int ntiles = min((m + MLA_MMA_KEYS - 1) / MLA_MMA_KEYS, first + per_split);
+    int first, ntiles;
+    split_tiles(k, m, MLA_MMA_KEYS, first, ntiles);
     if (first < ntiles) issue(first, first & 1);
     for (int i = first; i < ntiles; i++) {
         if (i + 1 < ntiles) {
@@ -557,9 +564,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) sparse_mla_wgmma_bf16_512(
     for (int x = 0; x < 128; x++) o[x] = 0.f;
     float mrow0 = NEG_INF, mrow1 = NEG_INF, l0 = 0.f, l1 = 0.f;
     const int splits = gridDim.z;
-    const int per_split = ((k + MLA_WG_KEYS - 1) / MLA_WG_KEYS + splits - 1) / splits;
-    const int first = blockIdx.z * per_split;
-    const int ntiles = min((m + MLA_WG_KEYS - 1) / MLA_WG_KEYS, first + per_split);
+    int first, ntiles;
+    split_tiles(k, m, MLA_WG_KEYS, first, ntiles);
     if (first < ntiles) issue(slot_of(position_at(first)), first & 1);
     long long next_slot = first + 1 < ntiles ? slot_of(position_at(first + 1)) : -1;
     int later_position = first + 2 < ntiles ? position_at(first + 2) : -1;
